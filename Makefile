@@ -1,0 +1,28 @@
+# ComfyUI-Accel developer commands. Each target sets up what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)/.host/pkgroot
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test demo bench bench-quick serve clean
+
+setup:
+	@VENV=$(VENV) scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m comfyui_accel.devtools.demo
+
+bench: setup
+	$(PY) -m comfyui_accel.bench.run $(BENCH_ARGS)
+
+bench-quick: setup
+	$(PY) -m comfyui_accel.bench.run --quick $(BENCH_ARGS)
+
+serve: setup
+	$(PY) -m comfyui_accel.devtools.serve
+
+clean:
+	rm -rf out .pytest_cache

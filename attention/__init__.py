@@ -1,0 +1,1 @@
+"""Sparse-attention policies and the attention-override installer."""

@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and fidelity, measured side by side in one run."""

@@ -1,0 +1,1 @@
+"""Step caching policies (TeaCache, TaylorSeer) and the block hook."""

@@ -1,0 +1,1 @@
+"""Triton kernels, each with a PyTorch reference and a dispatcher. Imports only torch and triton."""

