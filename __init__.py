@@ -1,16 +1,10 @@
 """ComfyUI-Accel: quantization, low-rank branches, step caching, sparse attention
 and vector quantization as ComfyUI nodes.
 
-ComfyUI loads this package from custom_nodes/ and calls ``comfy_entrypoint``.
-Without ComfyUI (unit tests, benchmarks, scripts) the import must still work,
-so the node layer is only imported when ComfyUI's API is importable.
+ComfyUI loads this package from custom_nodes/ and calls ``comfy_entrypoint``, which
+imports the node layer; without ComfyUI (unit tests, benchmarks, scripts) nothing
+here touches ComfyUI, so kernels and algorithms import and run alone.
 """
-import importlib.util
-import logging
-
-log = logging.getLogger("comfyui_accel")
+from .nodes import comfy_entrypoint  # noqa: F401
 
 __version__ = "0.1.0"
-
-if importlib.util.find_spec("comfy_api") is not None:
-    from .nodes import comfy_entrypoint  # noqa: F401

@@ -1,15 +1,11 @@
-"""The ComfyUI layer: thin V3 nodes over the domain packages."""
+"""The ComfyUI layer: thin V3 nodes over the domain packages.
+
+ComfyUI's API is imported lazily so that ComfyUI-free helpers in this package
+(plots, report formatting) import and test without ComfyUI.
+"""
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
 
-from .registry import all_nodes
-
-
-class AccelExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return all_nodes()
-
-
-async def comfy_entrypoint() -> AccelExtension:
+async def comfy_entrypoint():
+    from .registry import AccelExtension
     return AccelExtension()

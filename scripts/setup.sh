@@ -75,8 +75,8 @@ ln -sfn "$ROOT" "$HOST/pkgroot/comfyui_accel"
 
 # Our pack in our own ComfyUI copy's custom_nodes (never into a user's tree:
 # with COMFYUI_PATH, `make serve` adds it through an extra_model_paths file).
-if [ -z "${COMFYUI_PATH:-}" ]; then
-  ln -sfn "$ROOT" "$COMFY/custom_nodes/ComfyUI-Accel"
+if [ -z "${COMFYUI_PATH:-}" ] && [ ! -e "$COMFY/custom_nodes/ComfyUI-Accel" ]; then
+  ln -s "$ROOT" "$COMFY/custom_nodes/ComfyUI-Accel"
 fi
 printf '%s\n' "$COMFY" > "$HOST/comfyui_dir"
 ver=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null || true)
