@@ -123,36 +123,37 @@ def fit_rescale(signal_change: Sequence[float], output_change: Sequence[float],
 
 def threshold_for_speedup(signals: Sequence[float | None], forced: Sequence[bool], rescale: Rescale,
                           target: float) -> tuple[float, float]:
-    """The smallest threshold whose replayed schedule reaches ``target`` speedup.
+    """A threshold whose replayed schedule reaches ``target`` speedup, and the speedup it gives.
 
-    Returns ``(threshold, speedup reached)``. When the forced steps make the target
-    unreachable, returns the threshold that skips everything it may and the speedup that gives.
+    The speedup is a step function of the threshold. This finds the lowest plateau at or above
+    the target and returns the middle of that plateau, so small differences between the
+    recorded curve and a later run do not tip decisions at its edge. When the forced steps make
+    the target unreachable, it returns the middle of the highest plateau.
     """
-    contributions = [max(rescale(s), 0.0) for s, f in zip(signals, forced)
-                     if not f and s is not None and math.isfinite(s)]
-    total = sum(contributions)
-    if total <= 0:
-        return 0.0, speedup_of(simulate(signals, forced, rescale, 0.0))
-    best_possible = speedup_of(simulate(signals, forced, rescale, total * 2 + 1.0))
-    if best_possible < target:
-        hi = total * 2 + 1.0
-        # shrink to the smallest threshold that still reaches the best possible speedup
-        return _smallest_reaching(signals, forced, rescale, best_possible, 0.0, hi), best_possible
-    thr = _smallest_reaching(signals, forced, rescale, target, 0.0, total * 2 + 1.0)
-    return thr, speedup_of(simulate(signals, forced, rescale, thr))
+    hi = 2 * sum(max(rescale(s), 0.0) for s, f in zip(signals, forced)
+                 if not f and s is not None and math.isfinite(s)) + 1.0
+
+    def speed(thr: float) -> float:
+        return speedup_of(simulate(signals, forced, rescale, thr))
+
+    goal = min(target, speed(hi))
+    lo_edge = _first_reaching(speed, goal, 0.0, hi)
+    reached = speed(lo_edge)
+    hi_edge = _first_reaching(speed, reached * (1 + 1e-9) + 1e-12, lo_edge, hi) if speed(hi) > reached else hi
+    mid = (lo_edge + hi_edge) / 2
+    return (mid, reached) if speed(mid) == reached else (lo_edge, reached)
 
 
-def _smallest_reaching(signals, forced, rescale, target, lo, hi) -> float:
-    # Scan a geometric grid (the speedup is a step function of the threshold, not always
-    # monotone), then bisect between the last miss and the first hit.
-    grid = [0.0] + list(np.geomspace(max(hi * 1e-6, 1e-9), hi, 240))
+def _first_reaching(speed, goal: float, lo: float, hi: float) -> float:
+    """The smallest threshold in [lo, hi] whose speedup reaches ``goal``: a geometric scan (the
+    speedup is not always monotone in the threshold) refined by bisection."""
     prev = lo
-    for thr in grid:
-        if speedup_of(simulate(signals, forced, rescale, thr)) >= target - 1e-9:
+    for thr in [lo] + list(np.geomspace(max(lo, hi * 1e-6, 1e-9), hi, 240)):
+        if speed(thr) >= goal - 1e-9:
             a, b = prev, thr
             for _ in range(40):
                 mid = (a + b) / 2
-                if speedup_of(simulate(signals, forced, rescale, mid)) >= target - 1e-9:
+                if speed(mid) >= goal - 1e-9:
                     b = mid
                 else:
                     a = mid

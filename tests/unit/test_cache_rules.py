@@ -64,15 +64,25 @@ def test_fit_lowers_degree_with_few_points_and_rejects_one():
         rules.fit_rescale([0.1, 0.1], [1.0, 2.0])
 
 
-def test_threshold_search_reaches_target_with_the_smallest_threshold():
+def test_threshold_search_lands_inside_the_first_plateau_reaching_target():
     rng = np.random.default_rng(0)
     signals = [None] + list(rng.uniform(0.02, 0.2, 29))
     forced = [False] * 29 + [True]
     rescale = rules.Rescale([2.0, 0.01])
-    thr, speed = rules.threshold_for_speedup(signals, forced, rescale, 2.0)
-    assert speed >= 2.0
-    assert rules.speedup_of(rules.simulate(signals, forced, rescale, thr)) == pytest.approx(speed)
-    assert rules.speedup_of(rules.simulate(signals, forced, rescale, thr * 0.98)) < 2.0
+
+    def speed(thr):
+        return rules.speedup_of(rules.simulate(signals, forced, rescale, thr))
+
+    thr, reached = rules.threshold_for_speedup(signals, forced, rescale, 2.0)
+    assert reached >= 2.0 and speed(thr) == pytest.approx(reached)
+    grid = np.linspace(0, 3, 3001)
+    # the plateau of `reached` is the first one at or above the target ...
+    assert all(speed(t) < 2.0 or speed(t) >= reached for t in grid if t < thr)
+    # ... and the threshold sits mid-plateau, with room on both sides before the speedup changes
+    fine = np.linspace(thr * 0.5, thr * 1.5, 4001)
+    below = max(t for t in fine if t < thr and speed(t) != reached)
+    above = min(t for t in fine if t > thr and speed(t) != reached)
+    assert abs(thr - (below + above) / 2) < (above - below) / 4
 
 
 def test_threshold_search_reports_unreachable_target():
