@@ -68,7 +68,7 @@ class Settings:
 
     def describe(self) -> str:
         if self.method == "teacache":
-            return f"threshold {self.threshold:g}, coefficients {self.preset}, signal {self.signal}"
+            return f"threshold {self.threshold:g}, coefficients {self.preset or 'custom'}, signal {self.signal}"
         if self.method == "taylorseer":
             return f"every {self.interval} steps, order {self.order}, warm-up {self.warmup_steps}, target {self.target}"
         return "recording"
@@ -222,7 +222,14 @@ class BlockHook:
         return self
 
     def __call__(self, args, extra):
-        return _enter_block(self, args, extra)
+        # Decisions and bookkeeping run outside torch.compile's graph (see _before/_after);
+        # only the block itself, in between, is traced and compiled.
+        early = _before_block(self, args)
+        if early is not None:
+            return early
+        out = self.forward(args, extra)
+        _after_block(self, out)
+        return out
 
     def forward(self, args, extra):
         if self.inner is not None:
@@ -230,23 +237,32 @@ class BlockHook:
         return extra["original_block"](args)
 
 
-def _enter_block_impl(hook: BlockHook, args, extra):
+def _active_call():
     call = _current_call.get()
     if call is None or call.bypass or call.run.settings.target != "blocks":
-        return hook.forward(args, extra)
-    return call.run.block(call, hook, args, extra)
+        return None
+    return call
 
 
-# torch.compile (ComfyUI's TorchCompileModel compiles the whole diffusion model): keep the
-# decision logic out of the graph; the blocks it calls are still compiled.
-_enter_block = torch.compiler.disable(_enter_block_impl, recursive=False)
+@torch.compiler.disable
+def _before_block(hook: BlockHook, args):
+    """What the block returns without running, or None to run it."""
+    call = _active_call()
+    return call.run.before_block(call, hook, args) if call is not None else None
+
+
+@torch.compiler.disable
+def _after_block(hook: BlockHook, out) -> None:
+    call = _active_call()
+    if call is not None:
+        call.run.after_block(call, hook, out)
 
 
 # --- a sampling run --------------------------------------------------------------------------
 
 class Stream:
-    def __init__(self, label: str, order: int, device):
-        self.label = label
+    def __init__(self, label: str, cond: int, order: int, device):
+        self.label, self.cond = label, cond
         self.forecaster = rules.TaylorForecaster(order, device)
         self.prev_signal: torch.Tensor | None = None
         self.computed = 0
@@ -357,13 +373,13 @@ class Run:
                 self.occurrence[sigma_slot] += 1
             key = (uuid, ev.window, ev.occurrences[slot])
             if key not in self.streams:
-                self.streams[key] = Stream(_label(c, ev.occurrences[slot], ev.window),
+                self.streams[key] = Stream(_label(c, ev.occurrences[slot], ev.window), c,
                                            self.settings.order if self.settings.method == "taylorseer" else 0,
                                            self.device)
             keys.append(key)
             streams.append(self.streams[key])
         if self.lead is None:
-            self.lead = keys[0]
+            self.lead = keys[_decider(streams)]
         if bypass:
             self.bypassed_calls += 1
         chunk = x.shape[0] // len(uuids) if not bypass else x.shape[0]
@@ -391,7 +407,7 @@ class Run:
     def decide(self, call: Call, signals: list | None, feature_shape: tuple) -> bool:
         s, ev = self.settings, call.evaluation
         if ev.decision is None:
-            i = call.keys.index(self.lead) if self.lead in call.keys else 0
+            i = call.keys.index(self.lead) if self.lead in call.keys else _decider(call.streams)
             forced = rules.is_forced(ev.step, self.n_steps, s.start, s.end, s.warmup_steps, s.last_step)
             x = signals[i] if signals else None
             if s.method == "teacache":
@@ -447,7 +463,7 @@ class Run:
 
     # the two targets
 
-    def block(self, call: Call, hook: BlockHook, args: dict, extra: dict):
+    def before_block(self, call: Call, hook: BlockHook, args: dict):
         adapter = self.setup.adapter
         if hook.first and not call.started:
             call.started = True
@@ -460,28 +476,27 @@ class Run:
             call.img_tokens = img.shape[1]
             if self.decide(call, signals, (call.chunk,) + tuple(img.shape[1:])):
                 call.base = img.clone()   # some blocks (LTXV) update their input in place
-            else:
-                call.final = img + self.forecast(call, img.dtype, img.device)
-                out = dict(args)
-                out["img"] = adapter.with_image(hook.key, img, call.final) if hook.last else call.final.clone()
-                call.reached_last = hook.last
-                return out
-        elif not call.started:
-            return hook.forward(args, extra)
-        elif not call.computing:
-            if not hook.last:
-                return args
+                return None
+            call.final = img + self.forecast(call, img.dtype, img.device)
             out = dict(args)
-            out["img"] = adapter.with_image(hook.key, args["img"], call.final)
-            call.reached_last = True
+            out["img"] = adapter.with_image(hook.key, img, call.final) if hook.last else call.final.clone()
+            call.reached_last = hook.last
             return out
-        out = hook.forward(args, extra)
-        if hook.last and call.base is not None:
-            residual = adapter.image_part(hook.key, out["img"], call.img_tokens) - call.base
+        if not call.started or call.computing:
+            return None
+        if not hook.last:
+            return args
+        out = dict(args)
+        out["img"] = adapter.with_image(hook.key, args["img"], call.final)
+        call.reached_last = True
+        return out
+
+    def after_block(self, call: Call, hook: BlockHook, out: dict) -> None:
+        if hook.last and call.started and call.computing and call.base is not None:
+            residual = self.setup.adapter.image_part(hook.key, out["img"], call.img_tokens) - call.base
             call.base = None
             self.store(call, residual)
             call.reached_last = True
-        return out
 
     def output_call(self, call: Call, executor, args: tuple, kwargs: dict):
         x, sigma = args[0], args[1]
@@ -556,6 +571,13 @@ class Run:
         return {"summary": summary, "streams": streams, "rows": rows, "points": self.points,
                 "warnings": warnings, "log_line": line,
                 "fingerprint": fingerprint(output) if isinstance(output, torch.Tensor) else None}
+
+
+def _decider(streams: list) -> int:
+    """The stream that decides for an evaluation: the positive cond where present (cond 0), so
+    batched and one-by-one calls decide alike (ComfyUI puts uncond first in a batch, but runs
+    cond first when they do not batch)."""
+    return min(range(len(streams)), key=lambda i: (streams[i].cond, i))
 
 
 def _label(cond: int, occurrence: int, window: tuple | None) -> str:
