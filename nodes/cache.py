@@ -24,7 +24,7 @@ PROFILE = io.Custom("ACCEL_CACHE_PROFILE")
 PROFILE_FOLDER = "accel_cache"
 CACHE_DEVICES = {"model device": None, "cpu": "cpu"}
 SHORT_SCHEDULE = {"skip caching": False, "cache anyway": True}
-FORECASTS = {"model output": "output", "block residual": "blocks"}
+FORECASTS = {"auto": None, "block residual": "blocks", "model output": "output"}
 
 _TIP_START = ("Fraction of the sampling schedule (0-1) before which every step is computed; caching may act "
               "from here. 0.1 = the first 10% of the steps are always computed.")
@@ -130,9 +130,10 @@ class AccelTaylorSeer(io.ComfyNode):
             description=(
                 "Computes the model fully on the first warm-up steps and then once every N steps; the steps in "
                 "between are forecast by a Taylor expansion (order 0-2) of the last computed values, with "
-                "differences spaced by the actual sigma gaps. 'model output' forecasts the model's prediction "
-                "(tiny memory, skips the whole model, works on every model including UNets); 'block residual' "
-                "forecasts the transformer blocks' residual and keeps the embeddings and head exact. Cond and "
+                "differences spaced by the actual sigma gaps. 'block residual' forecasts the transformer blocks' "
+                "residual and keeps the embeddings and head exact (transformer models); 'model output' forecasts "
+                "the model's prediction (tiny memory, skips the whole model, works on every model including "
+                "UNets). Cond and "
                 "uncond are forecast separately. Memory: (order + 1) copies of the forecast tensor per cond; "
                 "the Cache Report shows the measured peak."),
             inputs=[
@@ -146,10 +147,12 @@ class AccelTaylorSeer(io.ComfyNode):
                 io.Int.Input("warmup_steps", default=3, min=0, max=1000,
                              tooltip="First steps always computed (the picture's layout forms there)."),
                 io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=_TIP_END),
-                io.Combo.Input("forecast", options=list(FORECASTS), default="model output",
-                               tooltip="What is forecast: the model's prediction (the sampler's derivative; "
-                                       "about the latent's size per order) or the transformer blocks' residual "
-                                       "(the hidden state's size per order; transformer models only)."),
+                io.Combo.Input("forecast", options=list(FORECASTS), default="auto",
+                               tooltip="What is forecast: 'block residual' = the transformer blocks' residual (the "
+                                       "hidden state's size per order; embeddings and head stay exact; transformer "
+                                       "models with a block hook); 'model output' = the model's prediction (the "
+                                       "sampler's derivative; about the latent's size per order; every model, "
+                                       "UNets included). 'auto' = block residual where the model has the hook."),
                 io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
                 io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT),
             ],
@@ -163,7 +166,7 @@ class AccelTaylorSeer(io.ComfyNode):
         _check_window(node, 0.0, end)
         dm = _diffusion_model(model)
         adapter = adapters.find_adapter(dm)
-        target = FORECASTS[forecast]
+        target = FORECASTS[forecast] or ("blocks" if adapter is not None else "output")
         if target == "blocks" and adapter is None:
             fail(node, "forecast", f"'block residual' needs ComfyUI's transformer block hook, which this "
                                    f"{adapters.describe(dm)} model does not have; choose 'model output'.")

@@ -55,7 +55,7 @@ def test_model_without_block_hooks_gets_a_clear_message(comfy_server):
     with pytest.raises(PromptError, match="no block-replacement hook.*TaylorSeer with forecast 'model output'"):
         comfy_server.run(sampling_prompt(info, seed=13, steps=10, chain=[("AccelTeaCache", TEACACHE)]))
     # ... and TaylorSeer on the model output runs on it.
-    taylor = {"interval": 3, "order": 1, "warmup_steps": 2, "end": 1.0, "forecast": "model output",
+    taylor = {"interval": 3, "order": 1, "warmup_steps": 2, "end": 1.0, "forecast": "auto",
               "cache_device": "model device", "short_schedule": "skip caching"}
     entry = comfy_server.run(_with_report(sampling_prompt(info, seed=13, steps=10, prefix="e2e_taylor",
                                                           chain=[("AccelTaylorSeer", taylor)])))
