@@ -203,8 +203,10 @@ ADAPTERS: tuple[BlockAdapter, ...] = (
 )
 
 
-def find_adapter(diffusion_model) -> BlockAdapter | None:
-    for adapter in ADAPTERS:
+def find_adapter(diffusion_model):
+    """The family's BlockAdapter, the UNet adapter (DeepCache through object patches), or None."""
+    from .unet import UNetAdapter
+    for adapter in ADAPTERS + (UNetAdapter(),):
         if adapter.matches(diffusion_model):
             return adapter
     return None

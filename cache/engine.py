@@ -126,7 +126,9 @@ def install(model, settings: Settings, adapter: BlockAdapter | None, family: str
         m.remove_wrappers_with_key(wrapper_type, KEY)
     _remove_block_hooks(m)
     keys = []
-    if settings.target == "blocks":
+    if settings.target == "blocks" and not isinstance(adapter, BlockAdapter):
+        keys = adapter.install(m)       # UNet: object patches on the deep blocks
+    elif settings.target == "blocks":
         diffusion_model = m.get_model_object("diffusion_model")
         keys = adapter.keys(diffusion_model)
         if not keys:
@@ -237,6 +239,11 @@ class BlockHook:
         return extra["original_block"](args)
 
 
+def current_call():
+    """The model call in progress in this run (None outside a cached run)."""
+    return _current_call.get()
+
+
 def _active_call():
     call = _current_call.get()
     if call is None or call.bypass or call.run.settings.target != "blocks":
@@ -265,6 +272,7 @@ class Stream:
         self.label, self.cond = label, cond
         self.forecaster = rules.TaylorForecaster(order, device)
         self.prev_signal: torch.Tensor | None = None
+        self.shape_key: tuple | None = None     # what the cached feature was made for
         self.computed = 0
         self.skipped = 0
 
@@ -304,6 +312,7 @@ class Call:
         self.final: torch.Tensor | None = None
         self.img_tokens = 0
         self.signals: list | None = None
+        self.shape_key: tuple | None = None
 
 
 class Run:
@@ -404,7 +413,7 @@ class Run:
 
     # the decision
 
-    def decide(self, call: Call, signals: list | None, feature_shape: tuple) -> bool:
+    def decide(self, call: Call, signals: list | None, shape_key: tuple) -> bool:
         s, ev = self.settings, call.evaluation
         if ev.decision is None:
             i = call.keys.index(self.lead) if self.lead in call.keys else _decider(call.streams)
@@ -419,7 +428,8 @@ class Run:
             else:
                 compute = True
             ev.decision, ev.forced, ev.decider, ev.signal = compute, forced, call.streams[i].label, x
-        ready = all(st.forecaster.ready and tuple(st.forecaster.newest.shape) == feature_shape for st in call.streams)
+        call.shape_key = shape_key
+        ready = all(st.forecaster.ready and st.shape_key == shape_key for st in call.streams)
         compute = ev.decision or not ready
         call.computing = compute
         for st in call.streams:
@@ -459,6 +469,7 @@ class Run:
                                     "signal_change": call.signals[i] if call.signals else None,
                                     "output_change": rules.rel_l1(chunk, st.forecaster.newest.to(chunk.device))})
             st.forecaster.update(ev.time, chunk)
+            st.shape_key = call.shape_key
         self.peak_bytes = max(self.peak_bytes, sum(st.nbytes for st in self.streams.values()))
 
     # the two targets
@@ -497,6 +508,24 @@ class Run:
             call.base = None
             self.store(call, residual)
             call.reached_last = True
+
+    def unet_decide(self, call: Call, h: torch.Tensor) -> None:
+        if call.started:
+            return
+        call.started = True
+        signals = None
+        if self.settings.method != "taylorseer":
+            signals = call.signals = self.signal_changes(call, h)
+        self.decide(call, signals, (call.chunk,) + tuple(h.shape[1:]))
+
+    def unet_record(self, call: Call, h: torch.Tensor) -> None:
+        if call.computing and call.started:
+            self.store(call, h)
+            call.reached_last = True
+
+    def unet_replay(self, call: Call, h: torch.Tensor) -> torch.Tensor:
+        call.reached_last = True
+        return self.forecast(call, h.dtype, h.device)
 
     def output_call(self, call: Call, executor, args: tuple, kwargs: dict):
         x, sigma = args[0], args[1]

@@ -58,9 +58,10 @@ class AccelTeaCache(io.ComfyNode):
                 "and while the sum stays below the threshold every block is skipped and the cached residual is "
                 "reused. Cond and uncond keep separate caches with one decision per step. Uses ComfyUI's block "
                 "hooks (no copied model code): Flux, Chroma, Wan 2.1/2.2, HunyuanVideo, LTX-Video, SD3, "
-                "Qwen-Image, Mochi, AuraFlow, HunyuanDiT, Hunyuan3D. Published coefficients are picked "
-                "automatically; other models need a profile from Cache Calibrate. Each run logs what it "
-                "skipped; the Cache Report node shows it."),
+                "Qwen-Image, Mochi, AuraFlow, HunyuanDiT, Hunyuan3D; on SD1.x/SDXL UNets the deep blocks are "
+                "cached DeepCache-style (signal: the shallow feature). Published coefficients are picked "
+                "automatically; other models (UNets included) need a profile from Cache Calibrate. Each run "
+                "logs what it skipped; the Cache Report node shows it."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to cache (a transformer model)."),
                 io.Float.Input("threshold", default=-1.0, min=-1.0, max=10.0, step=0.01,
@@ -131,7 +132,8 @@ class AccelTaylorSeer(io.ComfyNode):
                 "Computes the model fully on the first warm-up steps and then once every N steps; the steps in "
                 "between are forecast by a Taylor expansion (order 0-2) of the last computed values, with "
                 "differences spaced by the actual sigma gaps. 'block residual' forecasts the transformer blocks' "
-                "residual and keeps the embeddings and head exact (transformer models); 'model output' forecasts "
+                "residual and keeps the embeddings and head exact (transformer models; on UNets the deep blocks' "
+                "feature, DeepCache-style); 'model output' forecasts "
                 "the model's prediction (tiny memory, skips the whole model, works on every model including "
                 "UNets). Cond and "
                 "uncond are forecast separately. Memory: (order + 1) copies of the forecast tensor per cond; "

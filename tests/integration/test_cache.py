@@ -16,8 +16,9 @@ from comfyui_accel.cache import adapters, engine, rules
 
 pytestmark = pytest.mark.integration
 
-# Hooked families (the forward consults patches_replace["dit"]) that devtools.fixtures has ...
-FIXTURE_FAMILIES = ["flux", "wan21", "wan22_5b", "hunyuan_video", "ltxv", "sd3"]
+# Hooked families that devtools.fixtures has (DiTs consult patches_replace["dit"]; the UNets
+# get DeepCache through object patches) ...
+FIXTURE_FAMILIES = ["flux", "wan21", "wan22_5b", "hunyuan_video", "ltxv", "sd3", "sd15", "sdxl"]
 # ... and tiny in-process builds of the other hooked families: (supported_models config,
 # unet config, latent shape, context tokens x dim, extra conditioning).
 BUILT = {
@@ -156,8 +157,9 @@ MODULATED_CONSUMER = {
 
 
 def test_every_adapter_is_covered_by_a_tested_model(fx):
+    from comfyui_accel.cache.unet import UNetAdapter
     covered = {adapters.find_adapter(fixture_model(f).get_model_object("diffusion_model")).family: f for f in HOOKED}
-    assert set(covered) == {a.family for a in adapters.ADAPTERS}
+    assert set(covered) == {a.family for a in adapters.ADAPTERS} | {UNetAdapter.family}
     with_modulated = {a.family for a in adapters.ADAPTERS if a.modulated}
     assert {covered[f] for f in with_modulated} <= set(MODULATED_CONSUMER)
 
@@ -391,6 +393,29 @@ def test_taylor_memory_grows_with_order(fx):
         sample(cached, "flux", steps=12)
         peaks.append(report_of(cached)["summary"]["cache_peak_mb"])
     assert peaks[1] == pytest.approx(2 * peaks[0], rel=0.01) and peaks[2] == pytest.approx(3 * peaks[0], rel=0.01)
+
+
+def test_unet_deep_blocks_share_weights_with_the_model(fx):
+    # The DeepCache containers hold the model's own layers: a LoRA on a deep layer still acts,
+    # whichever order the nodes come in, and the input model keeps no object patch.
+    import comfy.lora
+    import comfy.sd
+    m = fixture_model("sdxl")
+    keys = comfy.lora.model_lora_keys_unet(m.model, {})
+    # a linear layer inside the deepest (cached) part: the middle block
+    target = next(v for v in keys.values() if v.startswith("diffusion_model.middle_block.")
+                  and m.get_model_object(v).ndim == 2)
+    name = next(k for k, v in keys.items() if v == target)
+    w = m.get_model_object(target)
+    g = torch.Generator().manual_seed(0)
+    lora = {f"{name}.lora_up.weight": torch.randn(w.shape[0], 4, generator=g) * 0.3,
+            f"{name}.lora_down.weight": torch.randn(4, w.shape[1], generator=g) * 0.3}
+    with_lora = comfy.sd.load_lora_for_models(m, None, lora, 1.0, 0)[0]
+    ref = sample(with_lora, "sdxl")
+    assert not torch.equal(ref, sample(m, "sdxl"))
+    assert torch.equal(sample(teacache(with_lora, 0.0), "sdxl"), ref)
+    assert torch.equal(sample(comfy.sd.load_lora_for_models(teacache(m, 0.0), None, lora, 1.0, 0)[0], "sdxl"), ref)
+    assert not m.object_patches
 
 
 @pytest.mark.parametrize("family", ["lumina2", "sd15"])
