@@ -356,7 +356,20 @@ def test_wan22_two_experts_keep_their_own_caches(fx):
     assert rh["rows"][0]["sigma"] > rl["rows"][0]["sigma"]
 
 
+def test_batch_of_two_with_offloaded_cache(fx):
+    # Two latents per cond: each stream's chunk holds both; the cache lives on the CPU device.
+    m = fixture_model("wan21")
+    ref = sample(m, "wan21", batch=2)
+    assert torch.equal(sample(teacache(m, 0.0, cache_device="cpu"), "wan21", batch=2), ref)
+    cached = teacache(m, 1e9, cache_device="cpu")
+    out = sample(cached, "wan21", batch=2)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert report_of(cached)["streams"] == {"cond": {"computed": 2, "skipped": 8},
+                                            "uncond": {"computed": 2, "skipped": 8}}
+
+
 def test_short_schedule_is_left_alone_by_default(fx, caplog):
+    from comfyui_accel.nodes.cache import AccelCacheReport
     m = fixture_model("wan21")
     ref = sample(m, "wan21", steps=6)
     cached = teacache(m, 1e9)
@@ -365,6 +378,8 @@ def test_short_schedule_is_left_alone_by_default(fx, caplog):
     assert torch.equal(out, ref)
     assert report_of(cached)["summary"]["status"] == "off"
     assert "6-step schedule" in caplog.text
+    text, plot = AccelCacheReport.execute(cached, {"samples": out}).args
+    assert "status: off" in text and "6-step schedule" in text and plot.shape[-1] == 3
     forced = teacache(m, 1e9, force_short=True)
     sample(forced, "wan21", steps=6)
     assert report_of(forced)["summary"]["reused"] == 4
