@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..cache import adapters, engine, profile, rules
+from ..cache import adapters, engine, profile
 from .measure import psnr, ssim
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,14 @@ def _comfy_cache(model, kind: str, reuse_threshold: float, start_percent: float,
 def calibrate(subject: Subject, targets) -> tuple[dict, list]:
     """Threshold per target speedup and the fitted coefficients, from one recording run of the
     subject (Cache Calibrate's method)."""
-    recorder = _ours(subject.model, engine.Settings(node="bench-calibrate", method="record", min_steps=0,
-                                                    signal=_signal(subject.model)))
+    signal = _signal(subject.model)
+    recorder = _ours(subject.model, engine.Settings(node="bench-calibrate", method="record", min_steps=0, signal=signal))
     subject.sample(recorder)
     report = engine.setup_of(recorder).reports[-1]
-    x = [p["signal_change"] for p in report["points"] if p["signal_change"] is not None]
-    y = [p["output_change"] for p in report["points"] if p["signal_change"] is not None]
-    rescale = rules.Rescale(rules.fit_rescale(x, y))
-    signals, forced = profile.replay_inputs(report["rows"], report["summary"]["steps"], 0.0, 1.0, 1, True)
-    return {t: rules.threshold_for_speedup(signals, forced, rescale, t)[0] for t in targets}, rescale.coefficients
+    profiles = {t: profile.from_recording(report, family=engine.setup_of(recorder).family, model_class=subject.name,
+                                          signal=signal, target=t, start=0.0, end=1.0, warmup_steps=1)
+                for t in targets}
+    return {t: p.threshold for t, p in profiles.items()}, profiles[targets[0]].coefficients
 
 
 def _signal(model) -> str:
