@@ -146,6 +146,10 @@ def install(model, settings: Settings, adapter: BlockAdapter | None, family: str
 
 
 def _remove_block_hooks(m) -> None:
+    """Undo an earlier install of ours on the clone: block hooks (keeping what they chained)
+    and the UNet's block containers."""
+    from .unet import is_cached_block
+    m.object_patches = {k: v for k, v in m.object_patches.items() if not is_cached_block(v)}
     to = m.model_options.get("transformer_options", {})
     dit = to.get("patches_replace", {}).get("dit")
     if not dit or not any(isinstance(p, BlockHook) for p in dit.values()):
@@ -239,12 +243,8 @@ class BlockHook:
         return extra["original_block"](args)
 
 
-def current_call():
-    """The model call in progress in this run (None outside a cached run)."""
-    return _current_call.get()
-
-
-def _active_call():
+def active_call():
+    """The model call in progress whose run caches blocks (None otherwise)."""
     call = _current_call.get()
     if call is None or call.bypass or call.run.settings.target != "blocks":
         return None
@@ -254,13 +254,13 @@ def _active_call():
 @torch.compiler.disable
 def _before_block(hook: BlockHook, args):
     """What the block returns without running, or None to run it."""
-    call = _active_call()
+    call = active_call()
     return call.run.before_block(call, hook, args) if call is not None else None
 
 
 @torch.compiler.disable
 def _after_block(hook: BlockHook, out) -> None:
-    call = _active_call()
+    call = active_call()
     if call is not None:
         call.run.after_block(call, hook, out)
 

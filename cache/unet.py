@@ -76,9 +76,9 @@ def _container_class(base):
             self.role = role
 
         def __iter__(self):
-            from .engine import current_call
-            call = current_call()
-            if call is None or call.bypass:
+            from .engine import active_call
+            call = active_call()
+            if call is None:
                 yield from super().__iter__()
                 return
             if self.role == "decide":
@@ -93,6 +93,10 @@ def _container_class(base):
 
     _CONTAINERS[base] = CachedBlock
     return CachedBlock
+
+
+def is_cached_block(obj) -> bool:
+    return any(isinstance(obj, cls) for cls in _CONTAINERS.values())
 
 
 class _Probe(torch.nn.Module):

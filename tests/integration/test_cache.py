@@ -231,6 +231,15 @@ def test_applying_twice_replaces_instead_of_stacking(fx):
     assert torch.equal(sample(m, "wan21"), sample(fixture_model("wan21"), "wan21"))
 
 
+def test_reinstalling_on_a_unet_drops_the_block_containers(fx):
+    from comfyui_accel.cache.unet import is_cached_block
+    deep = teacache(fixture_model("sdxl"), 1e9)
+    assert sum(map(is_cached_block, deep.object_patches.values())) >= 3
+    output = install(deep, "taylorseer", target="output", interval=1, order=1)
+    assert not any(map(is_cached_block, output.object_patches.values()))
+    assert torch.equal(sample(output, "sdxl"), sample(fixture_model("sdxl"), "sdxl"))
+
+
 def test_existing_block_replacement_is_chained(fx):
     base = fixture_model("wan21").clone()
     calls = []
