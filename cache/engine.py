@@ -420,9 +420,11 @@ class Run:
             forced = rules.is_forced(ev.step, self.n_steps, s.start, s.end, s.warmup_steps, s.last_step)
             x = signals[i] if signals else None
             if s.method == "teacache":
+                prior = self.rule.accumulated
                 compute = self.rule.step(x, forced)
                 ev.rescaled = self.rule.rescale(x) if x is not None and math.isfinite(x) else None
-                ev.accumulated = self.rule.accumulated
+                # the sum the threshold was compared with (before a compute resets it)
+                ev.accumulated = prior + ev.rescaled if ev.rescaled is not None and not forced else 0.0
             elif s.method == "taylorseer":
                 compute = forced or (ev.step - s.warmup_steps) % max(s.interval, 1) == 0
             else:
