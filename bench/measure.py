@@ -195,6 +195,25 @@ def weight_bytes(module_or_state_dict: torch.nn.Module | dict) -> int:
     return total
 
 
+def model_weight_bytes(patcher) -> int:
+    """Weight bytes of a ComfyUI ModelPatcher's diffusion model as it will run.
+
+    Modules swapped in by object patches (our quantized layers) count instead of the
+    modules they replace, whether or not the patches are applied right now.
+    """
+    model = patcher.model
+    total = weight_bytes(model.diffusion_model)
+    for key, patch in patcher.object_patches.items():
+        if not (key.startswith("diffusion_model.") and isinstance(patch, torch.nn.Module)):
+            continue
+        current = model  # what the model holds now, counted above
+        for name in key.split("."):
+            current = getattr(current, name)
+        if current is not patch:
+            total += weight_bytes(patch) - weight_bytes(current)
+    return total
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (``getrusage`` maxrss; KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
