@@ -52,12 +52,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _spatial(shape, patch) -> tuple[int, int, int]:
     """(frames, height, width) in tokens of a latent [B, C, (T,) H, W] cut into ``patch``."""
-    dims = list(shape[2:])
-    patch = list(patch)
-    if len(dims) == 2:
-        dims = [1] + dims
-        patch = ([1] + patch)[-3:]
-    patch = ([1] * (3 - len(patch)) + patch)[-3:]
+    dims = ([1, 1, 1] + list(shape[2:]))[-3:]
+    patch = ([1, 1, 1] + list(patch))[-3:]
     return tuple(_ceil_div(d, p) for d, p in zip(dims, patch))
 
 

@@ -20,17 +20,18 @@ densely by the caller. ``density`` is the fraction of the S x S block pairs to k
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.block_sparse_attention import block_mask
 from . import geometry
 from .layout import TokenGrid
 
 POLICIES = ("svg", "svg2", "radial", "sliding_tile", "draft")
 SPATIAL, TEMPORAL = 0, 1
-PATTERN_NAMES = {SPATIAL: "spatial", TEMPORAL: "temporal"}
 # k-means in svg2: refresh the centroids every this many sparse steps of a layer; in
 # between, tokens are only assigned to the stored centroids (the clusters drift slowly).
 KMEANS_REFRESH_STEPS = 5
@@ -66,7 +67,7 @@ class Problem:
     @property
     def keep(self) -> int:
         """Key blocks per query block at the requested density (at least one)."""
-        return max(1, min(self.blocks, round(self.density * self.blocks)))
+        return keep_count(self.density, self.blocks)
 
 
 def _as_lists(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,24 +116,23 @@ def radial(p: Problem) -> Plan:
     return _static(order, score, p.keep, p.q.device)
 
 
-def _svg_candidates(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Orders [2, G] and lists/counts [2, S, k] of the spatial and the temporal pattern."""
-    spatial_order = geometry.raster_order(p.grid)
-    temporal_order = geometry.spatial_major_order(p.grid)
-    big = float(p.grid.tokens)
-    dt, ds, _ = geometry.pair_offsets(geometry.block_centres(p.grid, spatial_order, p.block_size))
-    spatial_score = dt * big + ds
-    dt, ds, _ = geometry.pair_offsets(geometry.block_centres(p.grid, temporal_order, p.block_size))
-    temporal_score = ds * big + dt
-    lists = []
-    for score in (spatial_score, temporal_score):
-        lists.append(_as_lists(torch.topk(score, p.keep, dim=-1, largest=False).indices)[0])
-    dev = p.q.device
-    return torch.stack([spatial_order, temporal_order]).to(dev), torch.stack(lists).to(dev), None
+@functools.lru_cache(maxsize=16)
+def _svg_candidates(grid: TokenGrid, block_size: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orders [2, G] and lists [2, S, keep] of the spatial and the temporal pattern."""
+    spatial_order = geometry.raster_order(grid)
+    temporal_order = geometry.spatial_major_order(grid)
+    big = float(grid.tokens)
+    dt, ds, _ = geometry.pair_offsets(geometry.block_centres(grid, spatial_order, block_size))
+    spatial_score = dt * big + ds          # own frame first, then the nearest frames
+    dt, ds, _ = geometry.pair_offsets(geometry.block_centres(grid, temporal_order, block_size))
+    temporal_score = ds * big + dt         # own spatial neighbourhood, in every frame
+    lists = [_as_lists(torch.topk(score, keep, dim=-1, largest=False).indices)[0]
+             for score in (spatial_score, temporal_score)]
+    return torch.stack([spatial_order, temporal_order]), torch.stack(lists)
 
 
 def svg(p: Problem) -> Plan:
-    orders, lists, _ = _svg_candidates(p)
+    orders, lists = (t.to(p.q.device) for t in _svg_candidates(p.grid, p.block_size, p.keep))
     B, H = p.q.shape[:2]
     counts = torch.full(lists.shape[:-1], lists.shape[-1], dtype=torch.int32, device=lists.device)
     if p.probe is None or p.probe.numel() == 0:
@@ -226,7 +226,6 @@ def probe_key_mask(plan: Plan, probe: torch.Tensor, block_size: int) -> torch.Te
     S = plan.kv_indices.shape[-2]
     q_pos = geometry.inverse(plan.q_order)[..., probe]             # position of each probe row
     k_block = geometry.inverse(plan.k_order) // block_size          # block of each raster key
-    from ..kernels.block_sparse_attention import block_mask
     rows = block_mask(plan.kv_indices, plan.kv_counts, S)           # [B|1, H|1, S, S]
     q_block = (q_pos // block_size).clamp(max=S - 1)
     lead = torch.broadcast_shapes(rows.shape[:2], q_block.shape[:2], k_block.shape[:2])
@@ -252,10 +251,6 @@ def density_of(plan: Plan) -> torch.Tensor:
     """Kept fraction of the S x S grid block pairs, per (batch, head) [B|1, H|1]."""
     S = plan.kv_indices.shape[-2]
     return plan.kv_counts.float().sum(-1) / float(S * S)
-
-
-def svg_pattern_names(pattern: torch.Tensor) -> list[str]:
-    return [PATTERN_NAMES[int(x)] for x in pattern.reshape(-1)]
 
 
 def keep_count(density: float, blocks: int) -> int:

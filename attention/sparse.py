@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -259,9 +259,10 @@ class SparseAttention:
         reason = self._dense_reason(run, fwd, layer, q, k, mask, kwargs, skip_reshape, heads, grid)
         if reason is not None:
             run.report.dense(reason)
+            out = dense()
             if reason == "warmup" and self.config.retention:
-                self._record_statistics(run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs)
-            return dense()
+                self._record_statistics(run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs, out)
+            return out
         try:
             out = self._sparse(run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs)
         except Exception as e:  # never let a sparse-path failure take the sampling down
@@ -371,12 +372,10 @@ class SparseAttention:
         problem = self._problem(run, fwd, layer, q, k, v, grid, scale, branch)
         plan = self._plan(run, problem)
         out, _ = self._attend(q, k, v, plan, grid, scale)
-        ratio = problem.state.get("retention_ratio")
         if c.retention:
-            if ratio is not None and ratio.shape == out.shape[:3]:
-                # Re-ttention: the sparse softmax normaliser divided by the share of the mass the
-                # kept keys had at the last dense step, i.e. the output scaled by that share.
-                out = out * ratio[..., None].to(out.dtype)
+            stats = problem.state.get("retention")
+            if stats is not None and stats["ratio"].shape == out.shape[:3]:
+                out = retention_correct(out, stats)
             else:
                 self._notice(run, "the Re-ttention correction needs a dense warm-up step (dense_steps >= 1) "
                                   "to measure statistics; uncorrected until then")
@@ -391,18 +390,30 @@ class SparseAttention:
         run.report.sparse(layer, fwd.step, density, error, temporal)
         return out
 
-    def _record_statistics(self, run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs):
-        """On a dense step: the share of each row's softmax mass that the plan keeps (Re-ttention)."""
+    def _record_statistics(self, run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs, dense_out):
+        """On a dense step, what Re-ttention keeps: the share of each row's softmax mass the plan
+        keeps, and what the kept keys alone then miss (dense output minus the rescaled sparse one)."""
         try:
             q, k, v = self._heads_layout(q, k, v, heads, skip_reshape)
             scale = kwargs.get("scale") or q.shape[-1] ** -0.5
             problem = self._problem(run, fwd, layer, q, k, v, grid, scale, _branch(kwargs, q.shape))
             plan = self._plan(run, problem)
-            _, kept_lse = self._attend(q, k, v, plan, grid, scale, return_lse=True)
+            sparse_out, kept_lse = self._attend(q, k, v, plan, grid, scale, return_lse=True)
+            if dense_out.ndim == 3:  # (B, N, H*D) from the dense function
+                dense_out = dense_out.view(q.shape[0], q.shape[2], q.shape[1], -1).transpose(1, 2)
             ratio = torch.exp(kept_lse - row_logsumexp(q, k, scale))
-            problem.state["retention_ratio"] = torch.where(torch.isfinite(kept_lse), ratio, torch.ones_like(ratio))
+            ratio = torch.where(torch.isfinite(kept_lse), ratio, torch.ones_like(ratio))
+            residual = dense_out.float() - sparse_out.float() * ratio[..., None]
+            problem.state["retention"] = {"ratio": ratio, "residual": residual.to(q.dtype)}
         except Exception as e:
             self._notice(run, f"could not record Re-ttention statistics ({type(e).__name__}: {e})")
+
+
+def retention_correct(sparse_out: torch.Tensor, stats: dict) -> torch.Tensor:
+    """Re-ttention: the sparse softmax normaliser divided by the share of the mass the kept keys
+    had at the last dense step (so the row is scaled by that share), plus the part of the
+    output the dropped keys gave then."""
+    return (sparse_out.float() * stats["ratio"][..., None] + stats["residual"].float()).to(sparse_out.dtype)
 
 
 def _branch(kwargs, shape) -> tuple:
@@ -438,7 +449,3 @@ def find_patches(model) -> list[SparseAttention]:
             found.append(override)
         override = getattr(override, "previous", None)
     return found
-
-
-def config_dict(config: SparseConfig) -> dict:
-    return asdict(config)

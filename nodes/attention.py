@@ -64,9 +64,11 @@ class AccelSparseAttention(io.ComfyNode):
                              tooltip="Sequences shorter than this many tokens stay dense (sparsity gains "
                                      "little on short sequences)."),
                 io.Boolean.Input("retention", default=False,
-                                 tooltip="Re-ttention correction: scale each sparse row by the share of its "
-                                         "softmax mass the kept blocks had at the last dense step. Needs "
-                                         "dense_steps >= 1."),
+                                 tooltip="Re-ttention correction. At the last dense warm-up step it keeps, per "
+                                         "row, the share of softmax mass the kept blocks had and what the "
+                                         "dropped blocks added; sparse steps rescale by that share and add it "
+                                         "back. Needs dense_steps >= 1; holds one attention output per layer "
+                                         "in memory."),
                 io.Int.Input("probe_rows", default=32, min=0, max=4096,
                              tooltip="Query rows per call computed exactly to measure the error against "
                                      "dense attention for the report, and for svg to pick each head's "

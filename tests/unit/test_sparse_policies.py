@@ -251,20 +251,28 @@ def test_override_chains_an_existing_override():
     assert seen == [2] and out.shape == (1, 8, 64)
 
 
-def test_retention_scales_rows_by_the_kept_mass_of_the_dense_step():
+def test_retention_keeps_ratio_and_residual_of_the_dense_step():
     grid = TokenGrid(2, 4, 8)
     patch = setup_patch(policy="radial", density=0.5, dense_steps=1, retention=True, probe_rows=0)
     q, k, v = (rand(1, 2, 64, 16, seed=i) for i in range(3))
-    call(patch, q, k, v, 2, ForwardInfo(ModelFacts("t", grid, 1), 0, 1), func=dense_backend([]),
-         skip_reshape=True, skip_output_reshape=True)
-    got = call(patch, q, k, v, 2, ForwardInfo(ModelFacts("t", grid, 1), 1, 1), func=dense_backend([]),
-               skip_reshape=True, skip_output_reshape=True)
+    q2 = q + 0.3 * rand(1, 2, 64, 16, seed=9)
+    dense_step = ForwardInfo(ModelFacts("t", grid, 1), 0, 1)
+    call(patch, q, k, v, 2, dense_step, func=dense_backend([]), skip_reshape=True, skip_output_reshape=True)
     plan = policies.plan("radial", policies.Problem(q, k, v, grid, 16, 0.5, 0.25))
     mask = token_mask_reference(plan, grid, 64, 16, 1, 2)
     s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
     share = torch.exp(torch.logsumexp(s.masked_fill(~mask, float("-inf")), -1) - torch.logsumexp(s, -1))
+    dense = masked_attention(q, k, v, torch.ones(64, 64, dtype=torch.bool))
+    residual = dense - masked_attention(q, k, v, mask) * share[..., None]
     assert (share < 0.999).any()
-    assert torch.allclose(got, masked_attention(q, k, v, mask) * share[..., None], atol=1e-5)
+    # The same inputs on a sparse step give back the dense output exactly ...
+    same = call(patch, q, k, v, 2, ForwardInfo(ModelFacts("t", grid, 1), 1, 1), func=dense_backend([]),
+                skip_reshape=True, skip_output_reshape=True)
+    assert torch.allclose(same, dense, atol=1e-5)
+    # ... and new queries are corrected with the statistics kept from it.
+    moved = call(patch, q2, k, v, 2, ForwardInfo(ModelFacts("t", grid, 1), 2, 1), func=dense_backend([]),
+                 skip_reshape=True, skip_output_reshape=True)
+    assert torch.allclose(moved, masked_attention(q2, k, v, mask) * share[..., None] + residual, atol=1e-5)
 
 
 def test_row_logsumexp_in_chunks(monkeypatch):
