@@ -21,6 +21,12 @@ class RunReport:
                                                            "error": 0.0, "error_n": 0})
         self.dense_reasons: Counter = Counter()
         self.sparse_calls = 0
+        self.layouts: dict[str, str] = {}
+
+    def layout(self, family: str, grid, seq_len: int) -> None:
+        """Where the grid sat in the attention sequence (the rest is text and other dense tokens)."""
+        self.layouts.setdefault(family, f"{grid.frames}x{grid.height}x{grid.width} grid tokens at "
+                                        f"{grid.offset}..{grid.offset + grid.tokens} of {seq_len}")
 
     def dense(self, reason: str) -> None:
         self.dense_reasons[reason] += 1
@@ -75,6 +81,7 @@ class RunReport:
             "dense_calls": sum(self.dense_reasons.values()),
             "dense_reasons": dict(self.dense_reasons),
             "sparse_layers": len(self.layers),
+            "layout": "; ".join(f"{k}: {v}" for k, v in self.layouts.items()) or None,
             "mean_density": mean_density,
             # Attention work of the sparse calls is at best this many times smaller.
             "attention_bound": (1.0 / mean_density) if mean_density else None,

@@ -255,6 +255,7 @@ class SparseAttention:
         if grid is None:
             run.report.dense("no_grid")  # text encoders, token refiners: not the latent stack
             return dense()
+        run.report.layout(fwd.facts.family, grid, n_q)
         layer = fwd.next_layer()
         reason = self._dense_reason(run, fwd, layer, q, k, mask, kwargs, skip_reshape, heads, grid)
         if reason is not None:

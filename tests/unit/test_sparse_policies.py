@@ -304,3 +304,18 @@ def test_grid_placement():
     assert TokenGrid(2, 3, 4, offset=None).placed(30) == TokenGrid(2, 3, 4, 6)
     assert TokenGrid(2, 3, 4, offset=3).placed(26) is None
     assert TokenGrid(2, 3, 4, offset=0).placed(10) is None
+
+
+def test_a_run_that_never_reaches_the_override_says_so(tmp_path):
+    patch = SparseAttention(SparseConfig(), report_dir=str(tmp_path))
+    patch._finish(SparseRun())
+    assert any("cannot be patched" in n for n in patch.last_report["notices"])
+    assert patch.last_report["summary"]["sparse_calls"] == 0
+    # Reports are saved as new numbered files, never over an existing one.
+    (tmp_path / "accel_sparse_attention_00002.json").write_text("user file")
+    patch._finish(SparseRun())
+    patch._finish(SparseRun())
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["accel_sparse_attention_00001.json", "accel_sparse_attention_00002.json",
+                     "accel_sparse_attention_00003.json", "accel_sparse_attention_00004.json"]
+    assert (tmp_path / "accel_sparse_attention_00002.json").read_text() == "user file"
