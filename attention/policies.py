@@ -198,9 +198,13 @@ def svg2(p: Problem) -> Plan:
     k_order = _cluster_order(p.k, max(2, min(512, S)), "svg2_k", p, kmeans_ops)
     probs = _block_probs(p, q_order, k_order)
     ranked, idx = probs.sort(-1, descending=True)
-    # Keep the fewest blocks whose mass reaches top_p, at least one, at most the budget.
+    # Keep the fewest blocks whose mass reaches top_p, at least one, at most the budget
+    # (top_p = 1 means the whole budget, even where float rounding says the mass is reached).
     before = ranked.cumsum(-1) - ranked
-    n_keep = (before < p.top_p).sum(-1).clamp(1, p.keep)
+    if p.top_p < 1.0:
+        n_keep = (before < p.top_p).sum(-1).clamp(1, p.keep)
+    else:
+        n_keep = torch.full_like(idx[..., 0], p.keep)
     kept = torch.zeros_like(probs, dtype=torch.bool)
     kept.scatter_(-1, idx, torch.arange(S, device=idx.device) < n_keep[..., None])
     lists, counts = lists_from_mask(kept)

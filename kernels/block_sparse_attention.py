@@ -243,14 +243,15 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, block_size: in
     scale = D ** -0.5 if scale is None else scale
     idx, cnt = _expand_lists(q, kv_indices.to(torch.int32), kv_counts.to(torch.int32))
     out = torch.empty_like(q)
-    lse = torch.empty(B, H, n_q, dtype=torch.float32, device=q.device) if return_lse else out.new_empty(1, 1, 1, dtype=torch.float32)
+    # Without return_lse the kernel never stores it: a 1-element placeholder stands in.
+    lse = torch.empty(B, H, n_q if return_lse else 1, dtype=torch.float32, device=q.device)
     d_pad = max(16, 1 << (D - 1).bit_length())
     # The interpreter's bf16 dot is unreliable, and fp32 inputs want an fp32 dot anyway.
     dot_fp32 = dispatch.interpreting() or q.dtype == torch.float32
     grid = (-(-n_q // block_size), B * H)
     _kernel[grid](q, k, v, out, lse, idx, cnt,
                   *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                  *(lse.stride() if return_lse else (0, 0, 0)),
+                  *lse.stride(),
                   *idx.stride(), *cnt.stride(),
                   H, n_q, n_k, D, scale * math.log2(math.e),
                   BLOCK=block_size, D_PAD=d_pad, STORE_LSE=return_lse, DOT_FP32=dot_fp32,

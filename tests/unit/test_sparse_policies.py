@@ -9,6 +9,7 @@ from comfyui_accel.attention.sparse import (ForwardInfo, SparseAttention, Sparse
 from comfyui_accel.kernels.block_sparse_attention import block_mask
 
 GEOMETRIC = ("radial", "sliding_tile", "svg", "draft")
+ALL = GEOMETRIC + ("svg2",)
 
 
 def rand(*shape, seed=0):
@@ -133,7 +134,7 @@ def test_draft_keeps_the_blocks_that_hold_the_mass():
         assert kept[b, (3 * b + 1) % 8]
 
 
-@pytest.mark.parametrize("policy", GEOMETRIC)
+@pytest.mark.parametrize("policy", ALL)
 def test_sparse_call_matches_the_token_mask_and_keeps_text_dense(policy):
     """Grid tokens reordered, the kernel on the full grid blocks, text prefix/suffix and the grid
     tail dense: the result equals attention under the token mask the plan stands for."""
@@ -152,7 +153,7 @@ def test_sparse_call_matches_the_token_mask_and_keeps_text_dense(policy):
     assert torch.allclose(got[:, :, text_rows], dense[:, :, text_rows], atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", GEOMETRIC)
+@pytest.mark.parametrize("policy", ALL)
 def test_density_one_is_dense_attention(policy):
     grid = TokenGrid(2, 6, 8, offset=5)
     n, D = 5 + 96, 16
@@ -162,6 +163,57 @@ def test_density_one_is_dense_attention(policy):
     assert (policies.density_of(plan) == 1).all()
     got, _ = SparseAttention(SparseConfig(block_size=16))._attend(q, k, v, plan, grid, D ** -0.5)
     assert torch.allclose(got, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5)
+
+
+def test_svg2_clusters_tokens_and_keeps_the_budget_or_the_top_p_mass():
+    grid = TokenGrid(2, 8, 8)                     # 8 blocks of 16
+    D = 16
+    # Four well separated groups of keys, scattered over the grid; each query looks for one group.
+    group = torch.randperm(grid.tokens, generator=torch.Generator().manual_seed(0)) % 4
+    centres = 10 * torch.eye(D)[:4]
+    k = (centres[group] + 0.1 * rand(grid.tokens, D))[None, None]
+    q = (centres[group.roll(7)] + 0.1 * rand(grid.tokens, D, seed=1))[None, None]
+    p = policies.Problem(q, k, rand(1, 1, grid.tokens, D, seed=2), grid, 16, 0.5, 1.0, top_p=1.0)
+    plan = policies.plan("svg2", p)
+    # Orders are permutations that make each key cluster contiguous.
+    for order in (plan.q_order[0, 0], plan.k_order[0, 0]):
+        assert torch.equal(order.sort().values, torch.arange(grid.tokens))
+    sorted_groups = group[plan.k_order[0, 0]]
+    # 8 key clusters (one per block) over 4 groups: at most 8 runs of one group each.
+    assert (sorted_groups[1:] != sorted_groups[:-1]).sum() <= 7
+    assert (plan.kv_counts == 4).all()             # top_p = 1: the whole budget (half of 8 blocks)
+    # With top_p, a query block whose group fills two key blocks keeps about those two.
+    p.top_p = 0.9
+    p.state.clear()
+    tight = policies.plan("svg2", p)
+    assert (tight.kv_counts <= 4).all() and tight.kv_counts.float().mean() < 3.5
+
+
+def test_svg2_reuses_its_centroids_between_refreshes():
+    grid = TokenGrid(2, 8, 8)
+    p = problem(grid, 0.5, B=1, H=2, probe=False)
+    policies.plan("svg2", p)
+    first = {key: value["centroids"].clone() for key, value in p.state.items()}
+    assert set(first) == {"svg2_q", "svg2_k"}
+    p.step = policies.KMEANS_REFRESH_STEPS - 1
+    p.q = p.q + 0.5 * rand(*p.q.shape, seed=42)
+    policies.plan("svg2", p)
+    assert all(torch.equal(p.state[key]["centroids"], first[key]) for key in first)   # only assigned
+    p.step = policies.KMEANS_REFRESH_STEPS
+    policies.plan("svg2", p)
+    assert not torch.equal(p.state["svg2_q"]["centroids"], first["svg2_q"])           # refreshed
+
+
+def test_take_and_put_round_trip_per_head_orders():
+    from comfyui_accel.attention.sparse import _put, _take
+    x = rand(2, 3, 20, 4)
+    order = torch.stack([torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(b * 3 + h))
+                                      for h in range(3)]) for b in range(2)])
+    taken = _take(x, order)
+    assert torch.equal(taken[1, 2], x[1, 2, order[1, 2]])
+    assert torch.equal(_put(taken, order), x)
+    shared = order[:1, :1]
+    assert torch.equal(_put(_take(x, shared), shared), x)
 
 
 # --- the override on its own (a stand-in dense function instead of ComfyUI's) -----------------
@@ -174,7 +226,9 @@ def dense_backend(calls):
             B, N, HD = q.shape
             q, k, v = (t.view(B, -1, heads, HD // heads).transpose(1, 2) for t in (q, k, v))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3])
+        if skip_output_reshape:
+            return out
+        return out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3])
     return func
 
 
@@ -284,7 +338,8 @@ def test_row_logsumexp_in_chunks(monkeypatch):
 
 
 def test_config_errors_name_the_input():
-    for bad, name in ((dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(block_size=48), "block_size"),
+    for bad, name in ((dict(density=0.0), "density"), (dict(density=1.5), "density"),
+                      (dict(block_size=48), "block_size"),
                       (dict(policy="nope"), "policy"), (dict(policy="svg", probe_rows=0), "probe_rows")):
         problems = SparseConfig(**bad).problems()
         assert [n for n, _ in problems] == [name]
