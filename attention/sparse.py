@@ -199,8 +199,12 @@ class SparseAttention:
         if run is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         diffusion_model = getattr(executor.class_obj, "diffusion_model", None)
-        facts = model_facts(diffusion_model, tuple(x.shape),
-                            None if c_crossattn is None else tuple(c_crossattn.shape), kwargs)
+        try:
+            facts = model_facts(diffusion_model, tuple(x.shape),
+                                None if c_crossattn is None else tuple(c_crossattn.shape), kwargs)
+        except Exception as e:  # a latent we cannot read as a grid: this call stays dense
+            self._notice(run, f"could not read the token grid of this model ({type(e).__name__}: {e}); dense")
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         fwd = ForwardInfo(facts, step_index(transformer_options), facts.layers or run.layer_counts.get(facts.family))
         options = dict(transformer_options)
         options[self.key] = fwd
