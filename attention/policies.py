@@ -35,6 +35,8 @@ SPATIAL, TEMPORAL = 0, 1
 # k-means in svg2: refresh the centroids every this many sparse steps of a layer; in
 # between, tokens are only assigned to the stored centroids (the clusters drift slowly).
 KMEANS_REFRESH_STEPS = 5
+KMEANS_ITERS = 8
+KMEANS_SAMPLE_PER_CLUSTER = 32   # tokens the centroids are fitted on, per cluster
 
 
 @dataclass
@@ -179,15 +181,19 @@ def draft(p: Problem) -> Plan:
 
 
 def _cluster_order(x: torch.Tensor, n_clusters: int, key: str, p: Problem, kmeans_ops) -> torch.Tensor:
-    """Raster indices sorted by k-means cluster of each token ([B, H, G]); centroids kept in
-    ``p.state`` and refreshed every KMEANS_REFRESH_STEPS steps."""
+    """Raster indices sorted by the k-means cluster of each token ([B, H, G]). The centroids are
+    fitted on a sample of the tokens, kept in ``p.state`` and refitted every
+    KMEANS_REFRESH_STEPS steps; in between tokens are only assigned to them."""
     stored = p.state.get(key)
     feats = x.float()
     if stored is None or stored["shape"] != tuple(feats.shape) or p.step - stored["step"] >= KMEANS_REFRESH_STEPS:
-        centroids, labels = kmeans_ops.kmeans(feats, n_clusters, iters=10, seed=0)
+        sample = feats
+        if feats.shape[-2] > KMEANS_SAMPLE_PER_CLUSTER * n_clusters:
+            pick = torch.randperm(feats.shape[-2], generator=torch.Generator().manual_seed(p.step))
+            sample = feats[..., pick[:KMEANS_SAMPLE_PER_CLUSTER * n_clusters].to(feats.device), :]
+        centroids, _ = kmeans_ops.kmeans(sample, n_clusters, iters=KMEANS_ITERS, seed=0)
         p.state[key] = {"centroids": centroids, "shape": tuple(feats.shape), "step": p.step}
-    else:
-        labels, _ = kmeans_ops.nearest_centroid(feats, stored["centroids"])
+    labels, _ = kmeans_ops.nearest_centroid(feats, p.state[key]["centroids"])
     return torch.sort(labels, dim=-1, stable=True).indices
 
 

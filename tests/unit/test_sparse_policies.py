@@ -374,3 +374,25 @@ def test_a_run_that_never_reaches_the_override_says_so(tmp_path):
     assert names == ["accel_sparse_attention_00001.json", "accel_sparse_attention_00002.json",
                      "accel_sparse_attention_00003.json", "accel_sparse_attention_00004.json"]
     assert (tmp_path / "accel_sparse_attention_00002.json").read_text() == "user file"
+
+
+def fake_model(class_name, **attrs):
+    return type(class_name, (), attrs)()
+
+
+def test_model_facts_per_family():
+    from comfyui_accel.attention.layout import model_facts
+    wan = fake_model("WanModel", patch_size=(1, 2, 2), ref_conv=object(), blocks=[0] * 4)
+    facts = model_facts(wan, (2, 16, 5, 30, 52), (2, 512, 4096),
+                        {"reference_latent": torch.zeros(1, 16, 30, 52), "time_dim_concat": torch.zeros(1, 16, 2, 30, 52)})
+    assert facts.grid == TokenGrid(7, 15, 26, 15 * 26) and facts.layers == 4   # reference image first
+    hunyuan = fake_model("HunyuanVideo", patch_size=[1, 2, 2], double_blocks=[0] * 2, single_blocks=[0] * 3)
+    facts = model_facts(hunyuan, (1, 16, 9, 20, 24), (1, 77, 4096), {})
+    assert facts.grid == TokenGrid(9, 10, 12, 0) and facts.layers == 5        # text after the video
+    flux = fake_model("Flux", patch_size=2, double_blocks=[0], single_blocks=[0] * 2)
+    facts = model_facts(flux, (1, 16, 33, 40), (1, 512, 4096), {})
+    assert facts.grid == TokenGrid(1, 17, 20, 512) and facts.layers == 3      # text first, odd size padded
+    ltxv = fake_model("LTXVModel", transformer_blocks=[0] * 6)
+    assert model_facts(ltxv, (1, 128, 4, 16, 24), (1, 128, 4096), {}).grid == TokenGrid(4, 16, 24, 0)
+    other = model_facts(fake_model("UNetModel"), (1, 4, 64, 64), (1, 77, 768), {})
+    assert other.grid == TokenGrid(1, 64, 64, None) and other.layers is None
