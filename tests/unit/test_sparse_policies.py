@@ -383,8 +383,8 @@ def fake_model(class_name, **attrs):
 def test_model_facts_per_family():
     from comfyui_accel.attention.layout import model_facts
     wan = fake_model("WanModel", patch_size=(1, 2, 2), ref_conv=object(), blocks=[0] * 4)
-    facts = model_facts(wan, (2, 16, 5, 30, 52), (2, 512, 4096),
-                        {"reference_latent": torch.zeros(1, 16, 30, 52), "time_dim_concat": torch.zeros(1, 16, 2, 30, 52)})
+    extra = {"reference_latent": torch.zeros(1, 16, 30, 52), "time_dim_concat": torch.zeros(1, 16, 2, 30, 52)}
+    facts = model_facts(wan, (2, 16, 5, 30, 52), (2, 512, 4096), extra)
     assert facts.grid == TokenGrid(7, 15, 26, 15 * 26) and facts.layers == 4   # reference image first
     hunyuan = fake_model("HunyuanVideo", patch_size=[1, 2, 2], double_blocks=[0] * 2, single_blocks=[0] * 3)
     facts = model_facts(hunyuan, (1, 16, 9, 20, 24), (1, 77, 4096), {})
