@@ -191,7 +191,8 @@ def _cluster_order(x: torch.Tensor, n_clusters: int, key: str, p: Problem, kmean
         if feats.shape[-2] > KMEANS_SAMPLE_PER_CLUSTER * n_clusters:
             pick = torch.randperm(feats.shape[-2], generator=torch.Generator().manual_seed(p.step))
             sample = feats[..., pick[:KMEANS_SAMPLE_PER_CLUSTER * n_clusters].to(feats.device), :]
-        centroids, _ = kmeans_ops.kmeans(sample, n_clusters, iters=KMEANS_ITERS, seed=0)
+        # Random seeding: k-means++ costs one pass per centroid, more than the iterations here.
+        centroids, _ = kmeans_ops.kmeans(sample, n_clusters, iters=KMEANS_ITERS, seed=0, init="random")
         p.state[key] = {"centroids": centroids, "shape": tuple(feats.shape), "step": p.step}
     labels, _ = kmeans_ops.nearest_centroid(feats, p.state[key]["centroids"])
     return torch.sort(labels, dim=-1, stable=True).indices

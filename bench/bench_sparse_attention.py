@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 
@@ -74,7 +75,7 @@ def op_records(quick: bool) -> list[dict]:
     flex_out, sparse_out = _flex(q, k, v, lists, counts), sparse()
     model = f"random q/k/v 1x{heads}x{grid.tokens}x{dim} fp32, radial mask, blocks of {BLOCK}"
     common = dict(name="sparse_attention_op", model=model, ssim=None, weight_bytes_ratio=None,
-                  density=density, threads=torch.get_num_threads())
+                  density=density, threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
     return [
         dict(common, baseline="dense SDPA", variant="block-sparse (CPU gather path)", speedup=dense_s / sparse_s,
              psnr_db=psnr(flex_out, sparse_out), bound=f"1/density = {1 / density:.2f}",
@@ -173,7 +174,7 @@ def e2e_records(quick: bool) -> list[dict]:
             bound=f"attention 1/density = {1 / s['mean_density']:.2f}; run {1 / (1 - saved):.2f}",
             density=s["mean_density"], attention_share=attention_share, mean_rel_error=s["mean_rel_error"],
             time_s=timings["variants"][policy]["median_s"], baseline_time_s=timings["baseline"]["median_s"],
-            layout=s["layout"]))
+            layout=s["layout"], load_average=os.getloadavg()[0]))
         log.info("   %s: %.2fx, PSNR %.1f dB", policy, records[-1]["speedup"], records[-1]["psnr_db"])
     return records
 
