@@ -30,8 +30,9 @@ from . import dispatch
 
 TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 TRITON_MAX_HEAD_DIM = 256
-# Memory one chunk of gathered keys and values may take on the CPU path.
-GATHER_CHUNK_BYTES = 64 << 20
+# Memory one chunk of gathered keys and values may take on the CPU path (buffers reused by
+# every chunk of a call).
+GATHER_CHUNK_BYTES = 32 << 20
 
 
 def _check(q, k, v, kv_indices, kv_counts, block_size):
@@ -129,12 +130,17 @@ def block_sparse_attention_gather(q, k, v, kv_indices, kv_counts, block_size: in
     out = torch.empty(rows, bs, D, dtype=torch.float32 if return_lse else dtype, device=q.device)
     lse = torch.empty(rows, bs, dtype=torch.float32, device=q.device) if return_lse else None
     per_row = 2 * max_k * bs * D * kb.element_size()
-    step = max(1, chunk_bytes // max(per_row, 1))
+    step = max(1, min(rows, chunk_bytes // max(per_row, 1)))
+    # Gather into buffers reused by every chunk: a fresh large tensor per chunk costs more in
+    # page faults than the copy itself.
+    k_buf = torch.empty(step * max_k, bs, D, dtype=kb.dtype, device=q.device)
+    v_buf = torch.empty_like(k_buf)
     for start in range(0, rows, step):
         sl = slice(start, min(start + step, rows))
         n = sl.stop - sl.start
-        kk = kb[slot_block[sl]].reshape(n, max_k * bs, D)
-        vv = vb[slot_block[sl]].reshape(n, max_k * bs, D)
+        picked = slot_block[sl].reshape(-1)
+        kk = torch.index_select(kb, 0, picked, out=k_buf[:n * max_k]).view(n, max_k * bs, D)
+        vv = torch.index_select(vb, 0, picked, out=v_buf[:n * max_k]).view(n, max_k * bs, D)
         mask = None
         if need_mask:
             ok = slot_used[sl, :, None] & token_ok[slot_block[sl] % n_kb]
