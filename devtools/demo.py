@@ -40,6 +40,10 @@ def variants() -> list[Variant]:
     """The baseline, each node family that exists, and all of them chained."""
     single: list[Variant] = []
     # Node families add their variants here as they land.
+    single.append(Variant("sparse attention", [("AccelSparseAttention", {
+        "policy": "radial", "density": 0.25, "block_size": 64, "top_p": 0.9, "dense_steps": 2,
+        "dense_first_layers": 1, "dense_last_layers": 0, "min_tokens": 0, "retention": False,
+        "probe_rows": 32, "save_report": True})]))
     out = [Variant("baseline")] + single
     if len(single) > 1:
         out.append(Variant("all chained", [step for v in single for step in v.chain]))
