@@ -6,7 +6,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..quant import formats, policy
+from ..quant import checkpoint, formats, policy
 from ..quant import model as qmodel
 from . import plots
 from .common import fail, progress, report_text
@@ -123,4 +123,98 @@ def _hardware_notice(fmt: str, device: torch.device) -> str | None:
     return None
 
 
-NODES = [AccelQuantizeModel]
+_SAVE_DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _target_path(node: str, filename: str) -> str:
+    import os
+    import folder_paths
+    name = filename.strip().replace("\\", "/")
+    if not name or name.startswith("/") or ".." in name.split("/") or ":" in name:
+        fail(node, "filename", f"must be a relative file name inside models/diffusion_models, got {filename!r}")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    root = folder_paths.get_folder_paths("diffusion_models")[0]
+    return os.path.join(root, *name.split("/"))
+
+
+class AccelSaveQuantized(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AccelSaveQuantized",
+            display_name="Save Quantized Model",
+            category=CATEGORY,
+            description=("Writes a quantized model (from Quantize Model) to models/diffusion_models as "
+                         "safetensors, with any LoRA applied after quantization baked in. fp8 layers use "
+                         "ComfyUI's float8_e4m3fn layout and int8 layers its int8_tensorwise layout, so a "
+                         "file with only those loads in the stock Load Diffusion Model node (fp8: ComfyUI "
+                         "0.3.75 and later; int8: later releases only, 0.3.75 refuses the file with "
+                         "KeyError 'int8_tensorwise'). Other formats load with Load Quantized Model."),
+            inputs=[
+                io.Model.Input("model", tooltip="A model from Quantize Model or Load Quantized Model."),
+                io.String.Input("filename", default="quantized/model",
+                                tooltip="File name under models/diffusion_models ('.safetensors' is added); "
+                                        "subfolders allowed."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of that name. Off: an existing file is an error."),
+                io.Combo.Input("other_weights_dtype", options=list(_SAVE_DTYPES), default="keep",
+                               tooltip="Dtype for the layers that are not quantized (norms, kept layers): "
+                                       "keep them as they are, or cast to bfloat16/float16 to save space."),
+            ],
+            outputs=[io.String.Output(display_name="report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename, overwrite, other_weights_dtype) -> io.NodeOutput:
+        node = "Save Quantized Model"
+        if not qmodel.quantized_layers(model):
+            fail(node, "model", "has no quantized layers; connect the output of Quantize Model")
+        path = _target_path(node, filename)
+        try:
+            info = checkpoint.save_model(model, path, overwrite=overwrite, other_dtype=_SAVE_DTYPES[other_weights_dtype])
+        except FileExistsError:
+            fail(node, "filename", f"{path} already exists; choose another name or set overwrite")
+        log.info("Save Quantized Model: wrote %s (%d bytes, %d quantized layers)", path, info["bytes"],
+                 info["quantized layers"])
+        return io.NodeOutput(report_text("Save Quantized Model", info))
+
+
+class AccelLoadQuantized(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+        return io.Schema(
+            node_id="AccelLoadQuantized",
+            display_name="Load Quantized Model",
+            category=CATEGORY,
+            description=("Loads a model written by Save Quantized Model (any format), checking the file's "
+                         "metadata against its tensors first."),
+            inputs=[
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="A file in models/diffusion_models written by Save Quantized Model."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, unet_name) -> io.NodeOutput:
+        import folder_paths
+        node = "Load Quantized Model"
+        path = folder_paths.get_full_path("diffusion_models", unet_name)
+        if path is None:
+            fail(node, "unet_name", f"{unet_name!r} is not in models/diffusion_models")
+        try:
+            model = checkpoint.load_model(path)
+        except checkpoint.CheckpointError as e:
+            fail(node, "unet_name", f"cannot be loaded: {e}")
+        layers = qmodel.quantized_layers(model)
+        formats_used = sorted({model.get_model_object(qmodel.PREFIX + n).weight.spec.format for n in layers})
+        summary = {"file": unet_name, "quantized layers": len(layers), "formats": formats_used,
+                   "compute dtype": checkpoint.dtype_name(qmodel.compute_dtype(model))}
+        log.info("Load Quantized Model: %s, %d quantized layers (%s)", unet_name, len(layers), ", ".join(formats_used))
+        return io.NodeOutput(model, report_text("Load Quantized Model", summary))
+
+
+NODES = [AccelQuantizeModel, AccelSaveQuantized, AccelLoadQuantized]
