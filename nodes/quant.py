@@ -109,8 +109,8 @@ class AccelQuantizeModel(io.ComfyNode):
             summary["notice"] = notice
         rows = [vars(r) for r in result.rows]
         text = report_text("Quantize Model", summary, rows)
-        log.info("Quantize Model: %s, %s layers quantized, linear weights %.2fx smaller than bf16",
-                 format, result.summary["layers quantized"], result.summary["linear weight bytes ratio vs bf16"])
+        log.info("Quantize Model: %s, %s layers quantized, linear weights %.2fx smaller than in bf16",
+                 format, result.summary["layers quantized"], result.summary["linear weights vs bf16"])
         return io.NodeOutput(result.model, text, _plot(result.rows, f"Quantize Model ({format})"))
 
 
@@ -134,7 +134,9 @@ def _target_path(node: str, filename: str) -> str:
         fail(node, "filename", f"must be a relative file name inside models/diffusion_models, got {filename!r}")
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    root = folder_paths.get_folder_paths("diffusion_models")[0]
+    # ComfyUI lists the legacy models/unet first; write where new files belong.
+    roots = folder_paths.get_folder_paths("diffusion_models")
+    root = next((r for r in roots if os.path.basename(os.path.normpath(r)) == "diffusion_models"), roots[0])
     return os.path.join(root, *name.split("/"))
 
 
