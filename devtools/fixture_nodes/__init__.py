@@ -1,0 +1,100 @@
+"""Test-only ComfyUI nodes: random conditioning, in-process fixture models, empty latents.
+
+Loaded only by the test server (``devtools.host.ComfyServer`` links this folder into
+``custom_nodes/``), never shipped as part of the pack's node list. They stand in for
+what a test machine does not have: text encoders, and model files for families whose
+stock detection refuses a small model (see ``devtools/fixtures.py``).
+"""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from comfyui_accel.devtools import fixtures
+
+CATEGORY = "accel/testing"
+FAMILY_NAMES = list(fixtures.FAMILIES)
+IN_PROCESS = [name for name, spec in fixtures.FAMILIES.items() if not spec.loadable]
+
+
+class AccelTestConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AccelTestConditioning",
+            display_name="Test Conditioning (random)",
+            category=CATEGORY,
+            description="A random CONDITIONING shaped like the family's text encoder output (test only).",
+            inputs=[
+                io.Combo.Input("family", options=FAMILY_NAMES, default="wan21"),
+                io.Combo.Input("size", options=list(fixtures.SIZES), default="tiny"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Int.Input("batch", default=1, min=1, max=64),
+                io.Int.Input("tokens", default=0, min=0, max=4096,
+                             tooltip="Text tokens; 0 takes the fixture's default for this size."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family, size, seed, batch, tokens) -> io.NodeOutput:
+        return io.NodeOutput(fixtures.make_conditioning(family, size, batch=batch, seed=seed, tokens=tokens or None))
+
+
+class AccelTestFluxLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AccelTestFluxLoader",
+            display_name="Test Fixture Model Loader",
+            category=CATEGORY,
+            description=("Builds a small random-weight fixture model in-process: the families the stock "
+                         f"loaders refuse when small ({', '.join(IN_PROCESS)}), and the others too (test only)."),
+            inputs=[
+                io.Combo.Input("family", options=FAMILY_NAMES, default="flux"),
+                io.Combo.Input("size", options=list(fixtures.SIZES), default="tiny"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Boolean.Input("outliers", default=False,
+                                 tooltip="Plant activation-outlier channels in the feed-forward layers."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family, size, seed, outliers) -> io.NodeOutput:
+        return io.NodeOutput(fixtures.load_model(family, size, seed=seed, outliers=outliers))
+
+
+class AccelTestEmptyLatent(io.ComfyNode):
+    """For families whose stock empty-latent node needs a VAE (Wan 2.2 5B), or any family."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AccelTestEmptyLatent",
+            display_name="Test Empty Latent",
+            category=CATEGORY,
+            description="Zeros shaped like the family's latent for this pixel size (test only).",
+            inputs=[
+                io.Combo.Input("family", options=FAMILY_NAMES, default="wan22_5b"),
+                io.Int.Input("width", default=256, min=16, max=8192, step=16),
+                io.Int.Input("height", default=256, min=16, max=8192, step=16),
+                io.Int.Input("length", default=9, min=1, max=1024, tooltip="Pixel frames (video families)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family, width, height, length, batch_size) -> io.NodeOutput:
+        import torch
+        shape = fixtures.latent_shape(family, width, height, length, batch_size)
+        return io.NodeOutput({"samples": torch.zeros(shape)})
+
+
+class AccelFixtureExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [AccelTestConditioning, AccelTestFluxLoader, AccelTestEmptyLatent]
+
+
+async def comfy_entrypoint() -> AccelFixtureExtension:
+    return AccelFixtureExtension()
