@@ -6,7 +6,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..quant import checkpoint, formats, policy
+from ..quant import auto, calibrate, checkpoint, formats, policy
 from ..quant import model as qmodel
 from . import plots
 from .common import fail, progress, report_text
@@ -51,11 +51,14 @@ class AccelQuantizeModel(io.ComfyNode):
                          "new model; the input model is untouched. Layers known to be fragile (embeddings, "
                          "timestep path, final projection) stay in high precision; modulation layers are "
                          "quantized weight-only. A LoRA applied before this node is merged in; one applied "
-                         "after it works too. Outputs a per-layer report and plot."),
+                         "after it works too. With conditioning and a latent connected, a short sampling run "
+                         "records activation statistics first (for smoothing, the report and 'auto'). "
+                         "Outputs a per-layer report and plot."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to quantize (from a loader or LoRA node)."),
-                io.Combo.Input("format", options=list(formats.FORMATS), default="int8",
-                               tooltip="Weight format. " + _FORMAT_HELP),
+                io.Combo.Input("format", options=[*formats.FORMATS, "auto"], default="int8",
+                               tooltip="Weight format. " + _FORMAT_HELP + "; auto: a format per layer from "
+                                       "measured sensitivity (see the auto_* inputs)."),
                 io.Int.Input("group_size", default=64, min=8, max=4096, step=8,
                              tooltip="Weights per scale along the input dimension for the grouped 4-bit "
                                      "formats (int4, w4a8); must divide every quantized layer's input "
@@ -63,11 +66,38 @@ class AccelQuantizeModel(io.ComfyNode):
                 io.Combo.Input("compute_dtype", options=list(DTYPES), default="auto",
                                tooltip="Dtype of everything that is not a quantized matmul. auto: the "
                                        "model's own, except bfloat16 on a CPU running float32."),
+                io.Float.Input("smooth_alpha", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="SmoothQuant strength (0 = off) for formats that quantize activations "
+                                       "(int8, w4a8, fp8 on fp8 GPUs): moves activation outliers into the "
+                                       "weights. Needs the calibration inputs."),
+                io.Int.Input("calibration_steps", default=8, min=1, max=200,
+                             tooltip="Sampling steps of the calibration run (statistics are taken at every "
+                                     "step). Used only when positive and latent are connected."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Noise seed of the calibration run."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="CFG scale of the calibration run (use your workflow's)."),
+                io.String.Input("auto_formats", default="int8, w4a8, int4",
+                                tooltip="format=auto: the formats it may choose from, comma separated; 16-bit "
+                                        "is always an option."),
+                io.Float.Input("auto_budget", default=0.35, min=0.0, max=1.0, step=0.01,
+                               tooltip="format=auto: size of the quantizable layers as a fraction of their "
+                                       "bf16 size (0.35 is about 5.6 bits per weight); 0 = no budget, use "
+                                       "auto_min_sqnr_db alone."),
+                io.Float.Input("auto_min_sqnr_db", default=0.0, min=0.0, max=80.0, step=0.5,
+                               tooltip="format=auto: every layer's output SQNR (dB, on the calibration data; "
+                                       "weight SQNR without calibration) must reach this; 0 = no floor."),
                 io.String.Input("layer_overrides", default="", multiline=True,
                                 tooltip="Optional lines '<regex> = <action>' matched against layer paths "
                                         "(e.g. 'blocks.0.self_attn.q'), first match wins: action 'keep' "
                                         "(high precision), a format name, or a format name followed by "
                                         "'weight_only'. Example: 'img_mod|txt_mod = keep'."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Calibration: your positive conditioning."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Calibration: your negative conditioning (default: the positive)."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Calibration: a latent of the size you generate (e.g. Empty Latent)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -77,14 +107,27 @@ class AccelQuantizeModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, format, group_size, compute_dtype, layer_overrides) -> io.NodeOutput:
+    def execute(cls, model, format, group_size, compute_dtype, smooth_alpha, calibration_steps, seed, cfg,
+                auto_formats, auto_budget, auto_min_sqnr_db, layer_overrides, positive=None, negative=None,
+                latent=None) -> io.NodeOutput:
         node = "Quantize Model"
         try:
             overrides = policy.parse_overrides(layer_overrides)
         except ValueError as e:
             fail(node, "layer_overrides", str(e))
+        candidates = []
+        if format == "auto":
+            try:
+                candidates = auto.parse_candidates(auto_formats)
+            except ValueError as e:
+                fail(node, "auto_formats", str(e))
+            if auto_budget <= 0 and auto_min_sqnr_db <= 0:
+                fail(node, "auto_budget", "and auto_min_sqnr_db are both 0: give auto a budget or a quality floor")
+        grouped = any(formats.get(f).grouped for f in (candidates or [format]) if f in formats.FORMATS)
         if group_size % 2:
             fail(node, "group_size", f"must be even (4-bit codes are packed two per byte), got {group_size}")
+        if positive is not None and latent is None:
+            fail(node, "latent", "is needed for calibration when positive is connected (e.g. an Empty Latent)")
         layers = qmodel.linear_layers(model)
         if not layers:
             fail(node, "model", "has no linear layers to quantize")
@@ -97,21 +140,51 @@ class AccelQuantizeModel(io.ComfyNode):
             try:
                 plans.append(policy.plan_layer(name, tuple(module.weight.shape), format, group_size, overrides))
             except ValueError as e:
-                grouped = formats.get(format).grouped
                 fail(node, "group_size" if grouped and "group size" in str(e) else "format",
                      f"cannot be used: {e}. Choose a size that divides it, or keep that layer with "
                      f"layer_overrides ('{name} = keep').")
         dtype = _compute_dtype(compute_dtype, model)
-        result = qmodel.quantize_model(model, plans, dtype=dtype, progress=progress(len(plans)))
+        notices = []
+        stats = None
+        if positive is not None:
+            observed = [p.path for p in plans if p.spec is not None or p.auto]
+            stats = calibrate.calibrate(model, observed, positive, negative if negative is not None else positive,
+                                        latent, calibration_steps, seed, cfg, progress=progress(calibration_steps))
+        elif smooth_alpha > 0 and _uses_act_quant(plans, candidates):
+            notices.append("smoothing skipped: it needs the calibration inputs (positive, latent)")
+        if format == "auto":
+            if stats is None:
+                notices.append("auto without calibration: sensitivity is the weight SQNR, not the output's")
+            try:
+                table = auto.measure(model, plans, candidates, group_size, dtype, stats, smooth_alpha,
+                                     progress=progress(sum(p.auto for p in plans)))
+                plans = auto.assign(plans, table, auto_budget if auto_budget > 0 else None,
+                                    auto_min_sqnr_db if auto_min_sqnr_db > 0 else None)
+            except auto.BudgetError as e:
+                fail(node, "auto_budget", f"cannot be met: {e}; raise auto_budget or lower auto_min_sqnr_db")
+        result = qmodel.quantize_model(model, plans, dtype=dtype, stats=stats, smooth_alpha=smooth_alpha,
+                                       progress=progress(len(plans)))
         summary = {"format": format, **result.summary}
-        notice = _hardware_notice(format, model.load_device)
-        if notice:
-            summary["notice"] = notice
+        if stats:
+            first = next(iter(stats.values()))
+            summary["calibration"] = f"{calibration_steps} steps, {first.calls} model calls, {first.tokens} tokens"
+        used = {r.format for r in result.rows} - {"keep"}
+        notice = [n for n in (_hardware_notice(f, model.load_device) for f in sorted(used)) if n]
+        if notices or notice:
+            summary["notice"] = "; ".join(notices + notice)
         rows = [vars(r) for r in result.rows]
         text = report_text("Quantize Model", summary, rows)
-        log.info("Quantize Model: %s, %s layers quantized, linear weights %.2fx smaller than in bf16",
-                 format, result.summary["layers quantized"], result.summary["linear weights vs bf16"])
+        log.info("Quantize Model: %s, %s layers quantized, linear weights %.2fx smaller than in bf16%s",
+                 format, result.summary["layers quantized"], result.summary["linear weights vs bf16"],
+                 f", worst layer {result.summary['worst layer output SQNR dB']} dB"
+                 if "worst layer output SQNR dB" in result.summary else "")
         return io.NodeOutput(result.model, text, _plot(result.rows, f"Quantize Model ({format})"))
+
+
+def _uses_act_quant(plans, candidates) -> bool:
+    if candidates:
+        return any(formats.get(c).act_bits is not None for c in candidates)
+    return any(p.spec is not None and formats.get(p.spec.format).quantizes_activations(p.spec) for p in plans)
 
 
 def _hardware_notice(fmt: str, device: torch.device) -> str | None:

@@ -90,12 +90,21 @@ def compute_dtype(patcher) -> torch.dtype:
     return getattr(model, "manual_cast_dtype", None) or model.get_dtype()
 
 
+def clean_param(patcher, path: str, name: str) -> torch.Tensor | None:
+    """A layer's parameter as stored, before any clone's weight patches (the backup when a
+    loaded clone has patched the shared weights in place)."""
+    key = f"{PREFIX}{path}.{name}"
+    backup = patcher.backup.get(key)
+    if backup is not None:
+        return backup.weight
+    return getattr(patcher.get_model_object(PREFIX + path), name, None)
+
+
 def float_weight(patcher, path: str, device=None) -> torch.Tensor:
     """The float32 weight the input model computes with, LoRA patches merged."""
     key = f"{PREFIX}{path}.weight"
     module = patcher.get_model_object(PREFIX + path)
-    backup = patcher.backup.get(key)
-    w = backup.weight if backup is not None else module.weight
+    w = clean_param(patcher, path, "weight")
     w = w.to(device=device or w.device, dtype=torch.float32, copy=True)
     convert = getattr(module, "convert_weight", None)
     if convert is not None:
@@ -109,10 +118,7 @@ def float_weight(patcher, path: str, device=None) -> torch.Tensor:
 
 
 def clean_bias(patcher, path: str) -> torch.Tensor | None:
-    key = f"{PREFIX}{path}.bias"
-    module = patcher.get_model_object(PREFIX + path)
-    backup = patcher.backup.get(key)
-    bias = backup.weight if backup is not None else getattr(module, "bias", None)
+    bias = clean_param(patcher, path, "bias")
     return None if bias is None else bias.detach().clone()
 
 
@@ -134,13 +140,32 @@ def act_label(spec) -> str:
     return "fp8" if spec.format == "fp8_e4m3" else f"int{fmt.act_bits}"
 
 
+def output_sqnr_db(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor) -> float:
+    """SQNR of the quantized layer's output against the float layer's, on recorded inputs."""
+    rows = rows.to(w.device)
+    ref = rows @ w.t()
+    with torch.no_grad():
+        out = qw.linear(rows.to(qw.dtype), None).float()
+    return sqnr_db(ref, out)
+
+
+def quantize_layer(w: torch.Tensor, spec, dtype: torch.dtype, stats=None, smooth_alpha: float = 0.0) -> QuantWeight:
+    """Pack one float weight; SmoothQuant factors when there are statistics, an alpha, and
+    the format quantizes activations (there is nothing to smooth otherwise)."""
+    smooth = None
+    if stats is not None and smooth_alpha > 0 and formats.get(spec.format).quantizes_activations(spec):
+        from .calibrate import smoothing_factors
+        smooth = smoothing_factors(stats.absmax, w, smooth_alpha)
+    return QuantWeight.quantize(w, spec, dtype, smooth=smooth)
+
+
 def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | None = None,
-                   smooth: dict[str, torch.Tensor] | None = None,
+                   stats: dict | None = None, smooth_alpha: float = 0.0,
                    progress: Callable[[int], None] | None = None) -> Result:
     """Apply ``plans`` (one per linear layer) to a clone of ``patcher``.
 
-    ``dtype``: the compute dtype of the result (None keeps the model's). ``smooth``: per-layer
-    SmoothQuant factors [K] from calibration."""
+    ``dtype``: the compute dtype of the result (None keeps the model's). ``stats``: per-layer
+    calibration statistics (``calibrate.LayerStats``), for smoothing and the report."""
     already = quantized_layers(patcher)
     if already:
         raise AlreadyQuantized(f"the model already has {len(already)} quantized layers "
@@ -151,47 +176,53 @@ def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | 
     store_device = patcher.offload_device
     clone = patcher.clone()
     rows = []
-    total_before = total_after = 0
     for i, plan in enumerate(plans):
         module = patcher.get_model_object(PREFIX + plan.path)
         n, k = plan.shape
         before = n * k * module.weight.element_size()
+        layer_stats = None if stats is None else stats.get(plan.path)
+        outliers = None if layer_stats is None else layer_stats.outlier_ratio()
         if plan.spec is None:
-            rows.append(LayerRow(plan.path, plan.role, "keep", "float", n * k,
-                                 8.0 * module.weight.element_size(), before, before, reason=plan.reason))
-            total_before += before
-            total_after += before
+            rows.append(LayerRow(plan.path, plan.role, "keep", "float", n * k, 8.0 * module.weight.element_size(),
+                                 before, before, outlier_ratio=outliers, reason=plan.reason))
         else:
             w = float_weight(patcher, plan.path, device=work_device)
-            layer_smooth = None if smooth is None else smooth.get(plan.path)
-            qw = QuantWeight.quantize(w, plan.spec, dtype, smooth=layer_smooth)
-            row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k, qw.bits_per_weight(),
-                           before, qw.packed_nbytes(), weight_sqnr_db=sqnr_db(w, qw.dequantize(torch.float32)),
-                           reason=plan.reason + (", smoothed" if layer_smooth is not None else ""))
-            qlinear = QuantLinear(qw.retarget(device=store_device), clean_bias(patcher, plan.path))
-            clone.add_object_patch(PREFIX + plan.path, qlinear)
+            qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
+            row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
+                           qw.bits_per_weight(), before, qw.packed_nbytes(),
+                           weight_sqnr_db=sqnr_db(w, qw.dequantize(torch.float32)), outlier_ratio=outliers,
+                           reason=plan.reason + (", smoothed" if qw.smooth is not None else ""))
+            if layer_stats is not None and layer_stats.rows:
+                row.output_sqnr_db = output_sqnr_db(w, qw, layer_stats.sample())
+            clone.add_object_patch(PREFIX + plan.path, QuantLinear(qw.retarget(device=store_device),
+                                                                   clean_bias(patcher, plan.path)))
             clone.patches.pop(f"{PREFIX}{plan.path}.weight", None)
             rows.append(row)
-            total_before += before
-            total_after += row.bytes_after
             del w, qw
         if progress is not None:
             progress(i + 1)
     clone.patches_uuid = uuid.uuid4()
     if dtype != current:
         clone.set_model_compute_dtype(dtype)
+    return Result(clone, rows, summarize(rows, dtype))
+
+
+def summarize(rows: list[LayerRow], dtype: torch.dtype) -> dict:
     quantized = [r for r in rows if r.format != "keep"]
     params = sum(r.params for r in rows)
     as_bf16 = sum(r.bytes_after if r.format != "keep" else 2 * r.params for r in rows)
-    summary = {
+    out = {
         "layers quantized": f"{len(quantized)} of {len(rows)}",
         "compute dtype": str(dtype).replace("torch.", ""),
-        "linear weight bytes before": total_before,
-        "linear weight bytes after": total_after,
+        "linear weight bytes before": sum(r.bytes_before for r in rows),
+        "linear weight bytes after": sum(r.bytes_after for r in rows),
         # kept layers counted at 16 bits, so this compares with the same model in bf16
         "linear weights vs bf16": round(2.0 * params / max(as_bf16, 1), 3),
         "quantized layers vs bf16": round(2.0 * sum(r.params for r in quantized)
                                           / max(sum(r.bytes_after for r in quantized), 1), 3),
     }
-    return Result(clone, rows, summary)
-
+    measured = [r.output_sqnr_db for r in quantized if r.output_sqnr_db is not None]
+    if measured:
+        out["worst layer output SQNR dB"] = round(min(measured), 2)
+        out["median layer output SQNR dB"] = round(sorted(measured)[len(measured) // 2], 2)
+    return out

@@ -95,25 +95,29 @@ class LayerPlan:
     role: str
     spec: Spec | None         # None: kept in high precision
     reason: str
+    auto: bool = False        # the format is left to ``auto.allocate``
 
 
 def plan_layer(path: str, shape: tuple[int, int], fmt: str, group_size: int | None,
                overrides: list[Override]) -> LayerPlan:
-    """The plan for one layer. A format that cannot hold the layer raises ValueError."""
+    """The plan for one layer (``fmt`` may be "auto"). A format that cannot hold the layer
+    raises ValueError."""
     role = role_of(path)
     for ov in overrides:
         if ov.pattern.search(path):
             if ov.action == "keep":
                 return LayerPlan(path, shape, role, None, f"override '{ov.line}': kept")
-            spec = _spec(ov.action, group_size, act_quant=not ov.weight_only)
+            spec = make_spec(ov.action, group_size, act_quant=not ov.weight_only)
             return LayerPlan(path, shape, role, _checked(spec, shape, path), f"override '{ov.line}'")
     if role in KEPT_ROLES:
         return LayerPlan(path, shape, role, None, _REASONS[role])
-    spec = _spec(fmt, group_size, act_quant=role != "modulation")
+    if fmt == "auto":
+        return LayerPlan(path, shape, role, None, _REASONS[role], auto=True)
+    spec = make_spec(fmt, group_size, act_quant=role != "modulation")
     return LayerPlan(path, shape, role, _checked(spec, shape, path), _REASONS[role])
 
 
-def _spec(fmt: str, group_size: int | None, act_quant: bool) -> Spec:
+def make_spec(fmt: str, group_size: int | None, act_quant: bool) -> Spec:
     f = formats.get(fmt)
     return Spec(fmt, group_size if f.grouped else None, act_quant and f.act_bits is not None)
 
