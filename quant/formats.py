@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import act_quant, lowbit
+from ..kernels import act_quant, lowbit, lowbit_gemm
 
 
 @dataclass(frozen=True)
@@ -201,10 +201,11 @@ class Int4(WeightFormat):
                 "zero": zero.to(torch.uint8)}
 
     def dequantize(self, parts, shape, spec, dtype):
-        n, k = shape
-        codes = lowbit.unpack_int4(parts["weight"]).reshape(n, k // spec.group_size, spec.group_size)
-        w = (codes.float() - parts["zero"].float()[..., None]) * parts["scale"].float()[..., None]
-        return w.reshape(n, k).to(dtype)
+        return lowbit_gemm.dequant_int4(parts["weight"], parts["scale"], parts["zero"], spec.group_size).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias):
+        return lowbit_gemm.lowbit_linear(x, "int4", parts["weight"], parts["scale"], parts["zero"],
+                                         block=spec.group_size, bias=bias)
 
 
 class W4A8(WeightFormat):
@@ -234,10 +235,7 @@ class W4A8(WeightFormat):
                 "group_scale": gscale.to(torch.uint8), "scale": scale}
 
     def int8_weight(self, parts, shape, spec) -> torch.Tensor:
-        n, k = shape
-        codes = lowbit.unpack_int4(parts["weight"]).reshape(n, k // spec.group_size, spec.group_size)
-        w8 = (codes.to(torch.int16) - 8) * parts["group_scale"].to(torch.int16)[..., None]
-        return w8.reshape(n, k).to(torch.int8)
+        return lowbit_gemm.w4a8_int8_weight(parts["weight"], parts["group_scale"], spec.group_size)
 
     def dequantize(self, parts, shape, spec, dtype):
         w8 = self.int8_weight(parts, shape, spec)
@@ -247,7 +245,8 @@ class W4A8(WeightFormat):
         if not spec.act_quant:
             return super().linear(x, parts, shape, spec, bias)
         xq, xs = act_quant.quantize_rows_int8(x)
-        return int8_matmul(xq, xs, self.int8_weight(parts, shape, spec), parts["scale"], bias, x.dtype)
+        return lowbit_gemm.w4a8_gemm(xq, xs, parts["weight"], parts["group_scale"], parts["scale"],
+                                     spec.group_size, bias, x.dtype)
 
 
 class NVFP4(WeightFormat):
@@ -274,10 +273,11 @@ class NVFP4(WeightFormat):
                 "global_scale": gscale.reshape(())}
 
     def dequantize(self, parts, shape, spec, dtype):
-        n, k = shape
-        vals = lowbit.e2m1_decode(lowbit.unpack_int4(parts["weight"])).reshape(n, k // 16, 16)
-        total = parts["block_scale"].float() * parts["global_scale"]
-        return (vals * total[..., None]).reshape(n, k).to(dtype)
+        return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 16, parts["global_scale"]).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias):
+        return lowbit_gemm.lowbit_linear(x, "nvfp4", parts["weight"], parts["block_scale"],
+                                         global_scale=parts["global_scale"], block=16, bias=bias)
 
 
 class MXFP4(WeightFormat):
@@ -299,9 +299,10 @@ class MXFP4(WeightFormat):
         return {"weight": lowbit.pack_int4(codes.reshape(n, k)), "block_scale": code}
 
     def dequantize(self, parts, shape, spec, dtype):
-        n, k = shape
-        vals = lowbit.e2m1_decode(lowbit.unpack_int4(parts["weight"])).reshape(n, k // 32, 32)
-        return (vals * lowbit.e8m0_decode(parts["block_scale"])[..., None]).reshape(n, k).to(dtype)
+        return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 32).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias):
+        return lowbit_gemm.lowbit_linear(x, "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
 
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), NVFP4(), MXFP4())}

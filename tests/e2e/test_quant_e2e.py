@@ -28,10 +28,14 @@ def _workflow(model_node: dict, seed: int = 0, extra: dict | None = None, prefix
     return prompt
 
 
-def _quant(fmt="int8", group_size=64, overrides="", source=("unet", 0), dtype="auto"):
+QUANT_DEFAULTS = {"group_size": 64, "compute_dtype": "auto", "smooth_alpha": 0.5, "calibration_steps": 2,
+                  "seed": 0, "cfg": 3.0, "auto_formats": "int8, w4a8, int4", "auto_budget": 0.35,
+                  "auto_min_sqnr_db": 0.0, "layer_overrides": ""}
+
+
+def _quant(fmt="int8", source=("unet", 0), **inputs):
     return {"class_type": "AccelQuantizeModel",
-            "inputs": {"model": list(source), "format": fmt, "group_size": group_size, "compute_dtype": dtype,
-                       "layer_overrides": overrides}}
+            "inputs": {**QUANT_DEFAULTS, "model": list(source), "format": fmt, **inputs}}
 
 
 def _latent(server, entry) -> torch.Tensor:
@@ -50,7 +54,7 @@ def test_quantize_sample_save_and_reload(comfy_server, wan_file):
                   "inputs": {"model": ["quant", 0], "filename": "e2e/wan_fp8", "overwrite": False,
                              "other_weights_dtype": "keep"}}
     # float32 compute, as the stock loader will use on this CPU, so the outputs can be compared
-    fp8 = _quant("fp8_e4m3", dtype="float32")
+    fp8 = _quant("fp8_e4m3", compute_dtype="float32")
     first = comfy_server.run(_workflow(unet, extra={"quant": fp8, "unet": unet,
                                                     "save_model": save_model}, prefix="q"))
     quantized = _latent(comfy_server, first)
@@ -84,12 +88,11 @@ def test_bad_input_is_an_error_and_the_server_stays_up(comfy_server, wan_file):
     with pytest.raises(PromptError, match=r"Quantize Model: input 'group_size'.*does not divide"):
         comfy_server.run(_workflow(unet, extra={"quant": _quant("int4", group_size=96), "unet": unet}))
     with pytest.raises(PromptError, match=r"input 'layer_overrides'"):
-        comfy_server.run(_workflow(unet, extra={"quant": _quant("int8", overrides="blocks.*"), "unet": unet}))
-    twice = {"class_type": "AccelQuantizeModel",
-             "inputs": {"model": ["quant0", 0], "format": "int8", "group_size": 64, "compute_dtype": "auto",
-                        "layer_overrides": ""}}
+        comfy_server.run(_workflow(unet, extra={"quant": _quant("int8", layer_overrides="blocks.*"), "unet": unet}))
+    twice = _quant("int8", source=("quant0", 0))
     with pytest.raises(PromptError, match="already quantized"):
         comfy_server.run(_workflow(unet, extra={"quant0": _quant("int8"), "quant": twice, "unet": unet}))
-    # still serving: a good prompt runs
-    entry = comfy_server.run(_workflow(unet, seed=5, extra={"quant": _quant("int8"), "unet": unet}, prefix="ok"))
+    # still serving: a good prompt runs, here auto with calibration on the workflow's own inputs
+    calibrated = _quant("auto", positive=["pos", 0], negative=["neg", 0], latent=["latent", 0])
+    entry = comfy_server.run(_workflow(unet, seed=5, extra={"quant": calibrated, "unet": unet}, prefix="ok"))
     assert torch.isfinite(_latent(comfy_server, entry)).all()
