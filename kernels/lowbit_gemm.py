@@ -9,6 +9,10 @@
   float8_e4m3fn);
 - ``"mxfp4"``: ``w = e2m1(q) * 2 ** (scale[n, k // 32] - 127)`` (``scale`` uint8 E8M0).
 
+``w8a16_linear(x, weight, scale, bias)``: 8-bit weights computed weight-only, decoded in the
+kernel: int8 ``weight [N, K]`` with one fp32 ``scale`` per row, or float8_e4m3fn with one
+fp32 scale for the tensor (GPUs without fp8 matmul; modulation layers).
+
 ``w4a8_gemm(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype)``: int8
 activations times int4 codes whose integer group scales make ``(q - 8) * group_scale`` an
 exact int8 weight, summed in int32 and scaled by ``x_scale[m] * scale[n]``.
@@ -65,6 +69,11 @@ def dequant(code: str, packed, scale, zero=None, global_scale=None, block: int =
 
 def lowbit_linear_reference(x, code, packed, scale, zero=None, global_scale=None, block=64, bias=None):
     return F.linear(x, dequant(code, packed, scale, zero, global_scale, block).to(x.dtype), bias)
+
+
+def w8a16_linear_reference(x, weight, scale, bias=None):
+    s = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float()
+    return F.linear(x, (weight.float() * s).to(x.dtype), bias)
 
 
 def w4a8_int8_weight(packed: torch.Tensor, group_scale: torch.Tensor, block: int) -> torch.Tensor:
@@ -169,6 +178,44 @@ if tl is not None:
                  mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
+    def _w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K,
+                           stride_xm, stride_xk, stride_wn, stride_om,
+                           FP8: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HALF_DOT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            kmask = k < K
+            raw = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None],
+                          mask=kmask[:, None] & mask_n[None, :], other=0)
+            if FP8:
+                w = _e4m3(raw.to(tl.int32) & 255)   # float8 bytes, passed as uint8
+            else:
+                w = raw.to(tl.float32)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & kmask[None, :], other=0.0)
+            if HALF_DOT:
+                acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+            else:
+                acc += tl.dot(x.to(tl.float32), w)
+        if ROW_SCALE:
+            acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        else:
+            acc = acc * tl.load(s_ptr)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
     def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, gs_ptr, s_ptr, b_ptr, out_ptr, M, N, K,
                           stride_xm, stride_wn, stride_gn, stride_om,
                           BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -222,6 +269,23 @@ def lowbit_linear_triton(x, code, packed, scale, zero=None, global_scale=None, b
     return out
 
 
+def w8a16_linear_triton(x, weight, scale, bias=None):
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    cfg = _launch_config()
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    w = weight.view(torch.uint8) if fp8 else weight
+    s = scale.float().reshape(-1).contiguous()
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _w8a16_gemm_kernel[grid](
+        x, w, s, bias if bias is not None else s, out, M, N, K,
+        x.stride(0), x.stride(1), w.stride(0), out.stride(0),
+        FP8=fp8, ROW_SCALE=s.numel() > 1, HAS_BIAS=bias is not None,
+        HALF_DOT=x.dtype != torch.float32 and not dispatch.interpreting(), **cfg)
+    return out
+
+
 def w4a8_gemm_triton(xq, x_scale, packed, group_scale, scale, block, bias=None, out_dtype=torch.float32):
     M, K = xq.shape
     N = packed.shape[0]
@@ -257,6 +321,18 @@ def lowbit_linear(x: torch.Tensor, code: str, packed: torch.Tensor, scale: torch
     if dispatch.pick(x, packed, supported=supported) == "triton":
         return lowbit_linear_triton(x, code, packed, scale, zero, global_scale, block, bias)
     return lowbit_linear_reference(x, code, packed, scale, zero, global_scale, block, bias)
+
+
+def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ (weight * scale).T + bias`` in ``x.dtype``, for int8 or fp8 weights."""
+    supported = (x.dim() == 2 and x.dtype in _FLOAT_DTYPES and weight.dim() == 2 and weight.stride(1) == 1
+                 and weight.dtype in (torch.int8, torch.float8_e4m3fn) and x.shape[1] == weight.shape[1]
+                 and scale.numel() in (1, weight.shape[0])
+                 and not (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0)))
+    if dispatch.pick(x, weight, supported=supported) == "triton":
+        return w8a16_linear_triton(x, weight, scale, bias)
+    return w8a16_linear_reference(x, weight, scale, bias)
 
 
 def w4a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, group_scale: torch.Tensor,

@@ -140,7 +140,7 @@ class Int8(WeightFormat):
 
     def linear(self, x, parts, shape, spec, bias):
         if not spec.act_quant:
-            return super().linear(x, parts, shape, spec, bias)
+            return lowbit_gemm.w8a16_linear(x, parts["weight"], parts["scale"], bias)
         xq, xs = act_quant.quantize_rows_int8(x)
         return int8_matmul(xq, xs, parts["weight"], parts["scale"], bias, x.dtype)
 
@@ -172,7 +172,7 @@ class FP8E4M3(WeightFormat):
             ws = parts["scale"].reshape(1, 1).expand(1, shape[0]).contiguous()
             return torch._scaled_mm(xq, parts["weight"].t(), scale_a=xs, scale_b=ws,
                                     bias=bias, out_dtype=x.dtype)
-        return super().linear(x, parts, shape, spec, bias)
+        return lowbit_gemm.w8a16_linear(x, parts["weight"], parts["scale"], bias)
 
 
 class Int4(WeightFormat):

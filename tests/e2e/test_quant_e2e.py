@@ -92,7 +92,7 @@ def test_bad_input_is_an_error_and_the_server_stays_up(comfy_server, wan_file):
     twice = _quant("int8", source=("quant0", 0))
     with pytest.raises(PromptError, match="already quantized"):
         comfy_server.run(_workflow(unet, extra={"quant0": _quant("int8"), "quant": twice, "unet": unet}))
-    # still serving: a good prompt runs, here auto with calibration on the workflow's own inputs
-    calibrated = _quant("auto", positive=["pos", 0], negative=["neg", 0], latent=["latent", 0])
+    # still serving: a good prompt runs, here with calibration on the workflow's own inputs
+    calibrated = _quant("int8", positive=["pos", 0], negative=["neg", 0], latent=["latent", 0])
     entry = comfy_server.run(_workflow(unet, seed=5, extra={"quant": calibrated, "unet": unet}, prefix="ok"))
     assert torch.isfinite(_latent(comfy_server, entry)).all()

@@ -65,3 +65,23 @@ def test_w4a8_triton_is_exact(block):
     assert w8.abs().max() <= 119
     exact = (xq.long() @ w8.long().t()).double() * xs.double()[:, None] * scale.double() + bias.double()
     assert torch.allclose(ref.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wdtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a16_triton_matches_reference(wdtype, dtype):
+    g = torch.Generator().manual_seed(7)
+    m, n, k = 18, 35, 160
+    if wdtype == torch.int8:
+        weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) * 0.01
+    else:
+        weight = (torch.randn(n, k, generator=g) * 100).to(torch.float8_e4m3fn)
+        scale = torch.tensor(0.003)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = lg.w8a16_linear_reference(x.float(), weight, scale, bias.float())
+    with dispatch.backend("triton"):
+        out = lg.w8a16_linear(x, weight, scale, bias)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and torch.allclose(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
