@@ -11,8 +11,10 @@ from .fixtures import FixtureInfo
 
 def sampling_prompt(info: FixtureInfo, *, seed: int = 0, steps: int = 10, cfg: float = 2.0,
                     sampler: str = "euler", scheduler: str = "simple", chain=(),
-                    prefix: str = "accel", cond_seed: int = 0, batch: int = 1) -> dict:
-    """The prompt and its node ids: model "1", chain "10".., sampler "5", save "6"."""
+                    prefix: str = "accel", cond_seed: int = 0, batch: int = 1,
+                    model_info: bool = False) -> dict:
+    """The prompt and its node ids: model "1", chain "10".., sampler "5", save "6",
+    and with ``model_info`` an ``AccelTestModelInfo`` "7" showing the final model's weight bytes."""
     prompt: dict[str, dict] = {
         "1": {"class_type": info.loader_node, "inputs": dict(info.loader_inputs)},
         "2": {"class_type": "AccelTestConditioning",
@@ -31,6 +33,8 @@ def sampling_prompt(info: FixtureInfo, *, seed: int = 0, steps: int = 10, cfg: f
         "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
         "denoise": 1.0}}
     prompt["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}}
+    if model_info:
+        prompt["7"] = {"class_type": "AccelTestModelInfo", "inputs": {"model": model}}
     return prompt
 
 
