@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, lowbit
+from .int8_gemm import int8_gemm_reference
 
 try:  # Triton is optional: the pack must import where it is missing.
     import triton
@@ -85,12 +86,7 @@ def w4a8_int8_weight(packed: torch.Tensor, group_scale: torch.Tensor, block: int
 
 
 def w4a8_gemm_reference(xq, x_scale, packed, group_scale, scale, block, bias=None, out_dtype=torch.float32):
-    acc = torch._int_mm(xq, w4a8_int8_weight(packed, group_scale, block).t())
-    out = torch.mul(acc, scale.float())
-    out.mul_(x_scale.reshape(-1, 1).float())
-    if bias is not None:
-        out.add_(bias.float())
-    return out.to(out_dtype)
+    return int8_gemm_reference(xq, x_scale, w4a8_int8_weight(packed, group_scale, block), scale, bias, out_dtype)
 
 
 # ---------------------------------------------------------------- Triton

@@ -7,8 +7,10 @@ Each format is a small stateless object in ``FORMATS``:
   stochastic rounding (used when a LoRA is baked into an already quantized layer, as
   ComfyUI does for its own fp8 weights).
 - ``dequantize(parts, shape, spec, dtype) -> w``.
-- ``linear(x, parts, shape, spec, bias) -> y``: ``x`` is 2-D [M, K]; the compute goes
-  through the ``kernels/`` dispatchers (Triton on CUDA, PyTorch reference elsewhere).
+- ``linear(x, parts, shape, spec, bias, inv_smooth=None) -> y``: ``x`` is 2-D [M, K]; the
+  compute goes through the ``kernels/`` dispatchers (Triton on CUDA, PyTorch reference
+  elsewhere). ``inv_smooth`` (SmoothQuant) is applied to ``x`` first; formats that
+  quantize activations fold it into that step.
 - ``part_specs(shape, spec)``: the shape and dtype of every stored tensor, used to check a
   file against its metadata and to count bytes.
 - ``problem(shape, spec)``: why this format cannot hold a weight of that shape, or None.
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import act_quant, lowbit, lowbit_gemm
+from ..kernels import int8_gemm, lowbit, lowbit_gemm
+from ..kernels.quant_primitives import quantize_per_token_int8
 
 
 @dataclass(frozen=True)
@@ -56,21 +59,22 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def _smoothed(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
+    return x if inv_smooth is None else x * inv_smooth.to(x.dtype)
+
+
 def fp8_matmul_available(device: torch.device) -> bool:
     """FP8 tensor-core matmul (torch._scaled_mm) needs CUDA compute capability 8.9+."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
             and hasattr(torch, "_scaled_mm"))
 
 
-def int8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(xq @ wq.T) * xs[:, None] * ws[None, :] + bias`` with an int32 accumulator."""
-    acc = torch._int_mm(xq, wq.t())
-    out = torch.mul(acc, ws)  # int32 * float32 -> float32, one pass
-    out.mul_(xs.unsqueeze(1))
-    if bias is not None:
-        out.add_(bias)
-    return out.to(out_dtype)
+def quantize_activations(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 activations; SmoothQuant's division folded into the float32 copy the
+    quantizer makes anyway (one in-place pass instead of a bf16 pass before it)."""
+    if inv_smooth is not None:
+        x = x.to(torch.float32, copy=True).mul_(inv_smooth)
+    return quantize_per_token_int8(x)
 
 
 class WeightFormat:
@@ -104,9 +108,10 @@ class WeightFormat:
     def dequantize(self, parts, shape, spec, dtype) -> torch.Tensor:
         raise NotImplementedError
 
-    def linear(self, x, parts, shape, spec, bias) -> torch.Tensor:
-        """Default: weight-only, dequantize then a high-precision matmul."""
-        return F.linear(x, self.dequantize(parts, shape, spec, x.dtype), bias)
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None) -> torch.Tensor:
+        """``x [M, K]``; ``inv_smooth`` [K] float32 multiplies ``x`` first (SmoothQuant).
+        Default: weight-only, dequantize then a high-precision matmul."""
+        return F.linear(_smoothed(x, inv_smooth), self.dequantize(parts, shape, spec, x.dtype), bias)
 
     def quantizes_activations(self, spec: Spec) -> bool:
         return self.act_bits is not None and spec.act_quant
@@ -138,11 +143,11 @@ class Int8(WeightFormat):
     def dequantize(self, parts, shape, spec, dtype):
         return (parts["weight"].to(torch.float32) * parts["scale"][:, None]).to(dtype)
 
-    def linear(self, x, parts, shape, spec, bias):
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
         if not spec.act_quant:
-            return lowbit_gemm.w8a16_linear(x, parts["weight"], parts["scale"], bias)
-        xq, xs = act_quant.quantize_rows_int8(x)
-        return int8_matmul(xq, xs, parts["weight"], parts["scale"], bias, x.dtype)
+            return lowbit_gemm.w8a16_linear(_smoothed(x, inv_smooth), parts["weight"], parts["scale"], bias)
+        xq, xs = quantize_activations(x, inv_smooth)
+        return int8_gemm.int8_gemm(xq, xs, parts["weight"], parts["scale"], bias, x.dtype)
 
 
 class FP8E4M3(WeightFormat):
@@ -164,7 +169,8 @@ class FP8E4M3(WeightFormat):
     def dequantize(self, parts, shape, spec, dtype):
         return (parts["weight"].to(torch.float32) * parts["scale"]).to(dtype)
 
-    def linear(self, x, parts, shape, spec, bias):
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        x = _smoothed(x, inv_smooth)
         if spec.act_quant and fp8_matmul_available(x.device):
             amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).float()
             xs = _safe(amax / lowbit.E4M3_MAX)
@@ -203,8 +209,8 @@ class Int4(WeightFormat):
     def dequantize(self, parts, shape, spec, dtype):
         return lowbit_gemm.dequant_int4(parts["weight"], parts["scale"], parts["zero"], spec.group_size).to(dtype)
 
-    def linear(self, x, parts, shape, spec, bias):
-        return lowbit_gemm.lowbit_linear(x, "int4", parts["weight"], parts["scale"], parts["zero"],
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "int4", parts["weight"], parts["scale"], parts["zero"],
                                          block=spec.group_size, bias=bias)
 
 
@@ -241,10 +247,10 @@ class W4A8(WeightFormat):
         w8 = self.int8_weight(parts, shape, spec)
         return (w8.to(torch.float32) * parts["scale"][:, None]).to(dtype)
 
-    def linear(self, x, parts, shape, spec, bias):
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
         if not spec.act_quant:
-            return super().linear(x, parts, shape, spec, bias)
-        xq, xs = act_quant.quantize_rows_int8(x)
+            return super().linear(x, parts, shape, spec, bias, inv_smooth)
+        xq, xs = quantize_activations(x, inv_smooth)
         return lowbit_gemm.w4a8_gemm(xq, xs, parts["weight"], parts["group_scale"], parts["scale"],
                                      spec.group_size, bias, x.dtype)
 
@@ -275,8 +281,8 @@ class NVFP4(WeightFormat):
     def dequantize(self, parts, shape, spec, dtype):
         return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 16, parts["global_scale"]).to(dtype)
 
-    def linear(self, x, parts, shape, spec, bias):
-        return lowbit_gemm.lowbit_linear(x, "nvfp4", parts["weight"], parts["block_scale"],
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "nvfp4", parts["weight"], parts["block_scale"],
                                          global_scale=parts["global_scale"], block=16, bias=bias)
 
 
@@ -301,8 +307,8 @@ class MXFP4(WeightFormat):
     def dequantize(self, parts, shape, spec, dtype):
         return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 32).to(dtype)
 
-    def linear(self, x, parts, shape, spec, bias):
-        return lowbit_gemm.lowbit_linear(x, "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
 
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), NVFP4(), MXFP4())}

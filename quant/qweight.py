@@ -85,9 +85,8 @@ class QuantWeight(torch.Tensor):
         n, k = self.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
-        if self.smooth is not None:
-            x2 = x2 * (1.0 / self.smooth).to(x2.dtype)
-        y = self.fmt.linear(x2, self.parts, (n, k), self.spec, bias)
+        inv = None if self.smooth is None else 1.0 / self.smooth.to(x2.device)
+        y = self.fmt.linear(x2, self.parts, (n, k), self.spec, bias, inv)
         return y.reshape(*lead, n)
 
     def requantize(self, w: torch.Tensor, seed: int | None = None) -> "QuantWeight":
