@@ -22,8 +22,7 @@ def sample(model, family: str, steps: int = 1, seed: int = 0) -> torch.Tensor:
 
 
 def plans_for(model, fmt: str, group: int = 64, overrides: str = ""):
-    ov = policy.parse_overrides(overrides)
-    return [policy.plan_layer(n, tuple(m.weight.shape), fmt, group, ov) for n, m in qmodel.linear_layers(model)]
+    return qmodel.plan_model(model, fmt, group, policy.parse_overrides(overrides))
 
 
 def quantize(model, fmt: str = "int8", group: int = 64, overrides: str = "", dtype=None):

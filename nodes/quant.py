@@ -135,14 +135,12 @@ class AccelQuantizeModel(io.ComfyNode):
         if already:
             fail(node, "model", f"is already quantized ({len(already)} layers, e.g. {already[0]}); "
                                 "connect the model from before the Quantize Model / Load Quantized Model node")
-        plans = []
-        for name, module in layers:
-            try:
-                plans.append(policy.plan_layer(name, tuple(module.weight.shape), format, group_size, overrides))
-            except ValueError as e:
-                fail(node, "group_size" if grouped and "group size" in str(e) else "format",
-                     f"cannot be used: {e}. Choose a size that divides it, or keep that layer with "
-                     f"layer_overrides ('{name} = keep').")
+        try:
+            plans = qmodel.plan_model(model, format, group_size, overrides)
+        except policy.LayerError as e:
+            fail(node, "group_size" if grouped and "group size" in str(e) else "format",
+                 f"cannot be used: {e}. Choose a size that divides it, or keep that layer with "
+                 f"layer_overrides ('{e.path} = keep').")
         dtype = _compute_dtype(compute_dtype, model)
         notices = []
         stats = None

@@ -81,6 +81,20 @@ def linear_layers(patcher) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
+def plan_model(patcher, fmt: str, group_size: int | None, overrides: list[policy.Override]) -> list[policy.LayerPlan]:
+    """A plan for every linear layer. A layer that another node replaced with an object patch
+    on this model is left as it is (its patch is chained, not replaced)."""
+    plans = []
+    for name, module in linear_layers(patcher):
+        shape = tuple(module.weight.shape)
+        if PREFIX + name in patcher.object_patches and not isinstance(module, QuantLinear):
+            plans.append(policy.LayerPlan(name, shape, policy.role_of(name), None,
+                                          "replaced by another node's object patch: left as it is"))
+            continue
+        plans.append(policy.plan_layer(name, shape, fmt, group_size, overrides))
+    return plans
+
+
 def quantized_layers(patcher) -> list[str]:
     return [name for name, m in linear_layers(patcher) if isinstance(m, QuantLinear)]
 

@@ -101,7 +101,7 @@ class LayerPlan:
 def plan_layer(path: str, shape: tuple[int, int], fmt: str, group_size: int | None,
                overrides: list[Override]) -> LayerPlan:
     """The plan for one layer (``fmt`` may be "auto"). A format that cannot hold the layer
-    raises ValueError."""
+    raises LayerError."""
     role = role_of(path)
     for ov in overrides:
         if ov.pattern.search(path):
@@ -122,8 +122,16 @@ def make_spec(fmt: str, group_size: int | None, act_quant: bool) -> Spec:
     return Spec(fmt, group_size if f.grouped else None, act_quant and f.act_bits is not None)
 
 
+class LayerError(ValueError):
+    """A format that cannot hold a layer; ``path`` names the layer."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
+
+
 def _checked(spec: Spec, shape, path) -> Spec:
     problem = formats.get(spec.format).problem(shape, spec)
     if problem:
-        raise ValueError(f"layer {path} {tuple(shape)}: {problem}")
+        raise LayerError(f"layer {path} {tuple(shape)}: {problem}", path)
     return spec

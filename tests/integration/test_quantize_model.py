@@ -150,3 +150,16 @@ def test_compute_dtype_bf16_runs_in_bf16(wan):
     assert result.model.object_patches["manual_cast_dtype"] == torch.bfloat16 and result.model.force_cast_weights
     assert not model.force_cast_weights and "manual_cast_dtype" not in model.object_patches
     assert psnr(reference, sample(result.model, "wan21")) > 30
+
+
+def test_a_layer_another_node_replaced_is_chained_not_replaced(wan):
+    model, _ = wan
+    other = model.clone()
+    original = other.get_model_object("diffusion_model.blocks.0.ffn.0")
+    theirs = torch.nn.Linear(original.in_features, original.out_features)  # another node's object patch
+    other.add_object_patch("diffusion_model.blocks.0.ffn.0", theirs)
+    result = quantize(other, "int8")
+    row = next(r for r in result.rows if r.layer == "blocks.0.ffn.0")
+    assert row.format == "keep" and "another node" in row.reason
+    assert result.model.object_patches["diffusion_model.blocks.0.ffn.0"] is theirs
+    assert isinstance(result.model.object_patches["diffusion_model.blocks.0.ffn.2"], QuantLinear)
