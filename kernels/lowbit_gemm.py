@@ -23,7 +23,6 @@ two ``tl.dot``s over the low and high nibbles, so no interleave is needed in-ker
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F

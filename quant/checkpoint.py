@@ -25,7 +25,6 @@ existing file is only replaced when asked.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import uuid
 
@@ -36,7 +35,6 @@ from .formats import Spec
 from .linear import QuantLinear
 from .qweight import EXTRA_PARTS, QuantWeight
 
-log = logging.getLogger(__name__)
 
 META_KEY = "accel_quant"
 FORMAT_VERSION = 1

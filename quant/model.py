@@ -16,7 +16,6 @@ Reading the weights the input model really uses:
 """
 from __future__ import annotations
 
-import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,7 +26,6 @@ from . import formats, policy
 from .linear import QuantLinear
 from .qweight import QuantWeight
 
-log = logging.getLogger(__name__)
 
 PREFIX = "diffusion_model."
 

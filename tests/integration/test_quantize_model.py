@@ -7,7 +7,7 @@ import torch
 from comfyui_accel.devtools import fixtures
 from comfyui_accel.quant import model as qmodel
 from comfyui_accel.quant.linear import QuantLinear
-from comfyui_accel.devtools.quant_checks import (assert_unchanged, lora_for, plans_for, psnr, quantize, sample, snapshot,
+from comfyui_accel.devtools.quant_checks import (assert_unchanged, lora_for, psnr, quantize, sample, snapshot,
                            with_lora, with_weights)
 
 FAMILIES = list(fixtures.FAMILIES)
