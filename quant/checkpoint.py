@@ -35,7 +35,6 @@ from .formats import Spec
 from .linear import QuantLinear
 from .qweight import EXTRA_PARTS, QuantWeight
 
-
 META_KEY = "accel_quant"
 FORMAT_VERSION = 1
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16)}

@@ -26,7 +26,6 @@ from . import formats, policy
 from .linear import QuantLinear
 from .qweight import QuantWeight
 
-
 PREFIX = "diffusion_model."
 
 
