@@ -16,8 +16,12 @@ layout ``UNETLoader`` reads):
   layer is listed as ``accel_<format>`` so that a stock loader refuses the file with that
   name in its error instead of loading packed bytes as weights;
 - header ``accel_quant``: our own description of every quantized layer (format, group size,
-  activation mode, logical shape, compute dtype), which ``load_quantized`` validates
-  against the tensors before building anything.
+  activation mode, logical shape, compute dtype) and the model's configuration, which
+  ``load_quantized_state`` validates against the tensors before building anything;
+- header ``config``: ``{"transformer": <the model's configuration>}``, the metadata ComfyUI's
+  detection reads for models whose configuration the weights alone do not fix (LTX-Video's
+  attention heads); a loaded model does not keep its file's metadata, so it is written back
+  from the configuration the model was built with. Other families' detection ignores it.
 
 Writing goes to a temporary file in the target folder, then is moved into place; an
 existing file is only replaced when asked.
@@ -244,6 +248,12 @@ def install(diffusion_model: torch.nn.Module, packed: dict[str, QuantWeight]) ->
 # ---------------------------------------------------------------- ComfyUI side
 
 
+def model_config(patcher) -> dict:
+    """The model's configuration as JSON values (what detection should reproduce)."""
+    config = {k: v for k, v in patcher.model.model_config.unet_config.items() if k != "dtype"}
+    return json.loads(json.dumps(config, default=str))
+
+
 def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.dtype | None = None) -> dict:
     """Write the model as ``patcher`` computes it (its LoRA patches baked in, the way ComfyUI's
     own ModelSave does it: load with ``force_patch_weights``, then read the state dict)."""
@@ -253,6 +263,11 @@ def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.d
     tensors, metadata = state_to_save(state, other_dtype)
     if META_KEY not in metadata:
         raise CheckpointError("the model has no quantized layers")
+    config = model_config(patcher)
+    accel = json.loads(metadata[META_KEY])
+    accel["model_config"] = config
+    metadata[META_KEY] = json.dumps(accel)
+    metadata["config"] = json.dumps({"transformer": {k: v for k, v in config.items() if k != "image_model"}})
     write_atomic(tensors, metadata, path, overwrite)
     layers = json.loads(metadata["_quantization_metadata"])["layers"]
     native = sorted({v["format"] for v in layers.values() if not v["format"].startswith("accel_")})
@@ -297,6 +312,10 @@ def load_model(path: str):
                                                        metadata=meta)
     if patcher is None:
         raise CheckpointError(f"ComfyUI could not detect the model type of {os.path.basename(path)}")
+    saved = json.loads(metadata[META_KEY]).get("model_config")
+    if saved is not None and model_config(patcher) != saved:
+        raise CheckpointError(f"ComfyUI's detection builds {os.path.basename(path)} with another configuration "
+                              f"than the model it was saved from ({model_config(patcher)} instead of {saved})")
     install(patcher.model.diffusion_model, {k: v.retarget(device=patcher.offload_device) for k, v in packed.items()})
     dtype = _DTYPES.get(compute or "")
     current = getattr(patcher.model, "manual_cast_dtype", None) or patcher.model.get_dtype()

@@ -54,3 +54,26 @@ def test_lora_after_quantization_is_baked_into_the_file(wan, tmp_path):
     path = str(tmp_path / "lora.safetensors")
     checkpoint.save_model(lora_model, path)
     assert torch.equal(sample(checkpoint.load_model(path), "wan21"), expected)
+
+
+def test_detection_needing_file_metadata_round_trips(comfy, tmp_path):
+    # LTX-Video's head count comes from the file's "config" metadata, which a loaded model no
+    # longer has: the file carries the configuration again, and loading checks it.
+    import json
+
+    import safetensors
+    import safetensors.torch
+    model = fixtures.load_model("ltxv", "tiny")
+    q = quantize(model, "int4").model
+    path = str(tmp_path / "ltxv.safetensors")
+    checkpoint.save_model(q, path)
+    assert torch.equal(sample(checkpoint.load_model(path), "ltxv"), sample(q, "ltxv"))
+    with safetensors.safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    accel = json.loads(meta[checkpoint.META_KEY])
+    accel["model_config"]["num_attention_heads"] += 1
+    meta[checkpoint.META_KEY] = json.dumps(accel)
+    safetensors.torch.save_file(tensors, path, metadata=meta)
+    with pytest.raises(checkpoint.CheckpointError, match="another configuration"):
+        checkpoint.load_model(path)
