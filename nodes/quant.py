@@ -35,9 +35,9 @@ def _plot(rows: list[qmodel.LayerRow], title: str) -> torch.Tensor:
     use_output = any(r.output_sqnr_db is not None for r in quantized)
     values = [min((r.output_sqnr_db if use_output else r.weight_sqnr_db) or 0.0, 99.0) for r in quantized]
     labels = [r.layer.split(".")[-1] for r in quantized]
-    what = "output SQNR on calibration data" if use_output else "weight SQNR"
-    return plots.bar_plot(labels, values, f"{title}: {what} per layer (dB), colour = format",
-                          ylabel="dB", groups=[f"{r.format}/{r.activations}" for r in quantized])
+    what = "output SQNR (calibration data)" if use_output else "weight SQNR"
+    return plots.bar_plot(labels, values, f"{title}: {what}", ylabel="dB",
+                          groups=[f"{r.format}/{r.activations}" for r in quantized])
 
 
 class AccelQuantizeModel(io.ComfyNode):
@@ -176,7 +176,7 @@ class AccelQuantizeModel(io.ComfyNode):
                  format, result.summary["layers quantized"], result.summary["linear weights vs bf16"],
                  f", worst layer {result.summary['worst layer output SQNR dB']} dB"
                  if "worst layer output SQNR dB" in result.summary else "")
-        return io.NodeOutput(result.model, text, _plot(result.rows, f"Quantize Model ({format})"))
+        return io.NodeOutput(result.model, text, _plot(result.rows, format))
 
 
 def _uses_act_quant(plans, candidates) -> bool:
