@@ -57,12 +57,6 @@ def _runner(model, family: str, steps: int, seed: int = 0):
     return run
 
 
-def _loaded_weight_bytes(model, run) -> int:
-    """Bytes of the diffusion model as this patcher runs it (its object patches installed)."""
-    run()  # loads this clone: its QuantLinear modules are then in the tree
-    return measure.weight_bytes(model.model.diffusion_model)
-
-
 def _matmul_share(run) -> float:
     """Fraction of CPU time spent in matmul ops during one run (profiler self time)."""
     from torch.profiler import ProfilerActivity, profile
@@ -95,7 +89,7 @@ def bench_family(family: str, steps: int, repeat: int) -> list[dict]:
     base_run = _runner(fp32, family, steps)
     reference = base_run()
     outputs = {name: run() for name, run in runs.items()}
-    sizes = {name: _loaded_weight_bytes(models[name], runs[name]) for name in models}
+    sizes = {name: measure.model_weight_bytes(m) for name, m in models.items()}
     share = _matmul_share(base_run)
     load_before = os.getloadavg()[0]
     timing = measure.compare_timings(base_run, runs, warmup=1, repeat=repeat)
@@ -183,12 +177,42 @@ def layer_records(quick: bool) -> list[dict]:
     return records
 
 
+def _load_only(family: str) -> None:
+    from ..quant import model as qmodel  # noqa: F401  same imports as below (triton's are large)
+    host.import_comfy()
+    fixtures.load_model(family, "medium")
+
+
+def _load_and_quantize(family: str) -> None:
+    from ..quant import model as qmodel
+    host.import_comfy()
+    model = fixtures.load_model(family, "medium")
+    qmodel.quantize_model(model, plans_for(model, "int8", 64))
+
+
+def quantize_memory(family: str) -> dict:
+    """How much quantizing raises the process's peak memory above loading the model alone
+    (fresh processes: load, then load + quantize), as a fraction of the model's weight bytes.
+    Layer by layer, it adds the packed copy plus one layer in float32, which stays under the
+    load's own peak (state dict and model side by side): about 0."""
+    host.import_comfy()
+    model = fixtures.load_model(family, "medium")
+    model_bytes = measure.model_weight_bytes(model)
+    from ..quant import model as qmodel
+    packed = qmodel.quantize_model(model, plans_for(model, "int8", 64))
+    extra = measure.peak_rss_increase_bytes(_load_and_quantize, family) - measure.peak_rss_increase_bytes(_load_only, family)
+    return dict(name=f"quantize memory {family}", model=f"{family} medium fp32", baseline="model weight bytes",
+                variant="int8 quantize_model", peak_extra_over_model=extra / model_bytes,
+                packed_copy_over_model=sum(r.bytes_after for r in packed.rows if r.format != "keep") / model_bytes)
+
+
 def run(quick: bool) -> list[dict]:
     host.import_comfy()
     torch.manual_seed(0)
     families = ("wan21",) if quick else ("wan21", "flux")
     steps, repeat = (2, 2) if quick else (8, 3)
     records = layer_records(quick)
+    records.append(quantize_memory("wan21"))
     for family in families:
         records += bench_family(family, steps, repeat)
         records += outlier_layer_sqnr(family, 2 if quick else 4)

@@ -145,6 +145,7 @@ def _describe(o: Option) -> str:
     return f"{o.label} {sq}"
 
 
+@torch.no_grad()
 def measure(patcher, plans: list[policy.LayerPlan], candidates: list[str], group_size: int,
             dtype: torch.dtype, stats: dict | None = None, smooth_alpha: float = 0.0,
             progress=None) -> dict[str, list[Option]]:

@@ -111,6 +111,7 @@ def clean_param(patcher, path: str, name: str) -> torch.Tensor | None:
     return getattr(patcher.get_model_object(PREFIX + path), name, None)
 
 
+@torch.no_grad()
 def float_weight(patcher, path: str, device=None) -> torch.Tensor:
     """The float32 weight the input model computes with, LoRA patches merged."""
     key = f"{PREFIX}{path}.weight"
@@ -151,13 +152,11 @@ def act_label(spec) -> str:
     return "fp8" if spec.format == "fp8_e4m3" else f"int{fmt.act_bits}"
 
 
+@torch.no_grad()
 def output_sqnr_db(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor) -> float:
     """SQNR of the quantized layer's output against the float layer's, on recorded inputs."""
     rows = rows.to(w.device)
-    ref = rows @ w.t()
-    with torch.no_grad():
-        out = qw.linear(rows.to(qw.dtype), None).float()
-    return sqnr_db(ref, out)
+    return sqnr_db(rows @ w.t(), qw.linear(rows.to(qw.dtype), None).float())
 
 
 def quantize_layer(w: torch.Tensor, spec, dtype: torch.dtype, stats=None, smooth_alpha: float = 0.0) -> QuantWeight:
@@ -170,6 +169,7 @@ def quantize_layer(w: torch.Tensor, spec, dtype: torch.dtype, stats=None, smooth
     return QuantWeight.quantize(w, spec, dtype, smooth=smooth)
 
 
+@torch.no_grad()
 def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | None = None,
                    stats: dict | None = None, smooth_alpha: float = 0.0,
                    progress: Callable[[int], None] | None = None) -> Result:

@@ -51,6 +51,7 @@ class QuantWeight(torch.Tensor):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
+    @torch.no_grad()  # outside ComfyUI's inference mode, autograd would keep float copies alive
     def quantize(cls, w: torch.Tensor, spec: Spec, dtype: torch.dtype, smooth: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> "QuantWeight":
         """Pack float weight ``w`` [N, K]. ``smooth`` [K] > 0 folds SmoothQuant factors in."""
@@ -75,6 +76,7 @@ class QuantWeight(torch.Tensor):
     def smooth(self) -> torch.Tensor | None:
         return self.parts.get("smooth")
 
+    @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = self.fmt.dequantize(self.parts, tuple(self.shape), self.spec, torch.float32)
         if self.smooth is not None:
