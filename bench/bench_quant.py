@@ -210,7 +210,7 @@ def run(quick: bool) -> list[dict]:
     host.import_comfy()
     torch.manual_seed(0)
     families = ("wan21",) if quick else ("wan21", "flux")
-    steps, repeat = (2, 2) if quick else (8, 3)
+    steps, repeat = (2, 2) if quick else (6, 3)
     records = layer_records(quick)
     records.append(quantize_memory("wan21"))
     for family in families:
