@@ -6,7 +6,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..quant import auto, calibrate, checkpoint, formats, policy
+from ..quant import auto, checkpoint, formats, pipeline, policy
 from ..quant import model as qmodel
 from . import plots
 from .common import fail, progress, report_text
@@ -128,10 +128,9 @@ class AccelQuantizeModel(io.ComfyNode):
             fail(node, "group_size", f"must be even (4-bit codes are packed two per byte), got {group_size}")
         if positive is not None and latent is None:
             fail(node, "latent", "is needed for calibration when positive is connected (e.g. an Empty Latent)")
-        layers = qmodel.linear_layers(model)
-        if not layers:
+        if not qmodel.linear_layers(model):
             fail(node, "model", "has no linear layers to quantize")
-        already = [name for name, m in layers if isinstance(m, qmodel.QuantLinear)]
+        already = qmodel.quantized_layers(model)
         if already:
             fail(node, "model", f"is already quantized ({len(already)} layers, e.g. {already[0]}); "
                                 "connect the model from before the Quantize Model / Load Quantized Model node")
@@ -141,35 +140,19 @@ class AccelQuantizeModel(io.ComfyNode):
             fail(node, "group_size" if grouped and "group size" in str(e) else "format",
                  f"cannot be used: {e}. Choose a size that divides it, or keep that layer with "
                  f"layer_overrides ('{e.path} = keep').")
-        dtype = _compute_dtype(compute_dtype, model)
-        notices = []
-        stats = None
+        calibration = None
         if positive is not None:
-            observed = [p.path for p in plans if p.spec is not None or p.auto]
-            stats = calibrate.calibrate(model, observed, positive, negative if negative is not None else positive,
-                                        latent, calibration_steps, seed, cfg, progress=progress(calibration_steps))
-        elif smooth_alpha > 0 and _uses_act_quant(plans, candidates):
-            notices.append("smoothing skipped: it needs the calibration inputs (positive, latent)")
+            calibration = pipeline.Calibration(positive, negative, latent, calibration_steps, seed, cfg)
+        auto_options = None
         if format == "auto":
-            if stats is None:
-                notices.append("auto without calibration: sensitivity is the weight SQNR, not the output's")
-            try:
-                table = auto.measure(model, plans, candidates, group_size, dtype, stats, smooth_alpha,
-                                     progress=progress(sum(p.auto for p in plans)))
-                plans = auto.assign(plans, table, auto_budget if auto_budget > 0 else None,
-                                    auto_min_sqnr_db if auto_min_sqnr_db > 0 else None)
-            except auto.BudgetError as e:
-                fail(node, "auto_budget", f"cannot be met: {e}; raise auto_budget or lower auto_min_sqnr_db")
-        result = qmodel.quantize_model(model, plans, dtype=dtype, stats=stats, smooth_alpha=smooth_alpha,
-                                       progress=progress(len(plans)))
+            auto_options = pipeline.AutoOptions(candidates, auto_budget if auto_budget > 0 else None,
+                                                auto_min_sqnr_db if auto_min_sqnr_db > 0 else None)
+        try:
+            result = pipeline.run(model, plans, _compute_dtype(compute_dtype, model), group_size, smooth_alpha,
+                                  calibration, auto_options, progress=progress)
+        except auto.BudgetError as e:
+            fail(node, "auto_budget", f"cannot be met: {e}; raise auto_budget or lower auto_min_sqnr_db")
         summary = {"format": format, **result.summary}
-        if stats:
-            first = next(iter(stats.values()))
-            summary["calibration"] = f"{calibration_steps} steps, {first.calls} model calls, {first.tokens} tokens"
-        used = {r.format for r in result.rows} - {"keep"}
-        notice = [n for n in (_hardware_notice(f, model.load_device) for f in sorted(used)) if n]
-        if notices or notice:
-            summary["notice"] = "; ".join(notices + notice)
         rows = [vars(r) for r in result.rows]
         text = report_text("Quantize Model", summary, rows)
         log.info("Quantize Model: %s, %s layers quantized, linear weights %.2fx smaller than in bf16%s",
@@ -177,21 +160,6 @@ class AccelQuantizeModel(io.ComfyNode):
                  f", worst layer {result.summary['worst layer output SQNR dB']} dB"
                  if "worst layer output SQNR dB" in result.summary else "")
         return io.NodeOutput(result.model, text, _plot(result.rows, format))
-
-
-def _uses_act_quant(plans, candidates) -> bool:
-    if candidates:
-        return any(formats.get(c).act_bits is not None for c in candidates)
-    return any(p.spec is not None and formats.get(p.spec.format).quantizes_activations(p.spec) for p in plans)
-
-
-def _hardware_notice(fmt: str, device: torch.device) -> str | None:
-    if fmt == "fp8_e4m3" and not formats.fp8_matmul_available(device):
-        return ("this device has no fp8 matmul (needs CUDA compute capability 8.9+): fp8 layers run "
-                "weight-only, dequantized to the compute dtype")
-    if fmt in ("nvfp4", "mxfp4"):
-        return "fp4 weights are dequantized for the matmul (no FP4 units are used)"
-    return None
 
 
 _SAVE_DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
