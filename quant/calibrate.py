@@ -70,6 +70,11 @@ class LayerStats:
             rows = rows[keep.sort().values]
         return rows
 
+    def step_range_ratio(self) -> float:
+        """How far the largest activation moves across the steps (max over min of the per-step maxima)."""
+        values = [v for v in self.step_absmax.values() if v > 0]
+        return max(values) / min(values) if values else 1.0
+
     def outlier_ratio(self) -> float:
         """Largest per-channel absmax over the median one (real DiTs: 10-100)."""
         med = self.absmax.median().item()

@@ -46,7 +46,8 @@ class LayerRow:
     bytes_after: int
     weight_sqnr_db: float | None = None
     output_sqnr_db: float | None = None
-    outlier_ratio: float | None = None
+    outlier_ratio: float | None = None    # largest / median per-channel activation absmax
+    step_range_ratio: float | None = None  # largest / smallest activation absmax over the steps
     reason: str = ""
 
 
@@ -192,17 +193,18 @@ def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | 
         n, k = plan.shape
         before = n * k * module.weight.element_size()
         layer_stats = None if stats is None else stats.get(plan.path)
-        outliers = None if layer_stats is None else layer_stats.outlier_ratio()
+        act = {} if layer_stats is None else dict(outlier_ratio=layer_stats.outlier_ratio(),
+                                                  step_range_ratio=layer_stats.step_range_ratio())
         if plan.spec is None:
             rows.append(LayerRow(plan.path, plan.role, "keep", "float", n * k, 8.0 * module.weight.element_size(),
-                                 before, before, outlier_ratio=outliers, reason=plan.reason))
+                                 before, before, reason=plan.reason, **act))
         else:
             w = float_weight(patcher, plan.path, device=work_device)
             qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
             row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
                            qw.bits_per_weight(), before, qw.packed_nbytes(),
-                           weight_sqnr_db=sqnr_db(w, qw.dequantize(torch.float32)), outlier_ratio=outliers,
-                           reason=plan.reason + (", smoothed" if qw.smooth is not None else ""))
+                           weight_sqnr_db=sqnr_db(w, qw.dequantize(torch.float32)),
+                           reason=plan.reason + (", smoothed" if qw.smooth is not None else ""), **act)
             if layer_stats is not None and layer_stats.rows:
                 row.output_sqnr_db = output_sqnr_db(w, qw, layer_stats.sample())
             clone.add_object_patch(PREFIX + plan.path, QuantLinear(qw.retarget(device=store_device),

@@ -73,3 +73,14 @@ def test_auto_budget_and_floor(calibrated):
                for p in floor_plans if p.path in todo)
     with pytest.raises(auto.BudgetError, match="the smallest needs"):
         auto.assign(base, table, budget_fraction=0.1)
+
+
+def test_report_rows_carry_the_activation_statistics(calibrated):
+    model, _, _, plans, stats = calibrated
+    result = qmodel.quantize_model(model, plans, stats=stats)
+    for r in result.rows:
+        if r.layer in stats:
+            assert r.outlier_ratio == pytest.approx(stats[r.layer].outlier_ratio())
+            assert r.step_range_ratio >= 1.0
+            values = list(stats[r.layer].step_absmax.values())
+            assert r.step_range_ratio == pytest.approx(max(values) / min(values))
