@@ -17,8 +17,8 @@ memory-bound parts (activation quantization, casts) slow down more than the matm
 
 Each record: speedup vs fp32 and vs bf16, final-latent PSNR/SSIM vs fp32, weight bytes of the
 diffusion model vs bf16, and the physical bounds: ``bound`` = bits per quantized weight / 16,
-``linear_time_share`` = fraction of the fp32 model's time in matmuls (a speedup of the
-matmuls alone cannot exceed 1 / (1 - share)).
+``linear_time_share`` (``_bf16``) = fraction of the fp32 (bf16) model's time in matmuls: a
+speedup of the matmuls alone cannot exceed 1 / (1 - share) against that baseline.
 
 Layer SQNR with activation outliers: the fixtures' ``outliers=True`` models plant outlier
 channels at the FFN down projections the way they arise in real DiTs (a few hidden channels
@@ -91,6 +91,7 @@ def bench_family(family: str, steps: int, repeat: int) -> list[dict]:
     outputs = {name: run() for name, run in runs.items()}
     sizes = {name: measure.model_weight_bytes(m) for name, m in models.items()}
     share = _matmul_share(base_run)
+    share_bf16 = _matmul_share(runs["bf16"])
     load_before = os.getloadavg()[0]
     timing = measure.compare_timings(base_run, runs, warmup=1, repeat=repeat)
     load = (load_before + os.getloadavg()[0]) / 2
@@ -110,6 +111,7 @@ def bench_family(family: str, steps: int, repeat: int) -> list[dict]:
             psnr_db=measure.psnr(reference, outputs[name]), ssim=measure.ssim(reference, outputs[name]),
             weight_bytes_ratio=sizes["bf16"] / sizes[name], quantized_layers_bytes_ratio=layers_ratio,
             bound=None if bits is None else bits / 16, linear_time_share=share,
+            linear_time_share_bf16=share_bf16,
             fp32_seconds=timing["baseline"]["median_s"], load_average=load))
     return records
 
