@@ -41,6 +41,11 @@ def variants() -> list[Variant]:
     single: list[Variant] = []
     # Node families add their variants here as they land.
     single.append(Variant("quantize int8", [quantize_step(format="int8")]))
+    # Step caching: TaylorSeer works on any model. (TeaCache needs published coefficients or a
+    # Cache Calibrate profile; the random-weight fixtures match no published set.)
+    single.append(Variant("TaylorSeer", [("AccelTaylorSeer", {
+        "interval": 3, "order": 1, "warmup_steps": 3, "end": 1.0, "forecast": "auto",
+        "cache_device": "model device", "short_schedule": "skip caching"})]))
     out = [Variant("baseline")] + single
     if len(single) > 1:
         out.append(Variant("all chained", [step for v in single for step in v.chain]))
