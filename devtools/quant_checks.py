@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.quant import model as qmodel
-from comfyui_accel.quant import policy
+from . import fixtures
+from ..quant import model as qmodel
+from ..quant import policy
 
 
 def sample(model, family: str, steps: int = 1, seed: int = 0) -> torch.Tensor:
@@ -27,12 +27,6 @@ def plans_for(model, fmt: str, group: int = 64, overrides: str = ""):
 
 def quantize(model, fmt: str = "int8", group: int = 64, overrides: str = "", dtype=None):
     return qmodel.quantize_model(model, plans_for(model, fmt, group, overrides), dtype=dtype)
-
-
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    mse = (ref.float() - x.float()).pow(2).mean().item()
-    peak = (ref.max() - ref.min()).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak ** 2 / mse)).item()
 
 
 def patcher_tensors(model) -> dict:

@@ -59,7 +59,7 @@ def parse_candidates(text: str) -> list[str]:
 def layer_options(w: torch.Tensor, plan: policy.LayerPlan, candidates: list[str], group_size: int,
                   dtype: torch.dtype, stats=None, smooth_alpha: float = 0.0) -> list[Option]:
     """Every candidate applied to one layer, measured; plus 16-bit."""
-    from .model import output_sqnr_db, quantize_layer, sqnr_db
+    from .model import output_sqnr_db, quantize_layer, weight_sqnr_db
     n, k = plan.shape
     rows = stats.sample() if stats is not None and stats.rows else None
     options = [Option(None, 2 * n * k, float("inf"))]
@@ -68,7 +68,7 @@ def layer_options(w: torch.Tensor, plan: policy.LayerPlan, candidates: list[str]
         if formats.get(name).problem(plan.shape, spec):
             continue
         qw = quantize_layer(w, spec, dtype, stats, smooth_alpha)
-        sq = output_sqnr_db(w, qw, rows) if rows is not None else sqnr_db(w, qw.dequantize(torch.float32))
+        sq = output_sqnr_db(w, qw, rows) if rows is not None else weight_sqnr_db(w, qw)
         options.append(Option(spec, qw.packed_nbytes(), sq))
     return options
 

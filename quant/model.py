@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..metrics import sqnr_db
 from . import formats, policy
 from .linear import QuantLinear
 from .qweight import QuantWeight
@@ -135,13 +136,18 @@ def clean_bias(patcher, path: str) -> torch.Tensor | None:
     return None if bias is None else bias.detach().clone()
 
 
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    ref, approx = ref.float(), approx.float()
-    noise = (ref - approx).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0:
-        return float("inf")
-    return 10.0 * torch.log10(torch.tensor(max(signal, 1e-30) / noise)).item()
+# Above this many weights, weight SQNR is measured on evenly spaced output rows: the metric
+# works in float64, and a full copy of a 70M-weight layer would be gigabytes.
+_SQNR_MAX_ELEMENTS = 1 << 22
+
+
+@torch.no_grad()
+def weight_sqnr_db(w: torch.Tensor, qw: QuantWeight) -> float:
+    n, k = w.shape
+    if n * k <= _SQNR_MAX_ELEMENTS:
+        return sqnr_db(w, qw.dequantize(torch.float32))
+    rows = torch.linspace(0, n - 1, max(1, _SQNR_MAX_ELEMENTS // k)).round().long().unique().to(w.device)
+    return sqnr_db(w[rows], qw.select_rows(rows).dequantize(torch.float32))
 
 
 def act_label(spec) -> str:
@@ -203,7 +209,7 @@ def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | 
             qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
             row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
                            qw.bits_per_weight(), before, qw.packed_nbytes(),
-                           weight_sqnr_db=sqnr_db(w, qw.dequantize(torch.float32)),
+                           weight_sqnr_db=weight_sqnr_db(w, qw),
                            reason=plan.reason + (", smoothed" if qw.smooth is not None else ""), **act)
             if layer_stats is not None and layer_stats.rows:
                 row.output_sqnr_db = output_sqnr_db(w, qw, layer_stats.sample())

@@ -91,6 +91,14 @@ class QuantWeight(torch.Tensor):
         y = self.fmt.linear(x2, self.parts, (n, k), self.spec, bias, inv)
         return y.reshape(*lead, n)
 
+    def select_rows(self, index: torch.Tensor) -> "QuantWeight":
+        """The same layer restricted to some output rows (every format's per-row parts lead
+        with N; per-tensor scalars and the [K] extras are shared)."""
+        n = self.shape[0]
+        parts = {k: v[index] if k not in EXTRA_PARTS and v.dim() > 0 and v.shape[0] == n else v
+                 for k, v in self.parts.items()}
+        return QuantWeight(parts, self.spec, (len(index), self.shape[1]), self.dtype)
+
     def requantize(self, w: torch.Tensor, seed: int | None = None) -> "QuantWeight":
         """Pack a new float weight the same way (format, group size, smoothing)."""
         generator = None

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from comfyui_accel.devtools import fixtures, host
-from comfyui_accel.devtools.quant_checks import lora_for, psnr, quantize, sample, with_lora
+from comfyui_accel.devtools.quant_checks import lora_for, quantize, sample, with_lora
+from comfyui_accel.metrics import psnr
 from comfyui_accel.quant import checkpoint
 from comfyui_accel.quant import model as qmodel
 

@@ -7,8 +7,9 @@ import torch
 from comfyui_accel.devtools import fixtures
 from comfyui_accel.quant import model as qmodel
 from comfyui_accel.quant.linear import QuantLinear
-from comfyui_accel.devtools.quant_checks import (assert_unchanged, lora_for, psnr, quantize, sample, snapshot,
-                           with_lora, with_weights)
+from comfyui_accel.devtools.quant_checks import (assert_unchanged, lora_for, quantize, sample, snapshot,
+                                                 with_lora, with_weights)
+from comfyui_accel.metrics import psnr
 
 FAMILIES = list(fixtures.FAMILIES)
 

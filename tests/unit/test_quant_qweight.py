@@ -151,3 +151,13 @@ def test_deepcopy_of_layer():
     other = copy.deepcopy(layer)
     x = torch.randn(2, 128)
     assert torch.equal(layer(x), other(x))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "w4a8", "nvfp4", "mxfp4", "fp8_e4m3"])
+def test_select_rows_is_those_rows_of_the_layer(fmt):
+    smooth = torch.rand(128) + 0.5 if fmt == "int8" else None
+    w, qw = make(fmt, n=128, k=128, smooth=smooth)  # N == K: the [K] smoothing factors must not be sliced
+    rows = torch.tensor([0, 5, 77, 127])
+    part = qw.select_rows(rows)
+    assert part.shape == (4, 128)
+    assert torch.equal(part.dequantize(torch.float32), qw.dequantize(torch.float32)[rows])
