@@ -334,7 +334,11 @@ def _seed(xb, k, init, gen, wb, report) -> torch.Tensor:
         m = min(per_round, k - picked)
         new = _gather_rows(xb, _sample(min_d2 * base, m, gen))
         c[:, picked:picked + m] = new
-        min_d2 = torch.minimum(min_d2, nearest_centroid(xb, new)[1])
+        if m <= 4:  # few new codes: direct differences beat a search call
+            near = (xb[:, :, None, :] - new[:, None]).square().sum(-1).amin(-1)
+        else:
+            near = nearest_centroid(xb, new)[1]
+        min_d2 = torch.minimum(min_d2, near)
         picked += m
         report(0)
     return c
