@@ -89,7 +89,7 @@ def latent_to_vectors(samples: torch.Tensor, patch: int) -> tuple[torch.Tensor, 
     if samples.dim() not in (4, 5):
         raise ValueError(f"a latent is [B, C, H, W] or [B, C, T, H, W]; got {tuple(samples.shape)}")
     grid = Grid(tuple(samples.shape), patch)
-    x = samples.float()
+    x = samples.detach().float().cpu()
     if grid.video:  # frames become batch items: patches are spatial only
         x = x.permute(0, 2, 1, 3, 4).reshape(-1, *x.shape[1:2], *x.shape[3:])
     n, c, h, w = x.shape

@@ -36,6 +36,10 @@ class VQFileError(ValueError):
     """A token or codebook file that cannot be used, said so a person can act on it."""
 
 
+class CodebookMismatch(VQFileError):
+    """Tokens and a codebook that do not belong together (hash, channels, patch or size)."""
+
+
 @dataclass
 class Tokens:
     indices: torch.Tensor          # int64 [depth, *grid.tokens_shape] on the CPU
@@ -224,7 +228,7 @@ def load_tokens(path: str | Path, codebook: Codebook | None = None) -> tuple[Tok
     if codebook is not None:
         check_compatible(codebook, grid, k, levels)
     if codebook is not None and codebook.sha256() != want:
-        raise VQFileError(f"{path.name} was made with another codebook (hash {want[:12]}…, the given one is "
+        raise CodebookMismatch(f"{path.name} was made with another codebook (hash {want[:12]}…, the given one is "
                           f"{codebook.sha256()[:12]}…); connect the codebook the tokens were encoded with")
     if codebook is None and embedded is not None:
         codebook = Codebook(embedded, shape[1], patch, source=f"embedded in {path.name}")
@@ -247,13 +251,13 @@ def load_tokens(path: str | Path, codebook: Codebook | None = None) -> tuple[Tok
 
 def check_compatible(codebook: Codebook, grid: Grid, k: int, levels: int) -> None:
     if codebook.channels != grid.shape[1]:
-        raise VQFileError(f"the codebook is for {codebook.channels}-channel latents but the tokens are of a "
+        raise CodebookMismatch(f"the codebook is for {codebook.channels}-channel latents but the tokens are of a "
                           f"{grid.shape[1]}-channel latent")
     if codebook.patch != grid.patch:
-        raise VQFileError(f"the codebook uses {codebook.patch}x{codebook.patch} patches but the tokens use "
+        raise CodebookMismatch(f"the codebook uses {codebook.patch}x{codebook.patch} patches but the tokens use "
                           f"{grid.patch}x{grid.patch}")
     if codebook.size != k or codebook.depth < levels:
-        raise VQFileError(f"the codebook has {codebook.depth} level(s) of {codebook.size} codes; the tokens need "
+        raise CodebookMismatch(f"the codebook has {codebook.depth} level(s) of {codebook.size} codes; the tokens need "
                           f"{levels} level(s) of {k}")
 
 
@@ -277,10 +281,10 @@ def decode_latent(tokens: Tokens, codebook: Codebook | None = None, depth: int |
     """The float32 latent the tokens stand for, from their own codebook or the one given."""
     codebook = codebook or tokens.codebook
     if codebook is None:
-        raise VQFileError("these tokens carry no codebook; connect the codebook they were encoded with")
+        raise CodebookMismatch("these tokens carry no codebook; connect the codebook they were encoded with")
     check_compatible(codebook, tokens.grid, tokens.codebook_size, tokens.depth)
     if codebook.sha256() != tokens.codebook_sha256:
-        raise VQFileError(f"the tokens were made with another codebook (hash {tokens.codebook_sha256[:12]}…, "
+        raise CodebookMismatch(f"the tokens were made with another codebook (hash {tokens.codebook_sha256[:12]}…, "
                           f"the given one is {codebook.sha256()[:12]}…)")
     levels = tokens.depth if depth is None else min(depth, tokens.depth)
     flat = tokens.indices[:levels].reshape(levels, -1)
