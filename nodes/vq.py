@@ -147,7 +147,7 @@ class AccelVQFitCodebook(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, codebook_size, patch_size, residual_levels, iterations, seed) -> io.NodeOutput:
-        node = cls.__name__
+        node = "AccelVQFitCodebook"
         samples = _samples(node, latent)
         vectors, _ = cb.latent_to_vectors(samples, patch_size)
         if codebook_size > vectors.shape[0]:
@@ -187,7 +187,7 @@ class AccelVQShrinkCodebook(io.ComfyNode):
 
     @classmethod
     def execute(cls, codebook, codebook_size, iterations, seed, latent=None) -> io.NodeOutput:
-        node = cls.__name__
+        node = "AccelVQShrinkCodebook"
         if codebook_size >= codebook.size:
             fail(node, "codebook_size", f"is {codebook_size}; it must be smaller than the codebook's {codebook.size} codes")
         book = cb.shrink(codebook, codebook_size, iterations, seed, progress(codebook.depth * iterations))
@@ -230,7 +230,7 @@ class AccelVQSaveCodebook(io.ComfyNode):
         _register_folder()
         stem = Path(filename_prefix).name
         if not stem or stem != filename_prefix.strip():
-            fail(cls.__name__, "filename_prefix", "must be a plain file name (no folders), e.g. 'codebook'")
+            fail("AccelVQSaveCodebook", "filename_prefix", "must be a plain file name (no folders), e.g. 'codebook'")
         folder = folder_paths.get_folder_paths(CODEBOOK_FOLDER)[0]
         path = tk.write_new(folder, stem, tk.CODEBOOK_EXT, tk.codebook_bytes(codebook))
         saved = Codebook(codebook.vectors, codebook.channels, codebook.patch, codebook.usage, codebook.source, str(path))
@@ -259,11 +259,11 @@ class AccelVQLoadCodebook(io.ComfyNode):
         _register_folder()
         path = folder_paths.get_full_path(CODEBOOK_FOLDER, codebook_name)
         if path is None:
-            fail(cls.__name__, "codebook_name", f"'{codebook_name}' is not in models/{CODEBOOK_FOLDER}/")
+            fail("AccelVQLoadCodebook", "codebook_name", f"'{codebook_name}' is not in models/{CODEBOOK_FOLDER}/")
         try:
             return io.NodeOutput(tk.load_codebook(path))
         except tk.VQFileError as e:
-            fail(cls.__name__, "codebook_name", str(e))
+            fail("AccelVQLoadCodebook", "codebook_name", str(e))
 
 
 class AccelVQEncode(io.ComfyNode):
@@ -296,7 +296,7 @@ class AccelVQEncode(io.ComfyNode):
     @classmethod
     def execute(cls, latent, codebook, residual_levels, vae=None, spatial_compression=8,
                 temporal_compression=4) -> io.NodeOutput:
-        node = cls.__name__
+        node = "AccelVQEncode"
         samples = _samples(node, latent)
         if samples.shape[1] != codebook.channels:
             fail(node, "codebook", f"is for {codebook.channels}-channel latents but the latent has {samples.shape[1]} "
@@ -328,7 +328,7 @@ class AccelVQDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, tokens, residual_levels, codebook=None) -> io.NodeOutput:
-        node = cls.__name__
+        node = "AccelVQDecode"
         if tokens.kind != "latent":
             fail(node, "tokens", "are Stable Cascade Stage A image tokens; decode them with VQGAN Decode (Stage A)")
         levels = _levels(node, "residual_levels", residual_levels, tokens.depth)
@@ -365,7 +365,7 @@ class AccelVQSaveTokens(io.ComfyNode):
     @classmethod
     def execute(cls, tokens, filename_prefix, embed_codebook) -> io.NodeOutput:
         import folder_paths
-        node = cls.__name__
+        node = "AccelVQSaveTokens"
         if not embed_codebook and not tokens.codebook_name and tokens.kind == "latent":
             fail(node, "embed_codebook", "is off but the codebook has no file: save it first with VQ Save Codebook "
                  "(and encode with that codebook), or turn embed_codebook on")
@@ -382,7 +382,7 @@ class AccelVQSaveTokens(io.ComfyNode):
                  "codebook_embedded": embed_codebook}
         text, plot = _bitrate_outputs("VQ Save Tokens", tokens, report, extra)
         saved = {"filename": path.name, "subfolder": subfolder, "type": "output"}
-        return io.NodeOutput(text, plot, ui={"text": [text.splitlines()[0]], "vq_tokens": [saved]})
+        return io.NodeOutput(text, plot, ui={"text": [text], "vq_tokens": [saved]})
 
 
 def _token_files() -> list[str]:
@@ -421,7 +421,7 @@ class AccelVQLoadTokens(io.ComfyNode):
     @classmethod
     def execute(cls, token_file, codebook=None) -> io.NodeOutput:
         import folder_paths
-        node = cls.__name__
+        node = "AccelVQLoadTokens"
         path = Path(folder_paths.get_annotated_filepath(token_file))
         try:
             tokens, stored = tk.load_tokens(path, codebook)
@@ -491,7 +491,7 @@ class AccelVQGANEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, vae, report_psnr) -> io.NodeOutput:
-        node = cls.__name__
+        node = "AccelVQGANEncode"
         book = _stage_a_codebook(node, vae)
         latent = vae.encode(image[..., :3])
         h, w = latent.shape[-2] * 4, latent.shape[-1] * 4
@@ -521,7 +521,7 @@ class AccelVQGANDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, tokens, vae) -> io.NodeOutput:
-        node = cls.__name__
+        node = "AccelVQGANDecode"
         book = _stage_a_codebook(node, vae)
         if tokens.kind != "vqgan":
             fail(node, "tokens", "are latent tokens from VQ Encode; decode them with VQ Decode")
