@@ -69,11 +69,13 @@ class VQWeights(WeightFormat):
         # An all-zero row keeps scale 0 (it dequantizes to zeros whatever its codes).
         scale = w.square().mean(dim=1).sqrt().to(torch.float16)
         v = (w / _safe(scale.float())[:, None]).reshape(-1, SUBVECTOR)
-        gen = torch.Generator().manual_seed(0)
-        cap = FIT_VECTORS_PER_CODE * self.codes
-        sample = v if v.shape[0] <= cap else v[torch.randperm(v.shape[0], generator=gen)[:cap].to(v.device)]
-        fitted, _ = km.kmeans(sample, min(self.codes, sample.shape[0]), iters=FIT_ITERS, seed=0)
-        codebook = fitted.to(torch.float16)
+        if v.shape[0] <= self.codes:  # a tiny layer: its sub-vectors are the codebook
+            codebook = v.to(torch.float16)
+        else:
+            gen = torch.Generator().manual_seed(0)
+            cap = FIT_VECTORS_PER_CODE * self.codes
+            sample = v if v.shape[0] <= cap else v[torch.randperm(v.shape[0], generator=gen)[:cap].to(v.device)]
+            codebook = km.kmeans(sample, self.codes, iters=FIT_ITERS, seed=0)[0].to(torch.float16)
         if codebook.shape[0] < self.codes:  # tiny layer: pad with copies, which lose every tie
             codebook = torch.cat([codebook, codebook[:1].expand(self.codes - codebook.shape[0], -1)])
         idx, _ = km.nearest_centroid(v, codebook.float())  # against the stored fp16 codes

@@ -30,7 +30,7 @@ def test_uint12_packing_round_trips():
     assert torch.equal(vq_format.unpack_uint12(packed), idx)
 
 
-@pytest.mark.parametrize("name,bits,min_sqnr,n", [("vq2", 2, 8.0, 64), ("vq3", 3, 13.0, 32)])
+@pytest.mark.parametrize("name,bits,min_sqnr,n", [("vq2", 2, 8.0, 64), ("vq3", 3, 13.0, 48)])
 def test_dequantized_weight_is_scaled_codes_with_the_expected_error(name, bits, min_sqnr, n):
     fmt, spec = formats.get(name), Spec(name)
     w = weight(n=n)
