@@ -389,8 +389,8 @@ def _kernels() -> dict:
                        sxb, sxn, scb, sck, shb, sob,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)
-        b = tl.program_id(1)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = tl.program_id(1).to(tl.int64)  # int64 offsets: B * N * D can pass 2^31 on video latents
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < N
         best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         best_i = tl.zeros((BLOCK_N,), tl.int64)
@@ -420,8 +420,8 @@ def _kernels() -> dict:
                     sxb, sxn, sib, swb,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)
-        b = tl.program_id(1)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = tl.program_id(1).to(tl.int64)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < N
         code = tl.load(i_ptr + b * sib + rows, mask=row_ok, other=0).to(tl.int64)
         w = tl.load(w_ptr + b * swb + rows, mask=row_ok, other=0.0)

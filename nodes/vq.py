@@ -386,12 +386,15 @@ class AccelVQSaveTokens(io.ComfyNode):
 
 
 def _token_files() -> list[str]:
+    """Token files in input/ (any subfolder) and in output/vq_tokens/ (marked [output])."""
     import folder_paths
     files = []
-    for base, tag in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), " [output]")):
-        root = Path(base)
-        if root.is_dir():
-            files += sorted(str(p.relative_to(root)) + tag for p in root.rglob(f"*{tk.TOKENS_EXT}") if p.is_file())
+    output = Path(folder_paths.get_output_directory())
+    for root, scan, tag in ((Path(folder_paths.get_input_directory()), None, ""),
+                            (output, output / TOKENS_SUBFOLDER, " [output]")):
+        scan = scan or root
+        if scan.is_dir():  # only output/vq_tokens: the whole output folder can hold thousands of images
+            files += sorted(str(p.relative_to(root)) + tag for p in scan.rglob(f"*{tk.TOKENS_EXT}") if p.is_file())
     return files
 
 
@@ -405,7 +408,9 @@ class AccelVQLoadTokens(io.ComfyNode):
             description=("Loads a .vqt token file (from input/, or output/ marked [output]) and checks it: complete, "
                          "undamaged, and made with the connected codebook (same hash and channels)."),
             inputs=[
-                io.Combo.Input("token_file", options=_token_files(), tooltip="A .vqt file saved by VQ Save Tokens."),
+                io.Combo.Input("token_file", options=_token_files(),
+                               tooltip="A .vqt file saved by VQ Save Tokens: from input/, or from output/vq_tokens/ "
+                               "(marked [output])."),
                 CODEBOOK.Input("codebook", optional=True, tooltip="The codebook the tokens were made with. Needed when "
                                "the file does not embed one; when given, it must match the file's hash."),
             ],
