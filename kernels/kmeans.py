@@ -256,14 +256,15 @@ def centroid_sums(x: torch.Tensor, indices: torch.Tensor, k: int,
 # k-means
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, init: str = "kmeans++",
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, init: str | torch.Tensor = "kmeans++",
            progress: Callable[[int], None] | None = None,
            weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on ``x`` [..., N, D], one independent problem per leading index.
 
     ``init``: ``"kmeans++"`` (D^2 sampling; exact up to 128 codes, above that several codes are
     picked per round, k-means||-style, so seeding costs about one iteration) or ``"random"``
-    (distinct random vectors). Codes that end an iteration with no vectors are re-seeded at
+    (distinct random vectors), or a tensor [..., K, D] of starting centroids (a warm start, e.g.
+    the previous step's). Codes that end an iteration with no vectors are re-seeded at
     vectors drawn with probability proportional to their squared error, which never raises the
     distortion. ``weights`` [..., N] (optional, >= 0) weight each vector (used to shrink a
     codebook by usage). Deterministic for a given ``seed`` on a given device.
@@ -281,15 +282,18 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, init: str = 
         raise ValueError(f"k={k} must be between 1 and the number of vectors N={n}")
     if n > 2 ** 24:
         raise ValueError(f"N={n} vectors is more than k-means samples from (2^24); subsample first")
-    if init not in ("kmeans++", "random"):
-        raise ValueError(f"init must be 'kmeans++' or 'random', not {init!r}")
+    warm = isinstance(init, torch.Tensor)
+    if warm and tuple(init.shape) != (*x.shape[:-2], k, d):
+        raise ValueError(f"init centroids must be {(*x.shape[:-2], k, d)}, got {tuple(init.shape)}")
+    if not warm and init not in ("kmeans++", "random"):
+        raise ValueError(f"init must be 'kmeans++', 'random' or a tensor of centroids, not {init!r}")
     report = progress or (lambda done: None)
     gen = torch.Generator().manual_seed(int(seed))
     xb = x.reshape(-1, n, d).float()
     wb = None if weights is None else weights.reshape(-1, n).float()
     if wb is not None and bool((wb < 0).any()):
         raise ValueError("weights must be >= 0")
-    c = _seed(xb, k, init, gen, wb, report)
+    c = init.reshape(-1, k, d).float().clone() if warm else _seed(xb, k, init, gen, wb, report)
     prev = None
     for it in range(iters):
         idx, d2 = nearest_centroid(xb, c)

@@ -212,6 +212,18 @@ def test_progress_reports_iterations_and_can_interrupt():
         km.kmeans(x, 5, iters=50, progress=stop_at_two)
 
 
+def test_warm_start_from_given_centroids():
+    x = torch.randn(2, 200, 3, generator=torch.Generator().manual_seed(8))
+    c5, _ = km.kmeans(x, 6, iters=5, seed=1)
+    same, idx = km.kmeans(x, 6, iters=0, init=c5)
+    assert torch.equal(same, c5) and torch.equal(idx, km.nearest_centroid(x, c5)[0])
+    # Continuing from 5 iterations for 3 more equals running 8 from the start.
+    c8, _ = km.kmeans(x, 6, iters=8, seed=1)
+    assert torch.allclose(km.kmeans(x, 6, iters=3, init=c5)[0], c8, atol=1e-6)
+    with pytest.raises(ValueError, match="init centroids"):
+        km.kmeans(x, 6, init=torch.zeros(6, 3))
+
+
 def test_bad_arguments_are_refused():
     x = torch.randn(10, 3)
     with pytest.raises(ValueError, match="k=11"):
