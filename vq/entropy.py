@@ -1,8 +1,10 @@
 """Static rANS entropy coder over an empirical histogram, in numpy.
 
-``encode(symbols, alphabet)`` -> :class:`Coded` (32-bit words, the quantized frequency table,
-lane count); ``decode(coded)`` gives the symbols back exactly. The model is static: the
-histogram of the message itself, quantized to ``SCALE_BITS`` bits and stored beside the words.
+``encode(symbols)`` -> :class:`Coded` (32-bit words, the histogram, lane count);
+``decode(coded)`` gives the symbols back exactly. The model is static: the histogram of the
+message itself, stored beside the words (``pack_table``: a bitmap or list of the symbols that
+occur and their counts at 8/16/32 bits) and quantized to ``SCALE_BITS`` bits the same way by
+the encoder and the decoder.
 
 rANS with a 64-bit state and 32-bit renormalisation (the layout of ryg_rans' rans64): state
 ``x`` in ``[L, 2^32 L)`` with ``L = 2^31``; encoding symbol s with frequency f and cumulative
@@ -32,18 +34,57 @@ MAX_LANES = 64
 class Coded:
     words: np.ndarray      # uint32 stream (lane states first)
     symbols: np.ndarray    # int64: the symbols that occur, ascending
-    freqs: np.ndarray      # uint32: their quantized frequencies, summing to 2^SCALE_BITS
+    counts: np.ndarray     # int64: how often each occurs (the model; frequencies derive from it)
     count: int             # number of coded symbols
     lanes: int
+
+    @property
+    def freqs(self) -> np.ndarray:
+        """The quantized frequencies the coder uses: a deterministic function of ``counts``."""
+        return quantize_frequencies(self.counts)
 
     @property
     def payload_bytes(self) -> int:
         return int(self.words.nbytes)
 
-    @property
-    def table_bytes(self) -> int:
-        """Bytes of the frequency table as stored (symbol ids and frequencies, 4 bytes each)."""
-        return 8 * len(self.symbols)
+    def table_bytes(self, alphabet_size: int) -> int:
+        """Bytes of the model as :func:`pack_table` stores it."""
+        return len(pack_table(self.symbols, self.counts, alphabet_size))
+
+
+def pack_table(symbols: np.ndarray, counts: np.ndarray, alphabet_size: int) -> bytes:
+    """The histogram, compactly: which symbols occur (a bitmap of the alphabet or a list of
+    16/32-bit ids, whichever is smaller), then their counts at the narrowest of 8/16/32 bits."""
+    id_bytes = 2 if alphabet_size <= 1 << 16 else 4
+    use_bitmap = -(-alphabet_size // 8) <= id_bytes * len(symbols)
+    if use_bitmap:
+        present = np.zeros(alphabet_size, np.uint8)
+        present[symbols] = 1
+        ids = np.packbits(present).tobytes()
+    else:
+        ids = symbols.astype(f"<u{id_bytes}").tobytes()
+    width = next(w for w in (1, 2, 4) if int(counts.max(initial=0)) < 1 << (8 * w))
+    header = np.array([len(symbols), width, use_bitmap], "<u4").tobytes()
+    return header + ids + counts.astype(f"<u{width}").tobytes()
+
+
+def unpack_table(data: bytes, alphabet_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`pack_table`: (symbols, counts) as int64. Raises ValueError if damaged."""
+    if len(data) < 12:
+        raise ValueError("the frequency table is truncated")
+    used, width, use_bitmap = (int(v) for v in np.frombuffer(data[:12], "<u4"))
+    if width not in (1, 2, 4):
+        raise ValueError("the frequency table is damaged")
+    id_bytes = 2 if alphabet_size <= 1 << 16 else 4
+    ids_len = -(-alphabet_size // 8) if use_bitmap else id_bytes * used
+    if len(data) != 12 + ids_len + width * used:
+        raise ValueError("the frequency table is truncated or damaged")
+    ids = np.frombuffer(data[12:12 + ids_len], np.uint8 if use_bitmap else f"<u{id_bytes}")
+    symbols = (np.flatnonzero(np.unpackbits(ids)[:alphabet_size]) if use_bitmap else ids).astype(np.int64)
+    counts = np.frombuffer(data[12 + ids_len:], f"<u{width}").astype(np.int64)
+    if len(symbols) != used or (counts <= 0).any():
+        raise ValueError("the frequency table is damaged")
+    return symbols, counts
 
 
 def empirical_entropy_bits(symbols: np.ndarray) -> float:
@@ -83,7 +124,7 @@ def encode(symbols: np.ndarray, lanes: int | None = None) -> Coded:
     if lanes is None:
         lanes = int(min(MAX_LANES, max(1, n // _SYMBOLS_PER_LANE)))
     if n == 0:
-        return Coded(np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.uint32), 0, lanes)
+        return Coded(np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.int64), 0, lanes)
     alphabet, local, counts = np.unique(symbols, return_inverse=True, return_counts=True)
     freqs = quantize_frequencies(counts)
     cum = np.concatenate([[0], np.cumsum(freqs, dtype=np.uint64)[:-1]]).astype(np.uint64)
@@ -110,7 +151,7 @@ def encode(symbols: np.ndarray, lanes: int | None = None) -> Coded:
     # The decoder reads the final states first, then the flushed words in forward order.
     body = np.concatenate(out)[::-1] if out else np.zeros(0, np.uint32)
     head = np.stack([(x >> np.uint64(32)).astype(np.uint32), (x & _MASK32).astype(np.uint32)], 1).reshape(-1)
-    return Coded(np.concatenate([head, body]), alphabet, freqs, n, lanes)
+    return Coded(np.concatenate([head, body]), alphabet, counts.astype(np.int64), n, lanes)
 
 
 def decode(coded: Coded) -> np.ndarray:

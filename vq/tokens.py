@@ -1,7 +1,7 @@
 """VQ tokens in memory and in files, and what they cost in bits.
 
 A token file is a safetensors file (extension ``.vqt``) holding, per residual level, the rANS-coded
-indices and the frequency table they were coded with, plus either the codebook itself or its
+indices and the compact histogram they were coded with, plus either the codebook itself or its
 SHA-256 and file name. Metadata records the latent's shape, the patch size, the pixel count of the
 decoded image and the bitrate report. Files are written atomically and never replace an existing
 file: a name that is taken gets the next counter.
@@ -66,7 +66,7 @@ def bitrate(tokens: Tokens, coded: list[entropy.Coded] | None = None) -> dict:
     fixed = sum(entropy.bits_fixed(tokens.count, tokens.codebook_size) for _ in range(tokens.depth))
     h = sum(entropy.empirical_entropy_bits(lvl.reshape(-1).numpy()) for lvl in tokens.indices)
     payload = 8 * sum(c.payload_bytes for c in coded)
-    table = 8 * sum(c.table_bytes for c in coded)
+    table = 8 * sum(c.table_bytes(tokens.codebook_size) for c in coded)
     px = max(tokens.pixels, 1)
     return {
         "tokens": tokens.count, "levels": tokens.depth, "codebook_size": tokens.codebook_size,
@@ -172,8 +172,8 @@ def tokens_bytes(tokens: Tokens, embed_codebook: bool, codebook_name: str | None
     digest = hashlib.sha256()
     for level, c in enumerate(coded):
         words = c.words.view(np.int32)
-        for name, arr in ((f"level{level}.words", words), (f"level{level}.symbols", c.symbols.astype(np.int32)),
-                          (f"level{level}.freqs", c.freqs.view(np.int32))):
+        table = np.frombuffer(bytearray(entropy.pack_table(c.symbols, c.counts, tokens.codebook_size)), np.uint8)
+        for name, arr in ((f"level{level}.words", words), (f"level{level}.table", table)):
             tensors[name] = torch.from_numpy(np.ascontiguousarray(arr))
             digest.update(arr.tobytes())
     if embed_codebook:
@@ -215,11 +215,10 @@ def load_tokens(path: str | Path, codebook: Codebook | None = None) -> tuple[Tok
         digest = hashlib.sha256()
         coded = []
         for level in range(levels):
-            parts = [_tensor(f, f"level{level}.{n}", path, "token file").numpy() for n in ("words", "symbols", "freqs")]
-            for arr in parts:
-                digest.update(arr.tobytes())
-            coded.append(entropy.Coded(parts[0].view(np.uint32), parts[1].astype(np.int64), parts[2].view(np.uint32),
-                                       counts[level], lanes[level]))
+            words, table = (_tensor(f, f"level{level}.{n}", path, "token file").numpy() for n in ("words", "table"))
+            digest.update(words.tobytes())
+            digest.update(table.tobytes())
+            coded.append((words, table))
         embedded = _tensor(f, "codebook", path, "token file").float() if "codebook" in f.keys() else None
     if digest.hexdigest() != meta.get("payload_sha256"):
         raise VQFileError(f"token file {path.name} is damaged: its coded indices do not match their stored hash")
@@ -236,7 +235,10 @@ def load_tokens(path: str | Path, codebook: Codebook | None = None) -> tuple[Tok
             raise VQFileError(f"token file {path.name} is damaged: its embedded codebook does not match its hash")
         check_compatible(codebook, grid, k, levels)
     try:
-        levels_idx = [torch.from_numpy(entropy.decode(c)) for c in coded]
+        levels_idx = []
+        for (words, table), n, lane in zip(coded, counts, lanes):
+            symbols, hist = entropy.unpack_table(table.tobytes(), k)
+            levels_idx.append(torch.from_numpy(entropy.decode(entropy.Coded(words.view(np.uint32), symbols, hist, n, lane))))
     except ValueError as e:
         raise VQFileError(f"token file {path.name}: {e}") from None
     tokens_shape = grid.tokens_shape

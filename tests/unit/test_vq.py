@@ -217,3 +217,19 @@ def test_codebook_file_round_trip_and_damage(tmp_path, fitted):
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(tk.VQFileError, match="truncated|damaged"):
         tk.load_codebook(path)
+
+
+@pytest.mark.parametrize("k,used,big", [(4096, 3000, False), (65536, 40, False), (300, 7, True), (1 << 20, 5, False)])
+def test_histogram_table_round_trips_compactly(k, used, big):
+    rng = np.random.default_rng(used)
+    symbols = np.sort(rng.choice(k, used, replace=False)).astype(np.int64)
+    counts = rng.integers(1, (1 << 20) if big else 200, used).astype(np.int64)
+    data = entropy.pack_table(symbols, counts, k)
+    back_s, back_c = entropy.unpack_table(data, k)
+    assert np.array_equal(back_s, symbols) and np.array_equal(back_c, counts)
+    # Never more than a bitmap of the alphabet or a list of ids, plus the narrowest counts.
+    id_bytes = 2 if k <= 65536 else 4
+    width = 4 if big else 1
+    assert len(data) == 12 + min(-(-k // 8), id_bytes * used) + width * used
+    with pytest.raises(ValueError):
+        entropy.unpack_table(data[:-1], k)
