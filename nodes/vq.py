@@ -434,13 +434,17 @@ class AccelVQLoadTokens(io.ComfyNode):
             fail(node, "codebook", str(e))
         except tk.VQFileError as e:
             fail(node, "token_file", str(e))
-        if tokens.codebook is None and tokens.codebook_name:
-            tokens.codebook = _codebook_by_name(tokens)
+        if codebook is not None:
+            where = "connected"
+        elif tokens.codebook is not None:
+            where = "embedded in the file"
+        else:
+            tokens.codebook = _codebook_by_name(tokens) if tokens.codebook_name else None
+            where = (f"models/{CODEBOOK_FOLDER}/{tokens.codebook_name}" if tokens.codebook is not None else
+                     f"not found ({tokens.codebook_name or 'the file names none'}): connect it to VQ Decode")
         summary = {"file": path.name, "file_bytes": path.stat().st_size,
                    "file_bpp": round(8 * path.stat().st_size / max(tokens.pixels, 1), 5),
-                   "coded_bpp": round(stored.get("coded_bpp", float("nan")), 5),
-                   "codebook": "embedded" if tokens.codebook is not None and codebook is None else
-                   ("connected" if codebook is not None else f"not found: {tokens.codebook_name or 'none'}")}
+                   "coded_bpp": round(stored.get("coded_bpp", float("nan")), 5), "codebook": where}
         text = report_text("VQ Load Tokens", summary, _bitrate_rows(stored, None) if stored else None)
         log.info("VQ Load Tokens: %s (%d tokens, %d levels)", path.name, tokens.count, tokens.depth)
         return io.NodeOutput(tokens, text)

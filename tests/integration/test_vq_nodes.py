@@ -2,6 +2,8 @@
 ComfyUI's VAE detection recognises), and Stable Cascade Stage A built by ComfyUI's own VAE class."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -146,9 +148,10 @@ def test_token_files_through_the_nodes(env):
     out = run(nv.AccelVQSaveTokens, tokens=tokens2, filename_prefix="vq_tokens/ref", embed_codebook=False)
     small = out.ui["vq_tokens"][0]["filename"]
     assert (env["tmp"] / "output" / "vq_tokens" / small).stat().st_size < len(data)
-    loaded2 = run(nv.AccelVQLoadTokens, token_file=f"vq_tokens/{small} [output]").args[0]
+    loaded2, report2 = run(nv.AccelVQLoadTokens, token_file=f"vq_tokens/{small} [output]").args
     assert loaded2.codebook is not None and loaded2.codebook.sha256() == book.sha256()
-    name = saved_book.path.split("/")[-1]
+    assert f"codebook: models/vq_codebooks/{Path(saved_book.path).name}" in report2
+    name = Path(saved_book.path).name
     assert run(nv.AccelVQLoadCodebook, codebook_name=name).args[0].sha256() == book.sha256()
 
 
