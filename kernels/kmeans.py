@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -42,6 +43,7 @@ _BLOCK_N = 512
 _BLOCK_K = 2048
 _GROUP = 16  # codes reduced per vectorised amax step
 _SEED_ROUNDS = 128  # k-means++ picks one code per round up to this many codes, then several per round
+_PARALLEL_MIN_SCORES = 1 << 24  # below this many x-code pairs one thread is quicker than several
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,14 +90,14 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
     xa = torch.cat([xb.float(), xb.new_ones(b, n, 1, dtype=torch.float32)], -1)
     ca = _augmented_blocks(cb.float())
     best_i = torch.empty(b, n, dtype=torch.long, device=x.device)
-    # Rows per block: about _BLOCK_N x _BLOCK_K scores per op, more with more threads so that
-    # each parallel op has enough work to amortise its synchronisation.
-    rows = max(1, _BLOCK_N * _BLOCK_K * torch.get_num_threads() // (b * min(k, _BLOCK_K)))
-    # One score buffer for every block: a fresh 4 MiB allocation per block costs more than its GEMM.
-    buf = torch.empty(b * min(rows, n) * ca[0][1].shape[-1], device=x.device)
-    with _no_tf32(x.device):
-        for n0 in range(0, n, rows):
-            xs = xa[:, n0:n0 + rows]
+    # Rows per block: about _BLOCK_N x _BLOCK_K scores, a block that stays in cache.
+    rows = max(1, _BLOCK_N * _BLOCK_K // (b * min(k, _BLOCK_K)))
+
+    def search(lo: int, hi: int) -> None:
+        # One score buffer for all blocks: a fresh 4 MiB allocation per block costs more than its GEMM.
+        buf = torch.empty(b * min(rows, hi - lo) * ca[0][1].shape[-1], device=x.device)
+        for n0 in range(lo, hi, rows):
+            xs = xa[:, n0:min(n0 + rows, hi)]
             val = idx = None
             for k0, block in ca:
                 kk = block.shape[-1]
@@ -106,8 +108,37 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
                 else:
                     better = v > val  # strict: an equal score later keeps the lower index
                     val, idx = torch.where(better, v, val), torch.where(better, i, idx)
-            best_i[:, n0:n0 + rows] = idx
+            best_i[:, n0:n0 + xs.shape[1]] = idx
+
+    threads = torch.get_num_threads()
+    if x.device.type == "cpu" and threads > 1 and n >= 2 * rows and b * n * k >= _PARALLEL_MIN_SCORES:
+        _in_threads(search, n, rows, threads)
+    else:
+        with _no_tf32(x.device):
+            search(0, n)
     return _unflatten(best_i, x), _unflatten(_exact_sq_dist(xb, cb, best_i), x)
+
+
+def _in_threads(work: Callable[[int, int], None], n: int, rows: int, threads: int) -> None:
+    """Run ``work(lo, hi)`` on ``threads`` contiguous row ranges at once, each op single-threaded.
+
+    The blocked search issues hundreds of small ops; with torch's own intra-op threads every op is
+    a parallel region with a barrier, which is slow, and very slow when the cores are shared (a
+    descheduled thread stalls each barrier: 10x and worse measured here). Independent row ranges
+    in Python threads (torch releases the GIL inside ops) need no barriers. Torch's thread count
+    is set to 1 for the duration and restored after.
+    """
+    per = -(-n // threads)
+    per = -(-per // rows) * rows
+    ranges = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(ranges)) as pool:
+            for f in [pool.submit(work, lo, hi) for lo, hi in ranges]:
+                f.result()
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _augmented_blocks(c: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

@@ -46,6 +46,23 @@ def test_reference_matches_brute_force(lead, n, k, d):
     check_nearest(x, c, idx, d2)
 
 
+def test_reference_row_ranges_in_threads(monkeypatch):
+    # Large searches on a multi-core CPU run row ranges in threads; force that path on a small shape.
+    monkeypatch.setattr(km, "_PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(km, "_BLOCK_N", 64)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        g = torch.Generator().manual_seed(5)
+        x, c = torch.randn(2, 1001, 6, generator=g), torch.randn(2, 300, 6, generator=g)
+        with dispatch.backend("reference"):
+            idx, d2 = km.nearest_centroid(x, c)
+        assert torch.get_num_threads() == 3  # restored
+    finally:
+        torch.set_num_threads(saved)
+    check_nearest(x, c, idx, d2)
+
+
 # Interpreter shapes: small (the interpreter runs every tile in numpy), none a multiple of 32.
 TRITON_SHAPES = [((), 45, 37, 3), ((2, 3), 19, 45, 5), ((2,), 40, 23, 40)]
 
