@@ -317,6 +317,9 @@ class MXFP4(WeightFormat):
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), NVFP4(), MXFP4())}
 
+# The vector-quantized formats (vq2, vq3) live in their own module and add themselves here.
+from . import vq_format  # noqa: E402,F401
+
 
 def get(name: str) -> WeightFormat:
     try:
