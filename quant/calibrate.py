@@ -87,15 +87,11 @@ class _Observing:
         return super().forward(x, *args, **kwargs)
 
 
-def observing_copy(module: torch.nn.Module, stats: LayerStats, params: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``module`` whose forward records its input into ``stats``; ``params`` are
-    the clean tensors it should hold (the patcher's view of the weights)."""
-    cls = type(module)
-    sub = _observer_classes.get(cls)
-    if sub is None:
-        sub = type(f"Observing{cls.__name__}", (_Observing, cls), {})
-        _observer_classes[cls] = sub
-    obs = object.__new__(sub)
+def module_copy(module: torch.nn.Module, params: dict[str, torch.Tensor], cls: type | None = None) -> torch.nn.Module:
+    """A shallow copy of ``module`` (as class ``cls``, default its own) holding ``params``
+    (the clean tensors it should compute with) in its own parameter dict, so ModelPatcher
+    can patch the copy's weights without touching the original's."""
+    obs = object.__new__(cls or type(module))
     state = {}
     for key, value in module.__dict__.items():
         if key in _LOAD_STATE:
@@ -110,6 +106,18 @@ def observing_copy(module: torch.nn.Module, stats: LayerStats, params: dict[str,
     for name, tensor in params.items():
         if tensor is not None:
             obs._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    return obs
+
+
+def observing_copy(module: torch.nn.Module, stats: LayerStats, params: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``module`` whose forward records its input into ``stats``; ``params`` are
+    the clean tensors it should hold (the patcher's view of the weights)."""
+    cls = type(module)
+    sub = _observer_classes.get(cls)
+    if sub is None:
+        sub = type(f"Observing{cls.__name__}", (_Observing, cls), {})
+        _observer_classes[cls] = sub
+    obs = module_copy(module, params, sub)
     obs._accel_stats = stats
     return obs
 
