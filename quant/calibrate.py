@@ -19,6 +19,7 @@ activation range moves with the timestep, so calibrating on one step is not enou
 from __future__ import annotations
 
 import math
+import uuid
 from typing import Callable
 
 import torch
@@ -130,6 +131,10 @@ def calibrate(patcher, layers: list[str], positive, negative, latent: dict, step
     from .model import PREFIX, clean_param
 
     clone = patcher.clone()
+    # A fresh uuid makes ComfyUI unpatch the shared modules before installing the observers.
+    # With the input's uuid it skips that, the originals keep their "weights patched" flag while
+    # the observers are in, and the next clone's LoRA patches are then never applied to them.
+    clone.patches_uuid = uuid.uuid4()
     recorder = Recorder()
     rows_per_call = max(1, math.ceil(max_rows / max(steps, 1)))
     stats = {}
