@@ -217,6 +217,23 @@ def select_layers(patcher, overrides: list[policy.Override]) -> list[tuple[str, 
     return out
 
 
+def patch_shape_problem(patches: list, shape: tuple[int, int]) -> str | None:
+    """Why a layer's weight patches (ComfyUI's (strength, adapter, ...) tuples) cannot apply to
+    a weight of ``shape`` [N, K], or None. ComfyUI itself only logs such a mismatch and skips it."""
+    n, k = shape
+    for patch in patches:
+        value = patch[1]
+        weights = getattr(value, "weights", None)
+        if type(value).__name__ == "LoRAAdapter" and weights is not None:
+            up, down = weights[0], weights[1]
+            got = (up.shape[0], down.flatten(start_dim=1).shape[1])
+            if got != (n, k):
+                return f"a LoRA with up {list(up.shape)} and down {list(down.shape)} (a {got[0]}x{got[1]} update)"
+        elif isinstance(value, tuple) and value and value[0] == "diff" and tuple(value[1][0].shape) != (n, k):
+            return f"a weight difference of shape {list(value[1][0].shape)}"
+    return None
+
+
 def max_rank(shape) -> int:
     """A branch costs r (N + K) 16-bit weights: past min(N, K) / 2 it outweighs what 4 bits save."""
     return min(shape) // 2
