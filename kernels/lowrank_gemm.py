@@ -54,6 +54,14 @@ def quantize_act_4bit_reference(x: torch.Tensor, inv_smooth: torch.Tensor | None
 
 if tl is not None:
     @triton.jit
+    def _smoothed_tile(x_ptr, inv_ptr, offs_m, k, mask_m, stride_xm, HAS_SMOOTH: tl.constexpr):
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
+        x = x.to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(inv_ptr + k)[None, :]
+        return x
+
+    @triton.jit
     def _act_4bit_kernel(x_ptr, inv_ptr, down_ptr, q_ptr, s_ptr, la_ptr, M, K, R, stride_xm,
                          HAS_SMOOTH: tl.constexpr, HAS_DOWN: tl.constexpr, R_PAD: tl.constexpr,
                          BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -65,10 +73,7 @@ if tl is not None:
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             k = k0 + offs_g
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
-            x = x.to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(inv_ptr + k)[None, :]
+            x = _smoothed_tile(x_ptr, inv_ptr, offs_m, k, mask_m, stride_xm, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = tl.maximum(amax, 1e-12) / 119.0
         tl.store(s_ptr + offs_m, scale, mask=mask_m)
@@ -77,10 +82,7 @@ if tl is not None:
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             k = k0 + offs_g
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
-            x = x.to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(inv_ptr + k)[None, :]
+            x = _smoothed_tile(x_ptr, inv_ptr, offs_m, k, mask_m, stride_xm, HAS_SMOOTH)
             if HAS_DOWN:
                 d = tl.load(down_ptr + k[:, None] * R + r[None, :], mask=(r < R)[None, :], other=0.0)
                 acc += tl.dot(x, d.to(tl.float32))

@@ -9,6 +9,7 @@ from ..quant import calibrate, lowrank, policy
 from ..quant import model as qmodel
 from . import plots
 from .common import fail, progress, report_text
+from .quant import calibration_sockets, calibration_widgets, check_calibration
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,13 @@ class AccelSVDLowRankBranch(io.ComfyNode):
                 io.Int.Input("group_size", default=64, min=8, max=4096, step=8,
                              tooltip="Group size (weights per scale along the input) of report_format, when "
                                      "it is grouped."),
-                io.Int.Input("calibration_steps", default=8, min=1, max=200,
-                             tooltip="Sampling steps of the calibration run (statistics at every step). Used "
-                                     "only when positive and latent are connected."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Noise seed of the calibration run."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="CFG scale of the calibration run (use your workflow's)."),
+                *calibration_widgets(),
                 io.String.Input("layer_overrides", default="", multiline=True,
                                 tooltip="Which layers get a branch. Default: the attention/MLP linears. Lines "
                                         "'<regex> = keep' leave matching layer paths out; '<regex> = <format>' "
                                         "brings any matching layer in (first match wins), e.g. "
                                         "'blocks\\.0\\. = keep'."),
-                io.Conditioning.Input("positive", optional=True, tooltip="Calibration: your positive conditioning."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Calibration: your negative conditioning (default: the positive)."),
-                io.Latent.Input("latent", optional=True,
-                                tooltip="Calibration: a latent of the size you generate (e.g. Empty Latent)."),
+                *calibration_sockets(),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -101,8 +92,7 @@ class AccelSVDLowRankBranch(io.ComfyNode):
             overrides = policy.parse_overrides(layer_overrides)
         except ValueError as e:
             fail(NODE, "layer_overrides", str(e))
-        if positive is not None and latent is None:
-            fail(NODE, "latent", "is needed for calibration when positive is connected (e.g. an Empty Latent)")
+        check_calibration(NODE, positive, latent)
         already = lowrank.branched_layers(model)
         if already:
             fail(NODE, "model", f"already has a low-rank branch ({len(already)} layers, e.g. {already[0]}); "
