@@ -1,5 +1,6 @@
 """SVD Low-Rank Branch through a real ComfyUI server: UNETLoader -> SVD Low-Rank Branch (calibrated
-on the prompt's own conditioning and latent) -> Quantize Model (w4a4) -> KSampler -> SaveLatent."""
+on the prompt's own conditioning and latent) -> Quantize Model (w4a4) [-> stock LoraLoaderModelOnly]
+-> KSampler -> SaveLatent."""
 import pytest
 import torch
 
@@ -30,6 +31,18 @@ def test_svd_then_quantize_then_sample(comfy_server):
     svdq = _latent(comfy_server, entry)
     assert torch.isfinite(svdq).all() and not torch.equal(svdq, reference)
     assert psnr(reference, svdq) > 25
+
+    # a LoRA file loaded with the stock LoraLoaderModelOnly after quantization takes effect
+    g = torch.Generator().manual_seed(0)
+    lora = {f"diffusion_model.blocks.{i}.self_attn.q.lora_{part}.weight": t for i in range(2)
+            for part, t in (("up", torch.randn(256, 4, generator=g) * 0.3), ("down", torch.randn(4, 256, generator=g) / 16))}
+    from safetensors.torch import save_file
+    (comfy_server.models_dir / "loras").mkdir(parents=True, exist_ok=True)
+    save_file(lora, str(comfy_server.models_dir / "loras" / "svd_e2e_lora.safetensors"))
+    lora_step = ("LoraLoaderModelOnly", {"lora_name": "svd_e2e_lora.safetensors", "strength_model": 1.0})
+    with_lora = _latent(comfy_server, comfy_server.run(sampling_prompt(wan, seed=3, steps=2, chain=[*chain, lora_step],
+                                                                       prefix="svdq_lora")))
+    assert torch.isfinite(with_lora).all() and psnr(svdq, with_lora) < 60
 
     # bad input: an error naming node and input, and the server keeps serving
     with pytest.raises(PromptError, match=r"SVD Low-Rank Branch: input 'model' already has a low-rank branch"):
