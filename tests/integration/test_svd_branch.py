@@ -153,3 +153,30 @@ def test_bad_inputs_name_node_and_input(wan):
         run_node(with_lora(model, wrong), calibrate=False)
     with pytest.raises(AccelInputError, match=r"input 'layer_overrides' selects no layer"):
         run_node(model, calibrate=False, layer_overrides=". = keep")
+
+
+def test_lora_after_in_lowvram_mode_matches_full_load(wan):
+    # low VRAM: ModelPatcher leaves a LowVramPatch in weight_function and the layer absorbs the
+    # LoRA at each forward; the result must equal the full load's (where it is absorbed once)
+    model, _, _, branched, _, _ = wan
+    svdq = quantize(branched, "w4a4").model
+    lora_model = with_lora(svdq, lora_for(model, [ATTN, FFN_DOWN], rank=4, scale=0.5, seed=9))
+    x = torch.randn(1, 16, 1, 8, 8)
+    t = torch.tensor([0.5])
+    ctx = fixtures.make_conditioning("wan21", "tiny")[0][0]
+
+    def run(lowvram_bytes):
+        lora_model.patch_model(lowvram_model_memory=lowvram_bytes, load_weights=True)
+        try:
+            layer = lora_model.model.diffusion_model.blocks[1].self_attn.q
+            lowvram = bool(layer.weight_function)
+            with torch.no_grad():
+                out = lora_model.model.apply_model(x, t, c_crossattn=ctx)
+        finally:
+            lora_model.unpatch_model()
+        return out, lowvram
+
+    full, used_lowvram_full = run(0)
+    partial, used_lowvram = run(1)
+    assert not used_lowvram_full and used_lowvram
+    assert torch.allclose(full, partial, atol=1e-4)
