@@ -106,7 +106,7 @@ MODELS: dict[str, ReferenceSpec] = {
         width=data.IMAGE_SIZE, height=data.IMAGE_SIZE, length=1,
         prompts=("red circle", "blue square", "yellow triangle", "stripes", "checkerboard", "astronaut photo",
                  "cat photo", "flower photo"),
-        batch=32, steps=250, lr=1e-3),
+        batch=16, steps=280, lr=1e-3),
 }
 
 
@@ -267,10 +267,14 @@ def write_reference(name: str, models_dir) -> Path:
     return target
 
 
-def parameter_count(name: str) -> int:
-    """Parameters of the model, from the shapes ComfyUI builds (no weights needed)."""
+def shapes(name: str) -> dict:
+    """Key -> shape of the model ComfyUI builds from the spec (on the meta device, no memory)."""
     import torch
     config = model_config(name)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("meta"))
-    return sum(math.prod(t.shape) for t in model.diffusion_model.state_dict().values())
+    return {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
+
+
+def parameter_count(name: str) -> int:
+    return sum(math.prod(shape) for shape in shapes(name).values())
