@@ -11,8 +11,10 @@ from .fixtures import FixtureInfo
 
 def sampling_prompt(info: FixtureInfo, *, seed: int = 0, steps: int = 10, cfg: float = 2.0,
                     sampler: str = "euler", scheduler: str = "simple", chain=(),
-                    prefix: str = "accel", cond_seed: int = 0, batch: int = 1) -> dict:
-    """The prompt and its node ids: model "1", chain "10".., sampler "5", save "6"."""
+                    prefix: str = "accel", cond_seed: int = 0, batch: int = 1,
+                    model_info: bool = False) -> dict:
+    """The prompt and its node ids: model "1", chain "10".., sampler "5", save "6",
+    and with ``model_info`` an ``AccelTestModelInfo`` "7" showing the final model's weight bytes."""
     prompt: dict[str, dict] = {
         "1": {"class_type": info.loader_node, "inputs": dict(info.loader_inputs)},
         "2": {"class_type": "AccelTestConditioning",
@@ -31,6 +33,8 @@ def sampling_prompt(info: FixtureInfo, *, seed: int = 0, steps: int = 10, cfg: f
         "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
         "denoise": 1.0}}
     prompt["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}}
+    if model_info:
+        prompt["7"] = {"class_type": "AccelTestModelInfo", "inputs": {"model": model}}
     return prompt
 
 
@@ -38,3 +42,16 @@ def read_latent(path) -> "torch.Tensor":  # noqa: F821
     """The tensor SaveLatent wrote (a .latent file is safetensors with ``latent_tensor``)."""
     from safetensors.torch import load_file
     return load_file(str(path))["latent_tensor"]
+
+
+# Widget inputs of AccelQuantizeModel at their schema defaults (tests check they match).
+QUANTIZE_DEFAULTS = {"format": "int8", "group_size": 64, "compute_dtype": "auto", "smooth_alpha": 0.5,
+                     "calibration_steps": 8, "seed": 0, "cfg": 5.0, "auto_formats": "int8, w4a8, int4",
+                     "auto_budget": 0.35, "auto_min_sqnr_db": 0.0, "layer_overrides": ""}
+
+
+def quantize_step(**inputs) -> tuple[str, dict]:
+    """An AccelQuantizeModel step for ``sampling_prompt``'s chain; ``inputs`` override the defaults
+    (e.g. ``format="int4"``, or ``positive=["2", 0], negative=["3", 0], latent=["4", 0]`` to
+    calibrate on the prompt's own conditioning and latent)."""
+    return ("AccelQuantizeModel", {**QUANTIZE_DEFAULTS, **inputs})

@@ -12,6 +12,9 @@ from pathlib import Path
 # Triton kernels run in Triton's CPU interpreter in tests; this must be set before
 # anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Test tensors are small: one thread avoids OpenMP start-up and barrier costs, which grow
+# tenfold on a loaded machine. Inherited by the test servers too. Benchmarks do not set it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 _pkgroot = str(ROOT / ".host" / "pkgroot")

@@ -7,7 +7,11 @@ stock detection refuses a small model (see ``devtools/fixtures.py``).
 """
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+import json
+
+from comfy_api.latest import ComfyExtension, io, ui
+
+from comfyui_accel.bench.measure import model_weight_bytes
 
 from comfyui_accel.devtools import fixtures, reference
 
@@ -153,10 +157,31 @@ class AccelTestEmptyLatent(io.ComfyNode):
         return io.NodeOutput({"samples": torch.zeros(shape)})
 
 
+class AccelTestModelInfo(io.ComfyNode):
+    """Shows the weight bytes of a MODEL as it will run (our swapped layers counted)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AccelTestModelInfo",
+            display_name="Test Model Info",
+            category=CATEGORY,
+            description="Shows the MODEL's diffusion-model weight bytes as JSON text (test only).",
+            inputs=[io.Model.Input("model")],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        info = {"weight_bytes": model_weight_bytes(model), "class": type(model.model).__name__}
+        return io.NodeOutput(ui=ui.PreviewText(json.dumps(info)))
+
+
 class AccelFixtureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AccelTestConditioning, AccelTestFluxLoader, AccelTestEmptyLatent, AccelTestReferencePrompt,
-                AccelTestPatchDecode]
+        return [AccelTestConditioning, AccelTestFluxLoader, AccelTestEmptyLatent, AccelTestModelInfo,
+                AccelTestReferencePrompt, AccelTestPatchDecode]
 
 
 async def comfy_entrypoint() -> AccelFixtureExtension:

@@ -1,0 +1,242 @@
+"""Per-family facts the block hook needs, and nothing more.
+
+For each diffusion-transformer family whose ComfyUI forward consults
+``transformer_options["patches_replace"]["dit"]``, an adapter says:
+
+- which block lists exist and in which order the forward runs them (the hook keys);
+- how the stream the *last* block returns holds the image tokens (Flux and AuraFlow
+  concatenate ``(txt, img)`` for their single blocks, HunyuanVideo ``(img, txt)``);
+- how to compute TeaCache's signal from what the first block replacement receives: the
+  modulated image input of block 0, using that block's own modulation and norm submodules
+  (the first two lines of the block, never a copy of the model's forward), or the
+  modulation/time vector itself.
+
+Families are matched by class (``module.Class`` anywhere in the diffusion model's MRO), so
+subclasses (Wan VACE, Camera, S2V, HuMo, Animate; Chroma Radiance) are covered. ComfyUI is
+imported lazily inside the signal functions only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+# The modulated input can be as large as the hidden state (video: 10^5 tokens); its mean
+# change is estimated from at most this many tokens, taken at a fixed stride.
+SIGNAL_TOKENS = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockAdapter:
+    family: str
+    classes: tuple[str, ...]                      # "module.Class" names matched against the MRO
+    block_lists: tuple[tuple[str, str], ...]      # (patch kind, attribute path) in call order
+    last_layout: dict = dataclasses.field(default_factory=dict)   # kind -> "txt_first" | "img_first"
+    modulated: Callable | None = None             # (first block, args) -> tensor [N, ...]
+    skip_lists: dict = dataclasses.field(default_factory=dict)    # kind -> attribute listing skipped indices
+
+    def matches(self, diffusion_model) -> bool:
+        return any(name in self.classes for name in class_names(diffusion_model))
+
+    def keys(self, diffusion_model) -> list[tuple[str, int]]:
+        """The block-replacement keys in the order the forward calls them."""
+        keys = []
+        for kind, path in self.block_lists:
+            blocks = get_path(diffusion_model, path)
+            skipped = set(getattr(diffusion_model, self.skip_lists[kind], ()) or ()) if kind in self.skip_lists else set()
+            keys += [(kind, i) for i in range(len(blocks)) if i not in skipped]
+        return keys
+
+    def block(self, diffusion_model, key: tuple[str, int]):
+        kind, index = key
+        path = dict(self.block_lists)[kind]
+        return get_path(diffusion_model, path)[index]
+
+    def signals(self) -> tuple[str, ...]:
+        return ("modulated", "vec") if self.modulated else ("vec",)
+
+    def signal(self, kind: str, first_block, args: dict) -> torch.Tensor:
+        """TeaCache's signal for the whole call, batch first: ``[N, ...]``."""
+        if kind == "modulated":
+            if self.modulated is None:
+                raise ValueError(f"no modulated-input signal for {self.family}")
+            return subsample_tokens(self.modulated(first_block, args))
+        return vec_signal(args["vec"])
+
+    def image_part(self, key: tuple[str, int], stream: torch.Tensor, img_tokens: int) -> torch.Tensor:
+        """The image tokens of what block ``key`` returned under ``"img"``."""
+        layout = self.last_layout.get(key[0])
+        if layout == "txt_first":
+            return stream[:, stream.shape[1] - img_tokens:]
+        if layout == "img_first":
+            return stream[:, :img_tokens]
+        return stream
+
+    def with_image(self, key: tuple[str, int], stream: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """``stream`` with its image tokens replaced by ``img`` (same layout as ``image_part``)."""
+        layout = self.last_layout.get(key[0])
+        if layout == "txt_first":
+            return torch.cat([stream[:, :stream.shape[1] - img.shape[1]], img.to(stream.dtype)], dim=1)
+        if layout == "img_first":
+            return torch.cat([img.to(stream.dtype), stream[:, img.shape[1]:]], dim=1)
+        return img
+
+
+def class_names(obj) -> list[str]:
+    return [f"{c.__module__}.{c.__qualname__}" for c in type(obj).__mro__]
+
+
+def get_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def vec_signal(vec) -> torch.Tensor:
+    """The modulation vector(s) the first block receives, flattened per batch element."""
+    if isinstance(vec, torch.Tensor):
+        return vec.reshape(vec.shape[0], -1)
+    parts = [t for t in _flatten(vec) if isinstance(t, torch.Tensor)]
+    return torch.cat([p.reshape(p.shape[0], -1).float() for p in parts], dim=1)
+
+
+def _flatten(obj):
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _flatten(o)
+    elif dataclasses.is_dataclass(obj):
+        for field in dataclasses.fields(obj):
+            yield from _flatten(getattr(obj, field.name))
+    else:
+        yield obj
+
+
+def subsample_tokens(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim >= 3 and x.shape[1] > SIGNAL_TOKENS:
+        return x[:, ::math.ceil(x.shape[1] / SIGNAL_TOKENS)]
+    return x
+
+
+# --- modulated input of block 0, per family -----------------------------------------------
+
+def _flux_double(block, args):
+    # DoubleStreamBlock: img_norm1(img) * (1 + scale) + shift, from img_mod(vec) or, when the
+    # model modulates globally (Flux 2, Chroma), from the precomputed ((img_mod1, _), _) vec.
+    from comfy.ldm.flux.layers import apply_mod
+    vec = args["vec"]
+    mod = block.img_mod(vec)[0] if getattr(block, "modulation", True) else vec[0][0]
+    return apply_mod(block.img_norm1(args["img"]), 1 + mod.scale, mod.shift, args.get("modulation_dims_img"))
+
+
+def _wan(block, args):
+    from comfy.ldm.wan.model import repeat_e
+    import comfy.model_management
+    x, e0 = args["img"], args["vec"]
+    mod = comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device)
+    e = (mod + e0).chunk(6, dim=1) if e0.ndim < 4 else (mod.unsqueeze(0) + e0).unbind(2)
+    return torch.addcmul(repeat_e(e[0], x), block.norm1(x), 1 + repeat_e(e[1], x))
+
+
+def _ltxv(block, args):
+    from comfy.ldm.common_dit import rms_norm
+    x, timestep = args["img"], args["vec"]
+    table = block.scale_shift_table
+    mods = table[None, None].to(device=x.device, dtype=x.dtype) + timestep.reshape(
+        x.shape[0], timestep.shape[1], table.shape[0], -1)
+    shift_msa, scale_msa = mods[:, :, 0], mods[:, :, 1]
+    normed = rms_norm(x)
+    return normed * (1 + scale_msa) + shift_msa
+
+
+def _sd3(block, args):
+    from comfy.ldm.modules.diffusionmodules.mmdit import modulate
+    xb, x, c = block.x_block, args["img"], args["vec"]
+    mods = xb.adaLN_modulation(c)
+    if xb.scale_mod_only:
+        shift, scale = None, mods.chunk(mods.shape[1] // x.shape[-1], dim=1)[0]
+    else:
+        shift, scale = mods.chunk(mods.shape[1] // x.shape[-1], dim=1)[:2]
+    return modulate(xb.norm1(x), shift, scale)
+
+
+def _qwen_image(block, args):
+    img_mod1 = block.img_mod(args["vec"]).chunk(2, dim=-1)[0]
+    return block._modulate(block.img_norm1(args["img"]), img_mod1)[0]
+
+
+def _mochi(block, args):
+    import torch.nn.functional as F
+    from comfy.ldm.genmo.joint_model.asymm_models_joint import modulated_rmsnorm
+    scale_msa_x = block.mod_x(F.silu(args["vec"])).chunk(4, dim=1)[0]
+    return modulated_rmsnorm(args["img"], scale_msa_x)
+
+
+ADAPTERS: tuple[BlockAdapter, ...] = (
+    BlockAdapter("flux", ("comfy.ldm.flux.model.Flux",),
+                 (("double_block", "double_blocks"), ("single_block", "single_blocks")),
+                 {"single_block": "txt_first"}, _flux_double),
+    BlockAdapter("chroma", ("comfy.ldm.chroma.model.Chroma",),
+                 (("double_block", "double_blocks"), ("single_block", "single_blocks")),
+                 {"single_block": "txt_first"}, _flux_double,
+                 skip_lists={"double_block": "skip_mmdit", "single_block": "skip_dit"}),
+    BlockAdapter("hunyuan_video", ("comfy.ldm.hunyuan_video.model.HunyuanVideo",),
+                 (("double_block", "double_blocks"), ("single_block", "single_blocks")),
+                 {"single_block": "img_first"}, _flux_double),
+    BlockAdapter("wan", ("comfy.ldm.wan.model.WanModel",), (("double_block", "blocks"),), {}, _wan),
+    BlockAdapter("ltxv", ("comfy.ldm.lightricks.model.LTXVModel",),
+                 (("double_block", "transformer_blocks"),), {}, _ltxv),
+    BlockAdapter("sd3", ("comfy.ldm.modules.diffusionmodules.mmdit.MMDiT",),
+                 (("double_block", "joint_blocks"),), {}, _sd3),
+    BlockAdapter("qwen_image", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
+                 (("double_block", "transformer_blocks"),), {}, _qwen_image),
+    BlockAdapter("mochi", ("comfy.ldm.genmo.joint_model.asymm_models_joint.AsymmDiTJoint",),
+                 (("double_block", "blocks"),), {}, _mochi),
+    BlockAdapter("auraflow", ("comfy.ldm.aura.mmdit.MMDiT",),
+                 (("double_block", "double_layers"), ("single_block", "single_layers")),
+                 {"single_block": "txt_first"}),
+    BlockAdapter("hunyuan_dit", ("comfy.ldm.hydit.models.HunYuanDiT",), (("double_block", "blocks"),)),
+    BlockAdapter("hunyuan3d", ("comfy.ldm.hunyuan3d.model.Hunyuan3Dv2",),
+                 (("double_block", "double_blocks"), ("single_block", "single_blocks")),
+                 {"single_block": "txt_first"}),
+)
+
+
+def find_adapter(diffusion_model):
+    """The family's BlockAdapter, the UNet adapter (DeepCache through object patches), or None."""
+    from .unet import UNetAdapter
+    for adapter in ADAPTERS + (UNetAdapter(),):
+        if adapter.matches(diffusion_model):
+            return adapter
+    return None
+
+
+def describe(diffusion_model) -> str:
+    cls = type(diffusion_model)
+    return f"{cls.__qualname__} ({cls.__module__})"
+
+
+def auto_preset(adapter: BlockAdapter, diffusion_model) -> str | None:
+    """The published coefficient set for this model, or None where none exists."""
+    family = adapter.family
+    if family == "flux":
+        params = getattr(diffusion_model, "params", None)
+        return None if getattr(params, "global_modulation", False) else "flux"   # Flux 2: none
+    if family == "hunyuan_video":
+        # HunyuanVideo 1.5 adds byT5 / cond-type embeddings; only 1.0 has published numbers.
+        newer = getattr(diffusion_model, "byt5_in", None) is not None or \
+            getattr(diffusion_model, "cond_type_embedding", None) is not None
+        return None if newer else "hunyuan_video"
+    if family == "ltxv":
+        return "ltxv" if getattr(diffusion_model, "inner_dim", None) == 2048 else None
+    if family == "mochi":
+        return "mochi"
+    if family == "wan":
+        dim = getattr(diffusion_model, "dim", None)
+        i2v = getattr(diffusion_model, "model_type", "t2v") == "i2v" or getattr(diffusion_model, "in_dim", 16) == 36
+        if dim == 1536 and not i2v:
+            return "wan21_t2v_1.3b"
+        if dim == 5120:
+            return "wan21_i2v_480p_14b" if i2v else "wan21_t2v_14b"
+    return None

@@ -1,0 +1,569 @@
+"""Step caching on real ComfyUI models and samplers (tiny random fixtures, CPU).
+
+What is checked: every family with a block hook caches and, at threshold 0, gives the
+uncached output bit for bit; the signal is the modulated input the first block really
+consumes; decisions follow the pure rule; per-run state; cond/uncond separation; Heun;
+Wan 2.2's two experts; short schedules; composition with LoRA and torch.compile; the nodes.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from comfyui_accel.cache import adapters, engine, rules
+
+pytestmark = pytest.mark.integration
+
+# Hooked families that devtools.fixtures has (DiTs consult patches_replace["dit"]; the UNets
+# get DeepCache through object patches) ...
+FIXTURE_FAMILIES = ["flux", "wan21", "wan22_5b", "hunyuan_video", "ltxv", "sd3", "sd15", "sdxl"]
+# ... and tiny in-process builds of the other hooked families: (supported_models config,
+# unet config, latent shape, context tokens x dim, extra conditioning).
+BUILT = {
+    "chroma": ("Chroma", dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096,
+                              hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                              axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, in_dim=64,
+                              out_dim=256, hidden_dim=128, n_layers=1),
+               (1, 16, 16, 16), (8, 4096), lambda g: {"pooled_output": torch.zeros(1, 768)}),
+    "qwen_image": ("QwenImage", dict(image_model="qwen_image", num_layers=2, num_attention_heads=2,
+                                     attention_head_dim=128, joint_attention_dim=3584),
+                   (1, 16, 1, 16, 16), (8, 3584), lambda g: {}),
+    "mochi": ("GenmoMochi", dict(image_model="mochi_preview", depth=2, patch_size=2, num_heads=2, hidden_size_x=256,
+                                 hidden_size_y=128, mlp_ratio_x=48.0, mlp_ratio_y=4.0, learn_sigma=False,
+                                 in_channels=12, qk_norm=True, qkv_bias=False, out_bias=True, attn_drop=0.0,
+                                 patch_embed_bias=True, posenc_preserve_area=True, timestep_mlp_bias=True,
+                                 attend_to_padding=False, timestep_scale=1000.0, use_t5=True, t5_feat_dim=4096,
+                                 t5_token_length=256, rope_theta=10000.0),
+              (1, 12, 1, 8, 8), (8, 4096), lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    "auraflow": ("AuraFlow", dict(cond_seq_dim=2048, dim=256, n_layers=3, n_double_layers=1, n_heads=2,
+                                  global_conddim=256, max_seq=64),
+                 (1, 4, 16, 16), (8, 2048), lambda g: {}),
+    "hunyuan3d": ("Hunyuan3Dv2", dict(image_model="hunyuan3d2", in_channels=64, context_in_dim=1536, hidden_size=256,
+                                      mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, qkv_bias=True,
+                                      guidance_embed=False),
+                  (1, 64, 64), (8, 1536), lambda g: {}),
+    "hunyuan_dit": ("HunyuanDiT", dict(image_model="hydit", depth=4, hidden_size=256, num_heads=2, text_states_dim=64,
+                                       text_states_dim_t5=64, text_len=8, text_len_t5=8, input_size=32),
+                    (1, 4, 16, 16), (8, 64),
+                    lambda g: {"conditioning_mt5xl": torch.randn(1, 8, 64, generator=g),
+                               "attention_mask": torch.ones(1, 8, dtype=torch.long),
+                               "attention_mask_mt5xl": torch.ones(1, 8, dtype=torch.long)}),
+}
+HOOKED = FIXTURE_FAMILIES + list(BUILT)
+
+
+@functools.lru_cache(maxsize=None)
+def fixture_model(family: str, seed: int = 0):
+    from comfyui_accel.devtools import fixtures
+    if family not in BUILT:
+        return fixtures.load_model(family, "tiny", seed=seed)
+    import comfy.model_patcher
+    import comfy.supported_models
+    config_name, unet_config, *_ = BUILT[family]
+    config = getattr(comfy.supported_models, config_name)(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    shapes = {k: tuple(v.shape) for k, v in base.diffusion_model.state_dict().items()}
+    base.diffusion_model.load_state_dict({k: fixtures._init_tensor(k, shape, seed) for k, shape in shapes.items()})
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+def sample(m, family, steps=10, seed=0, cfg=3.0, sampler="euler", **kw):
+    if family not in BUILT:
+        from comfyui_accel.devtools.sampling import sample as _sample
+        return _sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler, **kw)
+    import comfy.sample
+    _, _, shape, (tokens, dim), extra = BUILT[family]
+    g = torch.Generator().manual_seed(seed)
+    pos = [[torch.randn(1, tokens, dim, generator=g), extra(g)]]
+    neg = [[torch.randn(1, tokens, dim, generator=g), extra(g)]]
+    latent = torch.zeros(shape)
+    noise = torch.randn(shape, generator=g)
+    return comfy.sample.sample(m, noise, steps, cfg, sampler, "simple", pos, neg, latent, seed=seed, disable_pbar=True)
+
+
+def install(m, method: str, **kw):
+    dm = m.get_model_object("diffusion_model")
+    adapter = adapters.find_adapter(dm)
+    settings = engine.Settings(node=f"test-{method}", method=method, **kw)
+    use = adapter if settings.target == "blocks" else None
+    return engine.install(m, settings, use, adapter.family if adapter else type(dm).__name__)
+
+
+def teacache(m, threshold: float, signal: str | None = None, coefficients=(1.0, 0.0), **kw):
+    """TeaCache with an identity rescale unless told otherwise, on the adapter's first signal."""
+    signal = signal or adapters.find_adapter(m.get_model_object("diffusion_model")).signals()[0]
+    return install(m, "teacache", threshold=threshold, signal=signal, coefficients=tuple(coefficients), **kw)
+
+
+def report_of(m) -> dict:
+    return engine.setup_of(m).reports[-1]
+
+
+def computed(report) -> list[bool]:
+    return [r["decision"] == "compute" for r in report["rows"]]
+
+
+def spy_block(m, key, record: list):
+    """Wrap the block replacement at ``key`` (ours) with a recorder of its input and output."""
+    ours = m.model_options["transformer_options"]["patches_replace"]["dit"][key]
+
+    def spy(args, extra):
+        out = ours(args, extra)
+        record.append({"in": args["img"].detach().clone(), "out": out["img"].detach().clone(),
+                       "cond_or_uncond": list(args["transformer_options"]["cond_or_uncond"])})
+        return out
+
+    m.set_model_patch_replace(spy, "dit", key[0], key[1])
+
+
+@pytest.fixture(scope="module")
+def fx(comfy):
+    # One thread: these models are tiny, and with other processes on the two cores torch's
+    # thread pool oversubscribes (10-20x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    from comfyui_accel.devtools import fixtures
+    yield fixtures
+    torch.set_num_threads(threads)
+    fixture_model.cache_clear()
+
+
+# --- every hooked family -----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", HOOKED)
+def test_threshold_zero_is_bit_identical_and_reuse_changes_output(fx, family):
+    m = fixture_model(family)
+    ref = sample(m, family)
+    zero = teacache(m, 0.0)
+    assert torch.equal(sample(zero, family), ref)
+    assert report_of(zero)["summary"]["computed"] == 10
+    reuse = teacache(m, 1e9)   # reuse whenever allowed: first and last step computed
+    out = sample(reuse, family)
+    assert computed(report_of(reuse)) == [True] + [False] * 8 + [True]
+    assert not torch.equal(out, ref) and torch.isfinite(out).all()
+
+
+# What the first block feeds its attention: the modulated image input TeaCache is defined on.
+MODULATED_CONSUMER = {
+    "flux": "double_blocks.0.img_attn.qkv", "hunyuan_video": "double_blocks.0.img_attn.qkv",
+    "chroma": "double_blocks.0.img_attn.qkv", "wan21": "blocks.0.self_attn.q", "wan22_5b": "blocks.0.self_attn.q",
+    "ltxv": "transformer_blocks.0.attn1.to_q", "sd3": "joint_blocks.0.x_block.attn.qkv",
+    "qwen_image": "transformer_blocks.0.attn.to_q", "mochi": "blocks.0.attn.qkv_x",
+}
+
+
+def test_every_adapter_is_covered_by_a_tested_model(fx):
+    from comfyui_accel.cache.unet import UNetAdapter
+    covered = {adapters.find_adapter(fixture_model(f).get_model_object("diffusion_model")).family: f for f in HOOKED}
+    assert set(covered) == {a.family for a in adapters.ADAPTERS} | {UNetAdapter.family}
+    with_modulated = {a.family for a in adapters.ADAPTERS if a.modulated}
+    assert {covered[f] for f in with_modulated} <= set(MODULATED_CONSUMER)
+
+
+@pytest.mark.parametrize("family", MODULATED_CONSUMER)
+def test_signal_is_the_modulated_input_the_first_block_consumes(fx, family):
+    m = fixture_model(family)
+    rec = install(m, "record", signal="modulated", min_steps=0)
+    layer = adapters.get_path(m.get_model_object("diffusion_model"), MODULATED_CONSUMER[family])
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        sample(rec, family, steps=6)
+    finally:
+        handle.remove()
+    report = report_of(rec)
+    assert len(seen) == 6   # cond and uncond batched: one call per step
+    # ComfyUI batches [uncond, cond]; the deciding stream is cond, the second half.
+    assert {r["decider"] for r in report["rows"]} == {"cond"}
+    lead = [s[s.shape[0] // 2:] for s in seen]
+    expected = [None] + [rules.rel_l1(a, b) for a, b in zip(lead[1:], lead)]
+    got = [r["signal"] for r in report["rows"]]
+    assert got[0] is None
+    assert got[1:] == pytest.approx(expected[1:], rel=1e-4)
+
+
+def test_decisions_follow_the_rule_on_the_vec_signal(fx):
+    # Wan's published signal is the modulation vector e0; recompute it from what block 0 gets.
+    m = teacache(fixture_model("wan21"), threshold=2.5, signal="vec", coefficients=(1.0, 0.0),
+                 warmup_steps=2, start=0.1, end=0.9)
+    seen = []
+    key = ("double_block", 0)
+    ours = m.model_options["transformer_options"]["patches_replace"]["dit"][key]
+
+    def spy(args, extra):
+        seen.append(args["vec"].detach().clone())
+        return ours(args, extra)
+
+    m.set_model_patch_replace(spy, "dit", *key)
+    sample(m, "wan21", steps=12)
+    report = report_of(m)
+    lead = [v[v.shape[0] // 2:].reshape(v.shape[0] // 2, -1) for v in seen]   # cond: second half
+    signals = [None] + [rules.rel_l1(a, b) for a, b in zip(lead[1:], lead)]
+    forced = [rules.is_forced(k, 12, 0.1, 0.9, 2, True) for k in range(12)]
+    expected = rules.simulate(signals, forced, rules.Rescale([1.0, 0.0]), 2.5)
+    assert computed(report) == expected
+    assert 3 <= sum(expected) < 12   # the test exercises both branches
+    assert report["summary"]["computed"] == sum(expected)
+
+
+def test_input_model_is_unchanged(fx):
+    m = fixture_model("flux")
+    before = sample(m, "flux", seed=3)
+    options_before = repr(m.model_options)
+    cached = teacache(m, 1e9)
+    sample(cached, "flux", seed=3)
+    assert repr(m.model_options) == options_before
+    assert engine.setup_of(m) is None and not m.get_wrappers("outer_sample", engine.KEY)
+    assert torch.equal(sample(m, "flux", seed=3), before)
+
+
+def test_applying_twice_replaces_instead_of_stacking(fx):
+    m = teacache(teacache(fixture_model("wan21"), 0.3), 0.0)
+    dit = m.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert all(isinstance(h, engine.BlockHook) and h.inner is None for h in dit.values())
+    for kind in ("outer_sample", "calc_cond_batch", "apply_model"):
+        assert len(m.get_wrappers(kind, engine.KEY)) == 1
+    assert engine.setup_of(m).settings.threshold == 0.0
+    assert torch.equal(sample(m, "wan21"), sample(fixture_model("wan21"), "wan21"))
+
+
+def test_reinstalling_on_a_unet_drops_the_block_containers(fx):
+    from comfyui_accel.cache.unet import is_cached_block
+    deep = teacache(fixture_model("sdxl"), 1e9)
+    assert sum(map(is_cached_block, deep.object_patches.values())) >= 3
+    output = install(deep, "taylorseer", target="output", interval=1, order=1)
+    assert not any(map(is_cached_block, output.object_patches.values()))
+    assert torch.equal(sample(output, "sdxl"), sample(fixture_model("sdxl"), "sdxl"))
+
+
+def test_existing_block_replacement_is_chained(fx):
+    base = fixture_model("wan21").clone()
+    calls = []
+
+    def other(args, extra):   # another node's replacement on block 1 (e.g. a layer skip)
+        calls.append(1)
+        return extra["original_block"](args)
+
+    base.set_model_patch_replace(other, "dit", "double_block", 1)
+    cached = teacache(base, 0.3)
+    sample(cached, "wan21")
+    assert len(calls) == report_of(cached)["summary"]["computed"]   # runs on computed calls only
+
+
+# --- per-run state, streams, samplers --------------------------------------------------------
+
+def test_runs_do_not_share_cache(fx):
+    m = fixture_model("wan21")
+    cached = teacache(m, 0.6)
+    first = sample(cached, "wan21", seed=1)
+    second = sample(cached, "wan21", seed=2)
+    fresh = sample(teacache(m, 0.6), "wan21", seed=2)
+    assert torch.equal(second, fresh) and not torch.equal(first, second)
+    assert [r["summary"]["evaluations"] for r in engine.setup_of(cached).reports] == [10, 10]
+
+
+def test_interrupted_run_leaves_no_state(fx):
+    import comfy.model_management
+    m = fixture_model("wan21")
+    cached = teacache(m, 0.6)
+
+    def stop(step, *_):
+        if step == 4:
+            raise comfy.model_management.InterruptProcessingException()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        sample(cached, "wan21", seed=5, callback=stop)
+    assert report_of(cached)["summary"]["status"] == "interrupted"
+    assert torch.equal(sample(cached, "wan21", seed=6), sample(teacache(m, 0.6), "wan21", seed=6))
+
+
+def test_cond_and_uncond_keep_separate_residuals(fx):
+    # Spies on the first and last block: on a reused call each chunk must get back exactly the
+    # residual its own stream computed last time, and the two streams' residuals differ.
+    m = teacache(fixture_model("wan21"), 0.5, coefficients=(2.0, 0.0))
+    n_blocks = len(engine.setup_of(m).keys)
+    first, last = [], []
+    spy_block(m, ("double_block", 0), first)
+    spy_block(m, ("double_block", n_blocks - 1), last)
+    sample(m, "wan21")
+    report = report_of(m)
+    residual, checked = {}, 0
+    for call, end, decision in zip(first, last, computed(report), strict=True):
+        half = call["in"].shape[0] // 2
+        chunks = {c: slice(i * half, (i + 1) * half) for i, c in enumerate(call["cond_or_uncond"])}
+        if decision:
+            residual = {c: end["out"][s] - call["in"][s] for c, s in chunks.items()}
+        else:
+            for c, s in chunks.items():
+                assert torch.allclose(call["out"][s] - call["in"][s], residual[c], atol=1e-5)
+            assert not torch.allclose(residual[0], residual[1], atol=1e-3)
+            checked += 1
+    assert checked >= 2
+    assert set(report["streams"]) == {"cond", "uncond"}
+
+
+def test_split_cond_uncond_calls_share_one_decision(fx):
+    # Context lengths that do not batch make ComfyUI call the model once per cond.
+    m = fixture_model("wan21")
+    ref = sample(m, "wan21", tokens=(7, 9))
+    zero = teacache(m, 0.0)
+    assert torch.equal(sample(zero, "wan21", tokens=(7, 9)), ref)
+    cached = teacache(m, 0.5, coefficients=(2.0, 0.0))
+    sample(cached, "wan21", tokens=(7, 9))
+    report = report_of(cached)
+    assert report["summary"]["evaluations"] == 10
+    streams = report["streams"]
+    assert streams["cond"] == streams["uncond"] and 0 < streams["cond"]["skipped"] < 10
+
+
+def test_batched_and_split_calls_decide_the_same(fx):
+    m = fixture_model("wan21")
+    batched = teacache(m, 0.0)   # threshold 0: same trajectory as uncached, both ways
+    split = teacache(m, 0.0)
+    sample(batched, "wan21", tokens=(9, 9))
+    sample(split, "wan21", tokens=(7, 9))
+    a, b = report_of(batched), report_of(split)
+    assert [r["decider"] for r in a["rows"]] == [r["decider"] for r in b["rows"]] == ["cond"] * 10
+
+
+@pytest.mark.parametrize("sampler,evals", [("heun", 2 * 9 + 1), ("dpmpp_2s_ancestral", 2 * 9 + 1)])
+def test_multi_evaluation_samplers(fx, sampler, evals):
+    m = fixture_model("wan21")
+    ref = sample(m, "wan21", sampler=sampler)
+    zero = teacache(m, 0.0)
+    assert torch.equal(sample(zero, "wan21", sampler=sampler), ref)
+    rows = report_of(zero)["rows"]
+    assert len(rows) == evals
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 9
+    cached = teacache(m, 0.5, coefficients=(2.0, 0.0))
+    out = sample(cached, "wan21", sampler=sampler)
+    assert torch.isfinite(out).all() and 0 < report_of(cached)["summary"]["reused"]
+
+
+def test_wan22_two_experts_keep_their_own_caches(fx):
+    # High-noise expert for steps 0-6, low-noise expert for 6-12 (KSamplerAdvanced style).
+    high, low = fixture_model("wan21", 0), fixture_model("wan21", 1)
+
+    def two_stage(h, lo):
+        x = sample(h, "wan21", steps=12, start_step=0, last_step=6, seed=4)
+        return sample(lo, "wan21", steps=12, start_step=6, last_step=12, latent=x, disable_noise=True,
+                      seed=4)
+
+    ref = two_stage(high, low)
+    h0, l0 = teacache(high, 0.0, force_short=True), teacache(low, 0.0, force_short=True)
+    assert torch.equal(two_stage(h0, l0), ref)
+    hc, lc = teacache(high, 0.4, force_short=True), teacache(low, 0.4, force_short=True)
+    two_stage(hc, lc)
+    rh, rl = report_of(hc), report_of(lc)
+    assert rh["summary"]["steps"] == rl["summary"]["steps"] == 6
+    assert computed(rh)[0] and computed(rl)[0]   # each expert starts from an empty cache
+    assert rh["rows"][0]["sigma"] > rl["rows"][0]["sigma"]
+
+
+def test_batch_of_two_with_offloaded_cache(fx):
+    # Two latents per cond: each stream's chunk holds both; the cache lives on the CPU device.
+    m = fixture_model("wan21")
+    ref = sample(m, "wan21", batch=2)
+    assert torch.equal(sample(teacache(m, 0.0, cache_device="cpu"), "wan21", batch=2), ref)
+    cached = teacache(m, 1e9, cache_device="cpu")
+    out = sample(cached, "wan21", batch=2)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert report_of(cached)["streams"] == {"cond": {"computed": 2, "skipped": 8},
+                                            "uncond": {"computed": 2, "skipped": 8}}
+
+
+def test_short_schedule_is_left_alone_by_default(fx, caplog):
+    from comfyui_accel.nodes.cache import AccelCacheReport
+    m = fixture_model("wan21")
+    ref = sample(m, "wan21", steps=6)
+    cached = teacache(m, 1e9)
+    with caplog.at_level("WARNING"):
+        out = sample(cached, "wan21", steps=6)
+    assert torch.equal(out, ref)
+    assert report_of(cached)["summary"]["status"] == "off"
+    assert "6-step schedule" in caplog.text
+    text, plot = AccelCacheReport.execute(cached, {"samples": out}).args
+    assert "status: off" in text and "6-step schedule" in text and plot.shape[-1] == 3
+    forced = teacache(m, 1e9, force_short=True)
+    sample(forced, "wan21", steps=6)
+    assert report_of(forced)["summary"]["reused"] == 4
+
+
+# --- TaylorSeer --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["blocks", "output"])
+def test_taylor_schedule_and_interval_one_identity(fx, target):
+    m = fixture_model("flux")
+    ref = sample(m, "flux", steps=12)
+    every = install(m, "taylorseer", target=target, interval=1, order=2, warmup_steps=1)
+    assert torch.equal(sample(every, "flux", steps=12), ref)
+    cached = install(m, "taylorseer", target=target, interval=3, order=1, warmup_steps=2)
+    out = sample(cached, "flux", steps=12)
+    # steps 0, 1 warm-up; then 2, 5, 8 full; 11 last
+    assert computed(report_of(cached)) == [k in (0, 1, 2, 5, 8, 11) for k in range(12)]
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_taylor_memory_grows_with_order(fx):
+    m = fixture_model("flux")
+    peaks = []
+    for order in (0, 1, 2):
+        cached = install(m, "taylorseer", target="blocks", interval=3, order=order, warmup_steps=2)
+        sample(cached, "flux", steps=12)
+        peaks.append(report_of(cached)["summary"]["cache_peak_mb"])
+    assert peaks[1] == pytest.approx(2 * peaks[0], rel=0.01) and peaks[2] == pytest.approx(3 * peaks[0], rel=0.01)
+
+
+def test_unet_deep_blocks_share_weights_with_the_model(fx):
+    # The DeepCache containers hold the model's own layers: a LoRA on a deep layer still acts,
+    # whichever order the nodes come in, and the input model keeps no object patch.
+    import comfy.lora
+    import comfy.sd
+    m = fixture_model("sdxl")
+    keys = comfy.lora.model_lora_keys_unet(m.model, {})
+    # a linear layer inside the deepest (cached) part: the middle block
+    target = next(v for v in keys.values() if v.startswith("diffusion_model.middle_block.")
+                  and m.get_model_object(v).ndim == 2)
+    name = next(k for k, v in keys.items() if v == target)
+    w = m.get_model_object(target)
+    g = torch.Generator().manual_seed(0)
+    lora = {f"{name}.lora_up.weight": torch.randn(w.shape[0], 4, generator=g) * 0.3,
+            f"{name}.lora_down.weight": torch.randn(4, w.shape[1], generator=g) * 0.3}
+    with_lora = comfy.sd.load_lora_for_models(m, None, lora, 1.0, 0)[0]
+    ref = sample(with_lora, "sdxl")
+    assert not torch.equal(ref, sample(m, "sdxl"))
+    assert torch.equal(sample(teacache(with_lora, 0.0), "sdxl"), ref)
+    assert torch.equal(sample(comfy.sd.load_lora_for_models(teacache(m, 0.0), None, lora, 1.0, 0)[0], "sdxl"), ref)
+    assert not m.object_patches
+
+
+@pytest.mark.parametrize("family", ["lumina2", "sd15"])
+def test_taylor_model_output_works_without_block_hooks(fx, family):
+    m = fixture_model(family)
+    ref = sample(m, family)
+    every = install(m, "taylorseer", target="output", interval=1, order=1)
+    assert torch.equal(sample(every, family), ref)
+    cached = install(m, "taylorseer", target="output", interval=4, order=1, warmup_steps=1)
+    assert torch.isfinite(sample(cached, family)).all()
+    assert report_of(cached)["summary"]["reused"] > 0
+
+
+# --- composition ---------------------------------------------------------------------------------
+
+def _lora(m, strength=1.0):
+    import comfy.lora
+    import comfy.sd
+    keys = comfy.lora.model_lora_keys_unet(m.model, {})
+    target = "diffusion_model.blocks.0.self_attn.q"
+    name = next(k for k, v in keys.items() if v == target + ".weight")
+    w = m.get_model_object(target + ".weight")
+    g = torch.Generator().manual_seed(0)
+    lora = {f"{name}.lora_up.weight": torch.randn(w.shape[0], 4, generator=g) * 0.3,
+            f"{name}.lora_down.weight": torch.randn(4, w.shape[1], generator=g) * 0.3}
+    return comfy.sd.load_lora_for_models(m, None, lora, strength, 0)[0]
+
+
+def test_lora_before_or_after_the_cache_gives_the_same_result(fx):
+    m = fixture_model("wan21")
+    a = sample(teacache(_lora(m), 0.4), "wan21")
+    b_model = _lora(teacache(m, 0.4))
+    b = sample(b_model, "wan21")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, sample(teacache(m, 0.4), "wan21"))   # the LoRA acts
+    assert engine.setup_of(b_model).reports   # the report reaches the model the cache node made
+
+
+@pytest.mark.slow
+def test_torch_compile_in_either_order(fx):
+    # ComfyUI's TorchCompileModel mechanism (an APPLY_MODEL wrapper swapping in the compiled
+    # diffusion model), with the "eager" backend so no C compiler is needed.
+    import comfy.patcher_extension as pe
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+    torch._dynamo.reset()
+    m = fixture_model("wan21")
+    plain = teacache(m, 0.4)
+    ref = sample(plain, "wan21")
+    compiled = m.clone()
+    set_torch_compile_wrapper(compiled, backend="eager")
+    cache_after = teacache(compiled, 0.4)              # compile node, then the cache node
+    cache_first = teacache(m, 0.4)                     # the cache node, then compile (same compiled module)
+    cache_first.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, COMPILE_KEY,
+                                     compiled.get_wrappers(pe.WrappersMP.APPLY_MODEL, COMPILE_KEY)[0])
+    want = computed(report_of(plain))
+    for cached in (cache_after, cache_first):
+        out = sample(cached, "wan21")
+        assert computed(report_of(cached)) == want
+        assert torch.allclose(out, ref, atol=1e-4)
+
+
+# --- the nodes -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def output_dir(tmp_path, comfy):
+    import folder_paths
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    yield tmp_path
+    folder_paths.set_output_directory(before)
+
+
+def test_teacache_node_picks_published_coefficients_or_explains(fx):
+    from comfyui_accel.nodes.cache import AccelTeaCache
+    from comfyui_accel.nodes.common import AccelInputError
+    args = dict(threshold=-1.0, start=0.0, end=1.0, coefficients="auto", cache_device="model device",
+                short_schedule="skip caching")
+    flux = AccelTeaCache.execute(fixture_model("flux"), **args).args[0]
+    settings = engine.setup_of(flux).settings
+    assert settings.preset == "flux" and settings.threshold == 0.4 and settings.signal == "modulated"
+    with pytest.raises(AccelInputError, match="no published TeaCache coefficients.*Cache Calibrate"):
+        AccelTeaCache.execute(fixture_model("wan22_5b"), **args)
+    with pytest.raises(AccelInputError, match="'flux' is for flux models; this model is wan"):
+        AccelTeaCache.execute(fixture_model("wan21"), **{**args, "coefficients": "flux"})
+    with pytest.raises(AccelInputError, match="no block-replacement hook.*TaylorSeer"):
+        AccelTeaCache.execute(fixture_model("lumina2"), **args)
+    with pytest.raises(AccelInputError, match="start < end"):
+        AccelTeaCache.execute(fixture_model("flux"), **{**args, "start": 0.5, "end": 0.5})
+
+
+def test_calibrate_then_teacache_reaches_the_target(fx, output_dir):
+    from comfyui_accel.devtools.fixtures import empty_latent, make_conditioning
+    from comfyui_accel.nodes.cache import AccelCacheCalibrate, AccelCacheReport, AccelTeaCache
+    from comfyui_accel.cache.profile import CacheProfile
+    m = fixture_model("wan22_5b")
+    pos, neg = make_conditioning("wan22_5b", "tiny", seed=1), make_conditioning("wan22_5b", "tiny", seed=2)
+    latent = empty_latent("wan22_5b", "tiny")
+    run = dict(positive=pos, negative=neg, latent_image=latent, seed=0, steps=16, cfg=3.0, sampler_name="euler",
+               scheduler="simple", denoise=1.0, start=0.0, end=1.0, signal="auto")
+    profile, ref, text, plot = AccelCacheCalibrate.execute(m, target_speedup=2.0, **run).args
+    assert len(profile.coefficients) == 5 and profile.predicted_speedup >= 2.0
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3 and "threshold" in text
+    saved = sorted((output_dir / "accel_cache").glob("profile_wan_*.json"))
+    assert len(saved) == 1 and CacheProfile.from_json(saved[0].read_text()).threshold == profile.threshold
+    AccelCacheCalibrate.execute(m, target_speedup=2.5, **run)   # a second profile never overwrites the first
+    assert len(list((output_dir / "accel_cache").glob("*.json"))) == 2
+
+    cached = AccelTeaCache.execute(m, -1.0, 0.0, 1.0, "auto", "model device", "skip caching", profile=profile).args[0]
+    out = sample(cached, "wan22_5b", steps=16, cfg=3.0)
+    report = report_of(cached)
+    # The replay predicts the live run: same schedule on the same seed, within one step.
+    assert abs(report["summary"]["computed"] - sum(profile.replay)) <= 1
+    text, image = AccelCacheReport.execute(cached, {"samples": out}).args
+    assert f"computed: {report['summary']['computed']}" in text and image.shape[-1] == 3
+
+
+def test_report_node_finds_the_run_of_its_latent(fx):
+    from comfyui_accel.nodes.cache import AccelCacheReport
+    from comfyui_accel.nodes.common import AccelInputError
+    m = teacache(fixture_model("wan21"), 0.3)
+    a = sample(m, "wan21", steps=10)
+    b = sample(m, "wan21", steps=12)
+    assert "steps: 10" in AccelCacheReport.execute(m, {"samples": a}).args[0]
+    assert "steps: 12" in AccelCacheReport.execute(m, {"samples": b}).args[0]
+    with pytest.raises(AccelInputError, match="no TeaCache or TaylorSeer"):
+        AccelCacheReport.execute(fixture_model("wan21"), {"samples": a})
