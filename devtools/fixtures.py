@@ -471,12 +471,14 @@ def _save_safetensors(sd: dict, path: Path, metadata: dict) -> None:
     import torch
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     blobs, offset = [], 0
+    formats = {torch.float32: ("F32", "<f4"), torch.float16: ("F16", "<f2")}
     for key in sorted(sd):
         t = sd[key].detach().to("cpu").contiguous()
-        if t.dtype != torch.float32:
-            raise TypeError(f"fixture tensors are float32, {key} is {t.dtype}")
-        data = t.numpy().astype("<f4").tobytes()
-        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        if t.dtype not in formats:
+            raise TypeError(f"tensors are float32 or float16, {key} is {t.dtype}")
+        name, numpy_type = formats[t.dtype]
+        data = t.numpy().astype(numpy_type).tobytes()
+        header[key] = {"dtype": name, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -560,9 +562,6 @@ def load_model(family: str, size: str, seed: int = 0, outliers: bool = False, dt
     """
     spec = family_spec(family)
     _comfy()
-    import torch
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.sd
     sd = state_dict(family, size, seed, outliers)
     params = sum(t.numel() for t in sd.values())
@@ -573,7 +572,20 @@ def load_model(family: str, size: str, seed: int = 0, outliers: bool = False, dt
         if model is None:
             raise RuntimeError(f"ComfyUI did not detect the {family} {size} fixture")
         return model
-    model_config = _model_config(family, size)
+    return build_model(_model_config(family, size), sd, dtype)
+
+
+def build_model(model_config, sd: dict, dtype=None):
+    """A ModelPatcher built in-process from a ``comfy.supported_models`` config and its weights.
+
+    The steps ``comfy.sd.load_diffusion_model_state_dict`` takes after detection, for models
+    whose small configuration detection would not produce.
+    """
+    _comfy()
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    params = sum(t.numel() for t in sd.values())
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     supported = list(model_config.supported_inference_dtypes)

@@ -13,11 +13,12 @@ from comfy_api.latest import ComfyExtension, io, ui
 
 from comfyui_accel.bench.measure import model_weight_bytes
 
-from comfyui_accel.devtools import fixtures
+from comfyui_accel.devtools import fixtures, reference
 
 CATEGORY = "accel/testing"
 FAMILY_NAMES = list(fixtures.FAMILIES)
 IN_PROCESS = [name for name, spec in fixtures.FAMILIES.items() if not spec.loadable]
+REFERENCE_NAMES = list(reference.MODELS)
 
 
 class AccelTestConditioning(io.ComfyNode):
@@ -52,9 +53,11 @@ class AccelTestFluxLoader(io.ComfyNode):
             display_name="Test Fixture Model Loader",
             category=CATEGORY,
             description=("Builds a small random-weight fixture model in-process: the families the stock "
-                         f"loaders refuse when small ({', '.join(IN_PROCESS)}), and the others too (test only)."),
+                         f"loaders refuse when small ({', '.join(IN_PROCESS)}), and the others too; or a "
+                         f"trained reference model ({', '.join(REFERENCE_NAMES)}; size, seed and outliers "
+                         "do not apply to those) (test only)."),
             inputs=[
-                io.Combo.Input("family", options=FAMILY_NAMES, default="flux"),
+                io.Combo.Input("family", options=FAMILY_NAMES + REFERENCE_NAMES, default="flux"),
                 io.Combo.Input("size", options=list(fixtures.SIZES), default="tiny"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.Boolean.Input("outliers", default=False,
@@ -65,7 +68,66 @@ class AccelTestFluxLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, family, size, seed, outliers) -> io.NodeOutput:
+        if family in reference.MODELS:
+            return io.NodeOutput(reference.load_reference(family))
         return io.NodeOutput(fixtures.load_model(family, size, seed=seed, outliers=outliers))
+
+
+class AccelTestReferencePrompt(io.ComfyNode):
+    """The text encoder of the trained reference models: a caption over their small vocabulary."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AccelTestReferencePrompt",
+            display_name="Test Reference Prompt",
+            category=CATEGORY,
+            description=("CONDITIONING for a trained reference model from a caption such as \"red circle\" "
+                         "or \"blue square moving left\"; an empty caption is the negative prompt (test only)."),
+            inputs=[
+                io.Combo.Input("model", options=REFERENCE_NAMES, default=REFERENCE_NAMES[0]),
+                io.String.Input("caption", default="red circle moving right",
+                                tooltip="Words from: " + ", ".join(reference.data.VOCABULARY) + "."),
+                io.Int.Input("batch", default=1, min=1, max=64),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model, caption, batch):
+        try:
+            reference.embed_captions([caption])
+        except ValueError as e:
+            return f"AccelTestReferencePrompt: caption: {e}"
+        return True
+
+    @classmethod
+    def execute(cls, model, caption, batch) -> io.NodeOutput:
+        return io.NodeOutput(reference.make_conditioning(model, caption, batch=batch))
+
+
+class AccelTestPatchDecode(io.ComfyNode):
+    """The reference models' stand-in VAE: latent -> pixels with the fixed patch autoencoder."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AccelTestPatchDecode",
+            display_name="Test Patch Decode",
+            category=CATEGORY,
+            description="Decodes a reference model's latent to IMAGE frames with the fixed patch autoencoder (test only).",
+            inputs=[
+                io.Latent.Input("samples"),
+                io.Combo.Input("model", options=REFERENCE_NAMES, default=REFERENCE_NAMES[0],
+                               tooltip="Which reference model made the latent (its latent format)."),
+            ],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples, model) -> io.NodeOutput:
+        pixels = reference.decode(model, samples["samples"])
+        return io.NodeOutput(reference.autoencoder.to_comfy_image(pixels))
 
 
 class AccelTestEmptyLatent(io.ComfyNode):
@@ -118,7 +180,8 @@ class AccelTestModelInfo(io.ComfyNode):
 
 class AccelFixtureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AccelTestConditioning, AccelTestFluxLoader, AccelTestEmptyLatent, AccelTestModelInfo]
+        return [AccelTestConditioning, AccelTestFluxLoader, AccelTestEmptyLatent, AccelTestModelInfo,
+                AccelTestReferencePrompt, AccelTestPatchDecode]
 
 
 async def comfy_entrypoint() -> AccelFixtureExtension:
