@@ -118,21 +118,27 @@ def weight_bytes(module_or_state_dict: torch.nn.Module | dict) -> int:
 
 
 def model_weight_bytes(patcher) -> int:
-    """Weight bytes of a ComfyUI ModelPatcher's diffusion model as it will run.
+    """Weight bytes of a ComfyUI ModelPatcher's diffusion model as it will run: every
+    parameter and buffer as stored (quantized layers at their packed size, kept layers at
+    their own dtype).
 
-    Modules swapped in by object patches (our quantized layers) count instead of the
-    modules they replace, whether or not the patches are applied right now.
+    Clones share one ``torch.nn.Module``, and whichever clone ran last has its object patches
+    installed in it. So each patched path counts what *this* patcher resolves it to
+    (``get_model_object``: its own patch, else the original from ``object_patches_backup``)
+    instead of what the shared module happens to hold.
     """
     model = patcher.model
     total = weight_bytes(model.diffusion_model)
-    for key, patch in patcher.object_patches.items():
-        if not (key.startswith("diffusion_model.") and isinstance(patch, torch.nn.Module)):
+    keys = set(patcher.object_patches) | set(getattr(patcher, "object_patches_backup", {}))
+    for key in keys:
+        if not key.startswith("diffusion_model."):
             continue
-        current = model  # what the model holds now, counted above
+        wanted = patcher.get_model_object(key)
+        current = model  # what the shared module holds now, counted above
         for name in key.split("."):
             current = getattr(current, name)
-        if current is not patch:
-            total += weight_bytes(patch) - weight_bytes(current)
+        if wanted is not current and isinstance(wanted, torch.nn.Module) and isinstance(current, torch.nn.Module):
+            total += weight_bytes(wanted) - weight_bytes(current)
     return total
 
 

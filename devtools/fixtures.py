@@ -7,7 +7,8 @@ configuration, filled with seeded random weights (same seed, same bytes), and ei
 written as a ``.safetensors`` file that ComfyUI's stock detection and ``UNETLoader``
 accept, or, where detection fixes the width, built in-process only.
 
-Families (``FAMILIES``), each in a "tiny" (tests) and a "medium" (benchmarks) size:
+Families (``FAMILIES``), each in a "tiny" (tests) and a "medium" (benchmarks) size; wan21
+and flux also have a "wide" bench-only size (``BENCH_SIZES``, see there):
 
 =============  ==========  ============================================================
 family         how         what makes the small one possible
@@ -87,6 +88,12 @@ log = logging.getLogger(__name__)
 # Bump when the weights a spec produces change, so stale files on disk get rewritten.
 FIXTURE_VERSION = 1
 SIZES = ("tiny", "medium")
+# Bench-only sizes, on some families. "wide": real DiT widths (Wan 2.1 1.3B's dim 1536 and
+# ffn 8960; Flux at half its 3072) with only 1-3 blocks, so the linear layers take most of
+# the time and bytes as they do in the real models (at "medium"'s dim 384-512 the model's
+# elementwise ops and attention take as long as its matmuls, which caps any matmul speedup).
+# About 120M (wan21) and 170M (flux) parameters: ~0.5-0.7 GB in fp32.
+BENCH_SIZES = ("wide",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +238,8 @@ FAMILIES: dict[str, FamilySpec] = {
         empty_latent="EmptyHunyuanLatentVideo", context_dim=4096, pooled_dim=None, guidance=None,
         text_encoder="umT5-XXL",
         sizes={"tiny": SizeSpec(_wan(256, 4, 512), 128, 128, 9, 32),
-               "medium": SizeSpec(_wan(512, 6, 2048), 256, 256, 9, 128)},
+               "medium": SizeSpec(_wan(512, 6, 2048), 256, 256, 9, 128),
+               "wide": SizeSpec(_wan(1536, 2, 8960), 256, 256, 9, 128)},
         ffn_pairs=((r"^(blocks\.\d+)\.ffn\.0\.weight$", r"\1.ffn.2.weight", _GELU_MLP),)),
     "wan22_5b": FamilySpec(
         name="wan22_5b", model_config="WAN22_T2V", model_class="WAN22", loadable=True,
@@ -255,7 +263,8 @@ FAMILIES: dict[str, FamilySpec] = {
         empty_latent="EmptySD3LatentImage", context_dim=4096, pooled_dim=768, guidance=3.5,
         text_encoder="T5-XXL (context) + CLIP-L (pooled)",
         sizes={"tiny": SizeSpec(_flux(256, 2, 2), 128, 128, 1, 32),
-               "medium": SizeSpec(_flux(384, 2, 4), 384, 384, 1, 128)},
+               "medium": SizeSpec(_flux(384, 2, 4), 384, 384, 1, 128),
+               "wide": SizeSpec(_flux(1536, 1, 2), 384, 384, 1, 128)},
         ffn_pairs=((r"^(double_blocks\.\d+)\.(img|txt)_mlp\.0\.weight$", r"\1.\2_mlp.2.weight", _GELU_MLP),)),
     "ltxv": FamilySpec(
         name="ltxv", model_config="LTXV", model_class="LTXV", loadable=True,

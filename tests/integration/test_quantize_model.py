@@ -164,3 +164,27 @@ def test_a_layer_another_node_replaced_is_chained_not_replaced(wan):
     assert row.format == "keep" and "another node" in row.reason
     assert result.model.object_patches["diffusion_model.blocks.0.ffn.0"] is theirs
     assert isinstance(result.model.object_patches["diffusion_model.blocks.0.ffn.2"], QuantLinear)
+
+
+def test_weight_bytes_follow_each_clone_while_another_clone_runs(wan):
+    """Clones share one module and the last one run has its layers installed in it: each
+    clone's weight bytes must still be its own (the bench's int4 model once counted as int8)."""
+    from comfyui_accel.bench.measure import model_weight_bytes
+    model, _ = wan
+    base = sum(t.numel() * t.element_size() for t in fixtures.state_dict("wan21", "tiny").values())
+    int8, int4 = quantize(model, "int8"), quantize(model, "int4", 64)
+
+    def expected(result, packed_bytes_per_weight):
+        layers = [r for r in result.rows if r.format != "keep"]
+        swapped = sum(r.params for r in layers)
+        scales = sum(r.params * packed_bytes_per_weight[1] for r in layers)
+        out_rows = sum(result.model.object_patches["diffusion_model." + r.layer].out_features for r in layers)
+        return base - 4 * swapped + packed_bytes_per_weight[0] * swapped + scales + packed_bytes_per_weight[2] * out_rows
+
+    # int8: 1 byte a weight + an fp32 scale per output row; int4 g64: 0.5 byte + (fp16 scale + uint8 zero) / 64
+    want_int8, want_int4 = expected(int8, (1, 0, 4)), expected(int4, (0.5, 3 / 64, 0))
+    for ran in (int8.model, int4.model, model):
+        sample(ran, "wan21")
+        assert model_weight_bytes(model) == base
+        assert model_weight_bytes(int8.model) == want_int8
+        assert model_weight_bytes(int4.model) == want_int4

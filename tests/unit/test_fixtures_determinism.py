@@ -8,7 +8,7 @@ from comfyui_accel.devtools import fixtures as fx
 def test_every_family_has_both_sizes_and_a_known_loader():
     for name, spec in fx.FAMILIES.items():
         assert spec.name == name
-        assert set(spec.sizes) == set(fx.SIZES)
+        assert set(fx.SIZES) <= set(spec.sizes) <= set(fx.SIZES + fx.BENCH_SIZES)
         assert spec.loader_node in ("UNETLoader", "AccelTestFluxLoader")
 
 
