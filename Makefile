@@ -3,6 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/.host/pkgroot
 export PYTHONUNBUFFERED := 1
+# Timed runs: idle OpenMP threads sleep instead of spinning, so a busy machine does not turn every
+# small op into a stall (int8 measured 5x slower than its real speed without it). Set it yourself to
+# override.
+demo bench bench-quick: export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test demo bench bench-quick serve clean
 
