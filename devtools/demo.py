@@ -50,6 +50,10 @@ def variants() -> list[Variant]:
     single.append(Variant("TaylorSeer", [("AccelTaylorSeer", {
         "interval": 3, "order": 1, "warmup_steps": 3, "end": 1.0, "forecast": "auto",
         "cache_device": "model device", "short_schedule": "skip caching"})]))
+    single.append(Variant("sparse attention", [("AccelSparseAttention", {
+        "policy": "radial", "density": 0.25, "block_size": 64, "top_p": 0.9, "dense_steps": 2,
+        "dense_first_layers": 1, "dense_last_layers": 0, "min_tokens": 0, "retention": False,
+        "probe_rows": 32, "save_report": True})]))
     out = [Variant("baseline")] + single
     if len(single) > 1:
         out.append(Variant("all chained", [step for v in single for step in v.chain]))
