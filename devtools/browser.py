@@ -18,6 +18,7 @@ import requests
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1920, "height": 1080}
+SCREENSHOT_VIEWPORT = {"width": 2560, "height": 1440}   # fit-to-view keeps node text readable
 # Frontend text that means a workflow did not load cleanly.
 MISSING_NODES_TEXT = "missing nodes"
 VALIDATION_TEXTS = ("Invalid workflow", "Workflow Validation", "Workflow Links Fixed", "does not contain a valid version")
@@ -93,7 +94,7 @@ class Frontend:
         self._pw = sync_playwright().start()
         try:
             self._browser = self._pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
-            self.page = self._browser.new_page(viewport=VIEWPORT)
+            self.page = self._browser.new_page(viewport=SCREENSHOT_VIEWPORT if self.for_screenshots else VIEWPORT)
             # The "try Nodes 2.0" banner remembers its dismissal in localStorage.
             self.page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
             self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
@@ -124,12 +125,13 @@ class Frontend:
             self.page.keyboard.press("Escape")
             self.page.wait_for_timeout(200)
 
-    def load(self, workflow: dict, settle_ms: int = 800) -> LoadResult:
-        """Load a UI-format workflow as the user's file would be; report what the frontend showed."""
+    def load(self, workflow: dict, name: str | None = None, settle_ms: int = 800) -> LoadResult:
+        """Load a UI-format workflow as the user's file would be (``name``: the tab's title);
+        report what the frontend showed."""
         self.close_dialogs()
         self.page.evaluate("() => document.querySelectorAll('.p-toast-message').forEach(e => e.remove())")
         errors_before = len(self.console_errors)
-        self.page.evaluate("wf => window.app.loadGraphData(wf)", workflow)
+        self.page.evaluate("([wf, name]) => window.app.loadGraphData(wf, true, true, name)", [workflow, name])
         self.page.wait_for_timeout(settle_ms)
         return LoadResult(self.page.evaluate(_TEXTS_JS, ".p-dialog"), self.page.evaluate(_TEXTS_JS, ".p-toast-message"),
                           self.page.evaluate(_NODES_JS), self.console_errors[errors_before:])

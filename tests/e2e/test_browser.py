@@ -62,7 +62,7 @@ def test_every_workflow_loads_cleanly_and_converts_like_the_frontend(frontend, c
     problems = []
     for path in workflows.example_workflows():
         wf = workflows.load(path)
-        result = frontend.load(wf)
+        result = frontend.load(wf, name=path.name)
         problems += [f"{path.name}: {p}" for p in result.problems()]
         for n in result.nodes:
             if n["size"][0] < n["min_size"][0] - 1 or n["size"][1] < n["min_size"][1] - 1:
