@@ -337,13 +337,15 @@ def run(server, path, size: str = "tiny", timeout: float = 600.0) -> WorkflowRun
 
 
 def check(run_: WorkflowRun, object_info: dict) -> list[str]:
-    """Problems with a run's outputs (empty when fine): every output node showed something,
-    every file exists and holds finite numbers, every text is non-empty."""
+    """Problems with a run's outputs (empty when fine): every output node showed something (or
+    fed a node that did), every file exists and holds finite numbers, every text is non-empty."""
     problems = []
-    for node_id in output_nodes(run_.mapping.prompt, object_info):
-        if node_id not in run_.entry.get("outputs", {}):
-            cls = run_.mapping.prompt[node_id]["class_type"]
-            problems.append(f"output node {node_id} ({cls}) produced no output")
+    prompt = run_.mapping.prompt
+    consumed = {v[0] for node in prompt.values() for v in node["inputs"].values() if _is_link(v)}
+    for node_id in output_nodes(prompt, object_info):
+        # An output node shows something, or hands its result (a report) on to one that does.
+        if node_id not in run_.entry.get("outputs", {}) and node_id not in consumed:
+            problems.append(f"output node {node_id} ({prompt[node_id]['class_type']}) produced no output")
     for node_id, paths in run_.files.items():
         for path in paths:
             problem = check_file(path)

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.e2e
 WORKFLOWS = workflows.example_workflows()
 IDS = [p.stem for p in WORKFLOWS]
 # What each of our report nodes' text starts with, when a workflow shows it.
-REPORT_TITLES = {"AccelCacheReport": "Cache report", "AccelCacheCalibrate": "Cache calibration"}
+REPORT_TITLES = {"AccelCacheReport": "Cache report", "AccelCacheCalibrate": "Cache calibration",
+                 "AccelSparseAttentionReport": "Sparse attention report", "AccelQuantizeModel": "Quantize Model",
+                 "AccelSaveQuantized": "Save Quantized Model", "AccelLoadQuantized": "Load Quantized Model"}
 
 
 def test_there_are_example_workflows():
@@ -104,10 +106,9 @@ def test_workflow_runs_on_the_fixture_models(comfy_server, path):
     problems = workflows.check(run, object_info)
     assert not problems, "\n".join(problems + run.mapping.notes)
     prompt = run.mapping.prompt
-    # Every node of ours ran, and each report node's text is the report, in the UI.
+    # Each report of ours reaches the UI (on its node or through a text preview).
     ours = [i for i, n in prompt.items() if n["class_type"].startswith("Accel") and "Test" not in n["class_type"]]
-    assert ours and all(i in run.entry["outputs"] or not object_info[prompt[i]["class_type"]]["output_node"]
-                        for i in ours)
+    assert ours, "the workflow uses none of our nodes"
     texts = "\n".join(t for items in run.texts.values() for t in items)
     for node_id in ours:
         title = REPORT_TITLES.get(prompt[node_id]["class_type"])
