@@ -64,8 +64,9 @@ def widget_slots(node_info: dict) -> list[str | None]:
     """The frontend's widget order: one entry per value in ``widgets_values``.
 
     Each widget input of the node (required then optional, in ``input_order``) is one value;
-    a seed-like input with ``control_after_generate`` is followed by its control value
-    ("fixed", "randomize"...), an upload combo by its upload button's value (``None`` entries).
+    an input with ``control_after_generate`` (by default any INT named seed or noise_seed) is
+    followed by its control value ("fixed", "randomize"...), an upload combo by its upload
+    button's value (``None`` entries).
     """
     order = node_info.get("input_order") or {s: list(node_info["input"].get(s, {})) for s in ("required", "optional")}
     slots: list[str | None] = []
@@ -75,7 +76,10 @@ def widget_slots(node_info: dict) -> list[str | None]:
             if kind not in WIDGET_TYPES or opts.get("forceInput"):
                 continue
             slots.append(name)
-            if opts.get("control_after_generate"):
+            # The frontend gives an INT a control widget when asked, and by default when it is
+            # called seed or noise_seed (it does so for other packs' nodes too).
+            default_control = kind == "INT" and name in ("seed", "noise_seed")
+            if opts.get("control_after_generate", default_control):
                 slots.append(None)
             if any(opts.get(flag) for flag in UPLOAD_FLAGS):
                 slots.append(None)

@@ -130,7 +130,8 @@ def test_nothing_is_mapped_when_the_model_files_are_present(comfy_server, tmp_pa
         for node_id, name, value in named:
             spec = have_all[prompt[node_id]["class_type"]]["input"]["required"][name]
             options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
-            options.append(value)
+            if value not in options:
+                options.append(value)
         kept = workflows.map_to_fixtures(prompt, have_all, models_dir)
         assert kept.family is None and kept.missing == [] and kept.prompt == prompt
         assert not any(models_dir.iterdir()), "fixtures were written although nothing was mapped"
