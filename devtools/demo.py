@@ -29,7 +29,7 @@ from pathlib import Path
 from ..bench.measure import psnr, ssim
 from . import fixtures, workflows
 from .host import ComfyServer, HostError, PromptError, comfyui_dir, comfyui_version, exec_seconds
-from .prompts import read_latent, sampling_prompt
+from .prompts import quantize_step, read_latent, sampling_prompt
 
 log = logging.getLogger("comfyui_accel.demo")
 OUT = Path("out/demo")
@@ -45,6 +45,7 @@ def variants() -> list[Variant]:
     """The baseline, each node family that exists, and all of them chained."""
     single: list[Variant] = []
     # Node families add their variants here as they land.
+    single.append(Variant("quantize int8", [quantize_step(format="int8")]))
     # Step caching: TaylorSeer works on any model. (TeaCache needs published coefficients or a
     # Cache Calibrate profile; the random-weight fixtures match no published set.)
     single.append(Variant("TaylorSeer", [("AccelTaylorSeer", {

@@ -42,3 +42,16 @@ def read_latent(path) -> "torch.Tensor":  # noqa: F821
     """The tensor SaveLatent wrote (a .latent file is safetensors with ``latent_tensor``)."""
     from safetensors.torch import load_file
     return load_file(str(path))["latent_tensor"]
+
+
+# Widget inputs of AccelQuantizeModel at their schema defaults (tests check they match).
+QUANTIZE_DEFAULTS = {"format": "int8", "group_size": 64, "compute_dtype": "auto", "smooth_alpha": 0.5,
+                     "calibration_steps": 8, "seed": 0, "cfg": 5.0, "auto_formats": "int8, w4a8, int4",
+                     "auto_budget": 0.35, "auto_min_sqnr_db": 0.0, "layer_overrides": ""}
+
+
+def quantize_step(**inputs) -> tuple[str, dict]:
+    """An AccelQuantizeModel step for ``sampling_prompt``'s chain; ``inputs`` override the defaults
+    (e.g. ``format="int4"``, or ``positive=["2", 0], negative=["3", 0], latent=["4", 0]`` to
+    calibrate on the prompt's own conditioning and latent)."""
+    return ("AccelQuantizeModel", {**QUANTIZE_DEFAULTS, **inputs})

@@ -46,6 +46,23 @@ def test_reference_matches_brute_force(lead, n, k, d):
     check_nearest(x, c, idx, d2)
 
 
+def test_reference_row_ranges_in_threads(monkeypatch):
+    # Large searches on a multi-core CPU run row ranges in threads; force that path on a small shape.
+    monkeypatch.setattr(km, "_PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(km, "_BLOCK_N", 64)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        g = torch.Generator().manual_seed(5)
+        x, c = torch.randn(2, 1001, 6, generator=g), torch.randn(2, 300, 6, generator=g)
+        with dispatch.backend("reference"):
+            idx, d2 = km.nearest_centroid(x, c)
+        assert torch.get_num_threads() == 3  # restored
+    finally:
+        torch.set_num_threads(saved)
+    check_nearest(x, c, idx, d2)
+
+
 # Interpreter shapes: small (the interpreter runs every tile in numpy), none a multiple of 32.
 TRITON_SHAPES = [((), 45, 37, 3), ((2, 3), 19, 45, 5), ((2,), 40, 23, 40)]
 
@@ -210,6 +227,18 @@ def test_progress_reports_iterations_and_can_interrupt():
             raise Stop
     with pytest.raises(Stop):
         km.kmeans(x, 5, iters=50, progress=stop_at_two)
+
+
+def test_warm_start_from_given_centroids():
+    x = torch.randn(2, 200, 3, generator=torch.Generator().manual_seed(8))
+    c5, _ = km.kmeans(x, 6, iters=5, seed=1)
+    same, idx = km.kmeans(x, 6, iters=0, init=c5)
+    assert torch.equal(same, c5) and torch.equal(idx, km.nearest_centroid(x, c5)[0])
+    # Continuing from 5 iterations for 3 more equals running 8 from the start.
+    c8, _ = km.kmeans(x, 6, iters=8, seed=1)
+    assert torch.allclose(km.kmeans(x, 6, iters=3, init=c5)[0], c8, atol=1e-6)
+    with pytest.raises(ValueError, match="init centroids"):
+        km.kmeans(x, 6, init=torch.zeros(6, 3))
 
 
 def test_bad_arguments_are_refused():

@@ -1,0 +1,156 @@
+"""Calibration: activation statistics of the linear layers during a short real sampling run.
+
+The run uses the user's own conditioning and latent through ``comfy.sample.sample`` (the
+KSampler machinery) on a *calibration clone* of the model, whose linear layers are object
+patches: observing copies of the original modules. Nothing is registered on the shared
+model's modules, and the clone carries the input's LoRA patches like any clone.
+
+An observing copy is the same module class with an observing ``forward`` mixed in (it calls
+the class's own ``forward``), sharing the parameter tensors but with its own parameter
+dict, so ModelPatcher can patch its weights without touching the original.
+
+Per layer, statistics are taken over every token of every step (Q-Diffusion, TFMQ-DM: the
+activation range moves with the timestep, so calibrating on one step is not enough):
+- per-input-channel absmax (for SmoothQuant factors and the outlier ratio);
+- the largest activation at each step (to show how the range moves);
+- a sample of input rows, evenly spread over the steps, to measure each layer's output
+  error under candidate formats (the report's output SQNR and ``auto``'s sensitivity).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+_observer_classes: dict[type, type] = {}
+# Per-module state ModelPatcher leaves on modules it loaded; a copy must start clean.
+_LOAD_STATE = ("comfy_patched_weights", "prev_comfy_cast_weights")
+
+
+class Recorder:
+    """Shared by the observers of one calibration run: which step is running, and on/off."""
+
+    def __init__(self):
+        self.step = 0
+        self.active = True
+
+
+class LayerStats:
+    def __init__(self, in_features: int, recorder: Recorder, rows_per_call: int, max_rows: int, seed: int):
+        self.absmax = torch.zeros(in_features)
+        self.step_absmax: dict[int, float] = {}
+        self.rows: list[torch.Tensor] = []
+        self.recorder = recorder
+        self.rows_per_call = rows_per_call
+        self.max_rows = max_rows
+        self.calls = 0
+        self.tokens = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        if not self.recorder.active:
+            return
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        channel = torch.linalg.vector_norm(x2, float("inf"), dim=0).float().cpu()
+        torch.maximum(self.absmax, channel, out=self.absmax)
+        step = self.recorder.step
+        self.step_absmax[step] = max(self.step_absmax.get(step, 0.0), channel.max().item())
+        pick = torch.randperm(x2.shape[0], generator=self._gen)[: self.rows_per_call]
+        self.rows.append(x2[pick.to(x2.device)].float().cpu())
+        self.calls += 1
+        self.tokens += x2.shape[0]
+
+    def sample(self) -> torch.Tensor:
+        """At most ``max_rows`` recorded input rows, spread evenly over the calls."""
+        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, self.absmax.numel())
+        if rows.shape[0] > self.max_rows:
+            keep = torch.randperm(rows.shape[0], generator=self._gen)[: self.max_rows]
+            rows = rows[keep.sort().values]
+        return rows
+
+    def step_range_ratio(self) -> float:
+        """How far the largest activation moves across the steps (max over min of the per-step maxima)."""
+        values = [v for v in self.step_absmax.values() if v > 0]
+        return max(values) / min(values) if values else 1.0
+
+    def outlier_ratio(self) -> float:
+        """Largest per-channel absmax over the median one (real DiTs: 10-100)."""
+        med = self.absmax.median().item()
+        return float("inf") if med == 0 else self.absmax.max().item() / med
+
+
+class _Observing:
+    def forward(self, x, *args, **kwargs):
+        self._accel_stats.observe(x)
+        return super().forward(x, *args, **kwargs)
+
+
+def observing_copy(module: torch.nn.Module, stats: LayerStats, params: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``module`` whose forward records its input into ``stats``; ``params`` are
+    the clean tensors it should hold (the patcher's view of the weights)."""
+    cls = type(module)
+    sub = _observer_classes.get(cls)
+    if sub is None:
+        sub = type(f"Observing{cls.__name__}", (_Observing, cls), {})
+        _observer_classes[cls] = sub
+    obs = object.__new__(sub)
+    state = {}
+    for key, value in module.__dict__.items():
+        if key in _LOAD_STATE:
+            continue
+        state[key] = value.copy() if isinstance(value, (dict, list)) else value
+    obs.__dict__.update(state)
+    for key in ("weight_function", "bias_function"):
+        if key in obs.__dict__:
+            obs.__dict__[key] = []
+    if "comfy_cast_weights" in obs.__dict__ and "prev_comfy_cast_weights" in module.__dict__:
+        obs.__dict__["comfy_cast_weights"] = module.__dict__["prev_comfy_cast_weights"]
+    for name, tensor in params.items():
+        if tensor is not None:
+            obs._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    obs._accel_stats = stats
+    return obs
+
+
+def calibrate(patcher, layers: list[str], positive, negative, latent: dict, steps: int, seed: int,
+              cfg: float, sampler_name: str = "euler", scheduler: str = "simple", max_rows: int = 128,
+              progress: Callable[[int], None] | None = None) -> dict[str, LayerStats]:
+    """Run ``steps`` sampling steps on a calibration clone; statistics for ``layers``."""
+    import comfy.sample
+    from .model import PREFIX, clean_param
+
+    clone = patcher.clone()
+    recorder = Recorder()
+    rows_per_call = max(1, math.ceil(max_rows / max(steps, 1)))
+    stats = {}
+    for i, path in enumerate(layers):
+        module = patcher.get_model_object(PREFIX + path)
+        stats[path] = LayerStats(module.weight.shape[1], recorder, rows_per_call, max_rows, seed + i)
+        params = {name: clean_param(patcher, path, name) for name in ("weight", "bias")}
+        clone.add_object_patch(PREFIX + path, observing_copy(module, stats[path], params))
+
+    samples = comfy.sample.fix_empty_latent_channels(clone, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+
+    def on_step(step, x0, x, total_steps):
+        recorder.step = step + 1
+        if progress is not None:
+            progress(step + 1)
+
+    try:
+        comfy.sample.sample(clone, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+                            noise_mask=latent.get("noise_mask"), callback=on_step, disable_pbar=True, seed=seed)
+    finally:
+        recorder.active = False  # the observers may stay installed until another clone loads
+    return stats
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant: ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``; the layer then computes
+    ``(X / s) @ (W * s)^T``, moving activation outliers into the weights by ``alpha``."""
+    w_absmax = weight.abs().amax(dim=0).float().cpu().clamp(min=1e-5)
+    a = act_absmax.float().clamp(min=1e-5)
+    s = a.pow(alpha) / w_absmax.pow(1.0 - alpha)
+    return s.clamp(min=1e-4, max=1e4)

@@ -1,0 +1,328 @@
+"""Weight formats: how a linear layer's weight [N, K] is stored, restored and multiplied.
+
+Each format is a small stateless object in ``FORMATS``:
+
+- ``quantize(w, spec, generator=None) -> parts``: a dict of tensors (the packed weight and
+  its scales). ``w`` is float32 [N, K]; ``generator`` switches integer rounding to
+  stochastic rounding (used when a LoRA is baked into an already quantized layer, as
+  ComfyUI does for its own fp8 weights).
+- ``dequantize(parts, shape, spec, dtype) -> w``.
+- ``linear(x, parts, shape, spec, bias, inv_smooth=None) -> y``: ``x`` is 2-D [M, K]; the
+  compute goes through the ``kernels/`` dispatchers (Triton on CUDA, PyTorch reference
+  elsewhere). ``inv_smooth`` (SmoothQuant) is applied to ``x`` first; formats that
+  quantize activations fold it into that step.
+- ``part_specs(shape, spec)``: the shape and dtype of every stored tensor, used to check a
+  file against its metadata and to count bytes.
+- ``problem(shape, spec)``: why this format cannot hold a weight of that shape, or None.
+
+A layer's choices (format, group size, whether activations are quantized) are a ``Spec``.
+Things that do not depend on the format (SmoothQuant factors; later a low-rank branch)
+live in ``qweight.QuantWeight`` around the format's parts, so every format gets them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import int8_gemm, lowbit, lowbit_gemm
+from ..kernels.quant_primitives import quantize_per_token_int8
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one layer is stored and computed."""
+    format: str
+    group_size: int | None = None
+    act_quant: bool = True  # quantize activations too, when the format can (W8A8, W4A8)
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "group_size": self.group_size, "act_quant": self.act_quant}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Spec":
+        return cls(str(d["format"]), d.get("group_size"), bool(d.get("act_quant", True)))
+
+
+def _round(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Round to nearest, or stochastically (unbiased) when a generator is given."""
+    if generator is None:
+        return torch.round(x)
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.floor(x + noise)
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    """Scales of all-zero rows/groups become 1 so nothing divides by zero."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _smoothed(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
+    return x if inv_smooth is None else x * inv_smooth.to(x.dtype)
+
+
+def fp8_matmul_available(device: torch.device) -> bool:
+    """FP8 tensor-core matmul (torch._scaled_mm) needs CUDA compute capability 8.9+."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+            and hasattr(torch, "_scaled_mm"))
+
+
+def quantize_activations(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 activations; SmoothQuant's division folded into the float32 copy the
+    quantizer makes anyway (one in-place pass instead of a bf16 pass before it)."""
+    if inv_smooth is not None:
+        x = x.to(torch.float32, copy=True).mul_(inv_smooth)
+    return quantize_per_token_int8(x)
+
+
+class WeightFormat:
+    name = ""
+    description = ""
+    weight_bits = 16
+    act_bits: int | None = None   # activation bits when activations are quantized
+    grouped = False               # takes a group size along K
+    fixed_block: int | None = None  # block size fixed by the format (NVFP4 16, MXFP4 32)
+    comfy_native: str | None = None  # ComfyUI's name for this layout (its loader reads it)
+
+    def problem(self, shape: tuple[int, int], spec: Spec) -> str | None:
+        n, k = shape
+        block = self.block(spec)
+        if block and k % block:
+            what = "group size" if self.grouped else f"{self.name} block size"
+            return f"{what} {block} does not divide the layer's input width {k}"
+        if self.weight_bits == 4 and k % 2:
+            return f"4-bit packing needs an even input width, got {k}"
+        return None
+
+    def block(self, spec: Spec) -> int | None:
+        return spec.group_size if self.grouped else self.fixed_block
+
+    def part_specs(self, shape, spec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def quantize(self, w, spec, generator=None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, parts, shape, spec, dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None) -> torch.Tensor:
+        """``x [M, K]``; ``inv_smooth`` [K] float32 multiplies ``x`` first (SmoothQuant).
+        Default: weight-only, dequantize then a high-precision matmul."""
+        return F.linear(_smoothed(x, inv_smooth), self.dequantize(parts, shape, spec, x.dtype), bias)
+
+    def quantizes_activations(self, spec: Spec) -> bool:
+        return self.act_bits is not None and spec.act_quant
+
+    def bits_per_weight(self, shape, spec) -> float:
+        return 8 * self.nbytes(shape, spec) / (shape[0] * shape[1])
+
+    def nbytes(self, shape, spec) -> int:
+        return sum(math.prod(s) * torch.empty((), dtype=d).element_size()
+                   for s, d in self.part_specs(shape, spec).values())
+
+
+class Int8(WeightFormat):
+    name = "int8"
+    description = "int8 weights, one scale per output channel; W8A8 with dynamic per-token int8 activations"
+    weight_bits = 8
+    act_bits = 8
+    comfy_native = "int8_tensorwise"
+
+    def part_specs(self, shape, spec):
+        n, k = shape
+        return {"weight": ((n, k), torch.int8), "scale": ((n,), torch.float32)}
+
+    def quantize(self, w, spec, generator=None):
+        scale = _safe(w.abs().amax(dim=1) / 127.0)
+        q = _round(w / scale[:, None], generator).clamp_(-127, 127).to(torch.int8)
+        return {"weight": q, "scale": scale}
+
+    def dequantize(self, parts, shape, spec, dtype):
+        return (parts["weight"].to(torch.float32) * parts["scale"][:, None]).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        if not spec.act_quant:
+            return lowbit_gemm.w8a16_linear(_smoothed(x, inv_smooth), parts["weight"], parts["scale"], bias)
+        xq, xs = quantize_activations(x, inv_smooth)
+        return int8_gemm.int8_gemm(xq, xs, parts["weight"], parts["scale"], bias, x.dtype)
+
+
+class FP8E4M3(WeightFormat):
+    name = "fp8_e4m3"
+    description = ("fp8 e4m3 weights with one per-tensor scale (ComfyUI's float8_e4m3fn layout); "
+                   "W8A8 with per-token fp8 activations on GPUs with fp8 matmul, weight-only elsewhere")
+    weight_bits = 8
+    act_bits = 8
+    comfy_native = "float8_e4m3fn"
+
+    def part_specs(self, shape, spec):
+        return {"weight": (tuple(shape), torch.float8_e4m3fn), "scale": ((), torch.float32)}
+
+    def quantize(self, w, spec, generator=None):
+        scale = _safe(w.abs().amax() / lowbit.E4M3_MAX)
+        q = (w / scale).clamp_(-lowbit.E4M3_MAX, lowbit.E4M3_MAX).to(torch.float8_e4m3fn)
+        return {"weight": q, "scale": scale.reshape(())}
+
+    def dequantize(self, parts, shape, spec, dtype):
+        return (parts["weight"].to(torch.float32) * parts["scale"]).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        x = _smoothed(x, inv_smooth)
+        n, k = shape
+        # cuBLASLt's row-wise scaled fp8 GEMM: K and N multiples of 16, bf16 output
+        if spec.act_quant and fp8_matmul_available(x.device) and k % 16 == 0 and n % 16 == 0:
+            x32 = x.to(torch.float32, copy=True)  # scaled in place below: never the caller's tensor
+            amax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
+            xs = _safe(amax / lowbit.E4M3_MAX)
+            xq = x32.div_(xs).to(torch.float8_e4m3fn)
+            ws = parts["scale"].float().reshape(1, 1).expand(1, n).contiguous()
+            out = torch._scaled_mm(xq, parts["weight"].t(), scale_a=xs, scale_b=ws,
+                                   bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+            return out.to(x.dtype)
+        return lowbit_gemm.w8a16_linear(x, parts["weight"], parts["scale"], bias)
+
+
+class Int4(WeightFormat):
+    name = "int4"
+    description = "int4 weights, asymmetric, fp16 scale and uint8 zero point per group along K; W4A16"
+    weight_bits = 4
+    grouped = True
+
+    def part_specs(self, shape, spec):
+        n, k = shape
+        g = k // spec.group_size
+        return {"weight": ((n, k // 2), torch.uint8), "scale": ((n, g), torch.float16),
+                "zero": ((n, g), torch.uint8)}
+
+    def quantize(self, w, spec, generator=None):
+        n, k = w.shape
+        wg = w.reshape(n, k // spec.group_size, spec.group_size)
+        lo = wg.amin(dim=-1).clamp(max=0)
+        hi = wg.amax(dim=-1).clamp(min=0)
+        # Quantize against the fp16-rounded scale so that dequantization sees the same one.
+        scale = _safe((hi - lo) / 15.0).to(torch.float16)
+        s = scale.float()
+        zero = torch.round(-lo / s).clamp_(0, 15)
+        q = (_round(wg / s[..., None], generator) + zero[..., None]).clamp_(0, 15)
+        return {"weight": lowbit.pack_int4(q.reshape(n, k).to(torch.uint8)), "scale": scale,
+                "zero": zero.to(torch.uint8)}
+
+    def dequantize(self, parts, shape, spec, dtype):
+        return lowbit_gemm.dequant_int4(parts["weight"], parts["scale"], parts["zero"], spec.group_size).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "int4", parts["weight"], parts["scale"], parts["zero"],
+                                         block=spec.group_size, bias=bias)
+
+
+class W4A8(WeightFormat):
+    """Two-level int4: an fp32 scale per output channel and an integer scale (1..17) per
+    group, so ``code * group_scale`` is an exact int8 weight (|.| <= 119) and the matmul
+    runs on the int8 path with int8 activations (the QServe-style progressive scheme)."""
+    name = "w4a8"
+    description = ("int4 weights (symmetric, integer scale per group, fp32 scale per channel) "
+                   "with dynamic per-token int8 activations through the int8 matmul")
+    weight_bits = 4
+    act_bits = 8
+    grouped = True
+    _LEVEL1 = 119.0  # 7 * 17: the largest code times the largest group scale fits int8
+
+    def part_specs(self, shape, spec):
+        n, k = shape
+        return {"weight": ((n, k // 2), torch.uint8), "group_scale": ((n, k // spec.group_size), torch.uint8),
+                "scale": ((n,), torch.float32)}
+
+    def quantize(self, w, spec, generator=None):
+        n, k = w.shape
+        scale = _safe(w.abs().amax(dim=1) / self._LEVEL1)
+        wg = (w / scale[:, None]).reshape(n, k // spec.group_size, spec.group_size)
+        gscale = torch.ceil(wg.abs().amax(dim=-1) / 7.0).clamp_(1, 17)
+        q = _round(wg / gscale[..., None], generator).clamp_(-7, 7) + 8
+        return {"weight": lowbit.pack_int4(q.reshape(n, k).to(torch.uint8)),
+                "group_scale": gscale.to(torch.uint8), "scale": scale}
+
+    def int8_weight(self, parts, shape, spec) -> torch.Tensor:
+        return lowbit_gemm.w4a8_int8_weight(parts["weight"], parts["group_scale"], spec.group_size)
+
+    def dequantize(self, parts, shape, spec, dtype):
+        w8 = self.int8_weight(parts, shape, spec)
+        return (w8.to(torch.float32) * parts["scale"][:, None]).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        if not spec.act_quant:
+            return super().linear(x, parts, shape, spec, bias, inv_smooth)
+        xq, xs = quantize_activations(x, inv_smooth)
+        return lowbit_gemm.w4a8_gemm(xq, xs, parts["weight"], parts["group_scale"], parts["scale"],
+                                     spec.group_size, bias, x.dtype)
+
+
+class NVFP4(WeightFormat):
+    name = "nvfp4"
+    description = ("fp4 e2m1 weights, fp8 e4m3 scale per 16 and an fp32 per-tensor scale (NVIDIA's NVFP4); "
+                   "computed through dequantization (W4A16)")
+    weight_bits = 4
+    fixed_block = 16
+
+    def part_specs(self, shape, spec):
+        n, k = shape
+        return {"weight": ((n, k // 2), torch.uint8), "block_scale": ((n, k // 16), torch.float8_e4m3fn),
+                "global_scale": ((), torch.float32)}
+
+    def quantize(self, w, spec, generator=None):
+        n, k = w.shape
+        gscale = _safe(w.abs().amax() / (lowbit.E4M3_MAX * lowbit.E2M1_MAX))
+        wb = w.reshape(n, k // 16, 16)
+        bscale = (wb.abs().amax(dim=-1) / lowbit.E2M1_MAX / gscale).clamp_(max=lowbit.E4M3_MAX)
+        bscale = bscale.to(torch.float8_e4m3fn)
+        total = bscale.float() * gscale
+        codes = lowbit.e2m1_encode(wb / _safe(total)[..., None])
+        return {"weight": lowbit.pack_int4(codes.reshape(n, k)), "block_scale": bscale,
+                "global_scale": gscale.reshape(())}
+
+    def dequantize(self, parts, shape, spec, dtype):
+        return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 16, parts["global_scale"]).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "nvfp4", parts["weight"], parts["block_scale"],
+                                         global_scale=parts["global_scale"], block=16, bias=bias)
+
+
+class MXFP4(WeightFormat):
+    name = "mxfp4"
+    description = "fp4 e2m1 weights with a power-of-two (e8m0) scale per 32 (OCP MXFP4); computed through dequantization"
+    weight_bits = 4
+    fixed_block = 32
+
+    def part_specs(self, shape, spec):
+        n, k = shape
+        return {"weight": ((n, k // 2), torch.uint8), "block_scale": ((n, k // 32), torch.uint8)}
+
+    def quantize(self, w, spec, generator=None):
+        n, k = w.shape
+        wb = w.reshape(n, k // 32, 32)
+        amax = wb.abs().amax(dim=-1)
+        code = lowbit.e8m0_encode_ceil(_safe(amax / lowbit.E2M1_MAX))
+        codes = lowbit.e2m1_encode(wb / lowbit.e8m0_decode(code)[..., None])
+        return {"weight": lowbit.pack_int4(codes.reshape(n, k)), "block_scale": code}
+
+    def dequantize(self, parts, shape, spec, dtype):
+        return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 32).to(dtype)
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
+
+
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), NVFP4(), MXFP4())}
+
+# The vector-quantized formats (vq2, vq3) live in their own module and add themselves here.
+from . import vq_format  # noqa: E402,F401
+
+
+def get(name: str) -> WeightFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise KeyError(f"unknown weight format {name!r}; known: {', '.join(FORMATS)}") from None

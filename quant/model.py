@@ -1,0 +1,247 @@
+"""Quantize the linear layers of a ComfyUI model: a clone with ``QuantLinear`` object patches.
+
+Takes a ModelPatcher and returns ``patcher.clone()``; the shared model is never modified.
+Layers are quantized one at a time (a float32 copy of one layer at a time), so peak memory
+stays near the model's own size plus the packed copy.
+
+Reading the weights the input model really uses:
+- the module is ``patcher.get_model_object(path)``: the input's own object patch if it has
+  one, else the original module, even while another clone's object patches are installed;
+- the tensor is the clean copy in ``patcher.backup`` when some loaded clone has patched the
+  shared weights in place, else the module's own;
+- it is converted the way ``ModelPatcher.patch_weight_to_device`` does (float32, then the
+  module's ``convert_weight``) and the input's own weight patches (a LoRA loaded before this
+  node) are merged with ``comfy.lora.calculate_weight``; those patches are then dropped from
+  the clone because they are baked in. Bias patches stay on the clone and apply as usual.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..metrics import sqnr_db
+from . import formats, policy
+from .linear import QuantLinear
+from .qweight import QuantWeight
+
+PREFIX = "diffusion_model."
+
+
+class AlreadyQuantized(ValueError):
+    pass
+
+
+@dataclass
+class LayerRow:
+    """One line of the report."""
+    layer: str
+    role: str
+    format: str                  # a format name, or "keep"
+    activations: str             # "int8", "fp8", or "float" (not quantized)
+    params: int
+    bits: float
+    bytes_before: int
+    bytes_after: int
+    weight_sqnr_db: float | None = None
+    output_sqnr_db: float | None = None
+    outlier_ratio: float | None = None    # largest / median per-channel activation absmax
+    step_range_ratio: float | None = None  # largest / smallest activation absmax over the steps
+    reason: str = ""
+
+
+@dataclass
+class Result:
+    model: object                # the quantized ModelPatcher clone
+    rows: list[LayerRow] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def is_linear(module) -> bool:
+    if isinstance(module, QuantLinear) or isinstance(module, torch.nn.Linear):
+        return True
+    # ComfyUI's mixed-precision ops Linear is not an nn.Linear subclass.
+    return ("Linear" in type(module).__name__ and hasattr(module, "in_features")
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 2)
+
+
+def linear_layers(patcher) -> list[tuple[str, torch.nn.Module]]:
+    """(path inside diffusion_model, module) for every linear layer, as the patcher sees it."""
+    root = patcher.get_model_object("diffusion_model")
+    out = []
+    for name, _ in root.named_modules():
+        if not name:
+            continue
+        module = patcher.get_model_object(PREFIX + name)
+        if is_linear(module):
+            out.append((name, module))
+    return out
+
+
+def plan_model(patcher, fmt: str, group_size: int | None, overrides: list[policy.Override]) -> list[policy.LayerPlan]:
+    """A plan for every linear layer. A layer that another node replaced with an object patch
+    on this model is left as it is (its patch is chained, not replaced)."""
+    plans = []
+    for name, module in linear_layers(patcher):
+        shape = tuple(module.weight.shape)
+        if PREFIX + name in patcher.object_patches and not isinstance(module, QuantLinear):
+            plans.append(policy.LayerPlan(name, shape, policy.role_of(name), None,
+                                          "replaced by another node's object patch: left as it is"))
+            continue
+        plans.append(policy.plan_layer(name, shape, fmt, group_size, overrides))
+    return plans
+
+
+def quantized_layers(patcher) -> list[str]:
+    return [name for name, m in linear_layers(patcher) if isinstance(m, QuantLinear)]
+
+
+def compute_dtype(patcher) -> torch.dtype:
+    model = patcher.model
+    return getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+
+
+def clean_param(patcher, path: str, name: str) -> torch.Tensor | None:
+    """A layer's parameter as stored, before any clone's weight patches (the backup when a
+    loaded clone has patched the shared weights in place)."""
+    key = f"{PREFIX}{path}.{name}"
+    backup = patcher.backup.get(key)
+    if backup is not None:
+        return backup.weight
+    return getattr(patcher.get_model_object(PREFIX + path), name, None)
+
+
+@torch.no_grad()
+def float_weight(patcher, path: str, device=None) -> torch.Tensor:
+    """The float32 weight the input model computes with, LoRA patches merged."""
+    key = f"{PREFIX}{path}.weight"
+    module = patcher.get_model_object(PREFIX + path)
+    w = clean_param(patcher, path, "weight")
+    w = w.to(device=device or w.device, dtype=torch.float32, copy=True)
+    convert = getattr(module, "convert_weight", None)
+    if convert is not None:
+        w = convert(w, inplace=True)
+    if isinstance(w, QuantWeight):
+        w = w.dequantize(torch.float32)
+    if key in patcher.patches:
+        import comfy.lora
+        w = comfy.lora.calculate_weight(patcher.patches[key], w, key)
+    return w.float()
+
+
+def clean_bias(patcher, path: str) -> torch.Tensor | None:
+    bias = clean_param(patcher, path, "bias")
+    return None if bias is None else bias.detach().clone()
+
+
+# Above this many weights, weight SQNR is measured on evenly spaced output rows: the metric
+# works in float64, and a full copy of a 70M-weight layer would be gigabytes.
+_SQNR_MAX_ELEMENTS = 1 << 22
+
+
+@torch.no_grad()
+def weight_sqnr_db(w: torch.Tensor, qw: QuantWeight) -> float:
+    n, k = w.shape
+    if n * k <= _SQNR_MAX_ELEMENTS:
+        return sqnr_db(w, qw.dequantize(torch.float32))
+    rows = torch.linspace(0, n - 1, max(1, _SQNR_MAX_ELEMENTS // k)).round().long().unique().to(w.device)
+    return sqnr_db(w[rows], qw.select_rows(rows).dequantize(torch.float32))
+
+
+def act_label(spec) -> str:
+    if spec is None:
+        return "float"
+    fmt = formats.get(spec.format)
+    if not fmt.quantizes_activations(spec):
+        return "float"
+    return "fp8" if spec.format == "fp8_e4m3" else f"int{fmt.act_bits}"
+
+
+@torch.no_grad()
+def output_sqnr_db(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor) -> float:
+    """SQNR of the quantized layer's output against the float layer's, on recorded inputs."""
+    rows = rows.to(w.device)
+    return sqnr_db(rows @ w.t(), qw.linear(rows.to(qw.dtype), None).float())
+
+
+def quantize_layer(w: torch.Tensor, spec, dtype: torch.dtype, stats=None, smooth_alpha: float = 0.0) -> QuantWeight:
+    """Pack one float weight; SmoothQuant factors when there are statistics, an alpha, and
+    the format quantizes activations (there is nothing to smooth otherwise)."""
+    smooth = None
+    if stats is not None and smooth_alpha > 0 and formats.get(spec.format).quantizes_activations(spec):
+        from .calibrate import smoothing_factors
+        smooth = smoothing_factors(stats.absmax, w, smooth_alpha)
+    return QuantWeight.quantize(w, spec, dtype, smooth=smooth)
+
+
+@torch.no_grad()
+def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | None = None,
+                   stats: dict | None = None, smooth_alpha: float = 0.0,
+                   progress: Callable[[int], None] | None = None) -> Result:
+    """Apply ``plans`` (one per linear layer) to a clone of ``patcher``.
+
+    ``dtype``: the compute dtype of the result (None keeps the model's). ``stats``: per-layer
+    calibration statistics (``calibrate.LayerStats``), for smoothing and the report."""
+    already = quantized_layers(patcher)
+    if already:
+        raise AlreadyQuantized(f"the model already has {len(already)} quantized layers "
+                               f"(e.g. {already[0]}); connect the model before quantization")
+    current = compute_dtype(patcher)
+    dtype = dtype or current
+    work_device = patcher.load_device
+    store_device = patcher.offload_device
+    clone = patcher.clone()
+    rows = []
+    for i, plan in enumerate(plans):
+        module = patcher.get_model_object(PREFIX + plan.path)
+        n, k = plan.shape
+        before = n * k * module.weight.element_size()
+        layer_stats = None if stats is None else stats.get(plan.path)
+        act = {} if layer_stats is None else dict(outlier_ratio=layer_stats.outlier_ratio(),
+                                                  step_range_ratio=layer_stats.step_range_ratio())
+        if plan.spec is None:
+            rows.append(LayerRow(plan.path, plan.role, "keep", "float", n * k, 8.0 * module.weight.element_size(),
+                                 before, before, reason=plan.reason, **act))
+        else:
+            w = float_weight(patcher, plan.path, device=work_device)
+            qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
+            row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
+                           qw.bits_per_weight(), before, qw.packed_nbytes(),
+                           weight_sqnr_db=weight_sqnr_db(w, qw),
+                           reason=plan.reason + (", smoothed" if qw.smooth is not None else ""), **act)
+            if layer_stats is not None and layer_stats.rows:
+                row.output_sqnr_db = output_sqnr_db(w, qw, layer_stats.sample())
+            clone.add_object_patch(PREFIX + plan.path, QuantLinear(qw.retarget(device=store_device),
+                                                                   clean_bias(patcher, plan.path)))
+            clone.patches.pop(f"{PREFIX}{plan.path}.weight", None)
+            rows.append(row)
+            del w, qw
+        if progress is not None:
+            progress(i + 1)
+    clone.patches_uuid = uuid.uuid4()
+    if dtype != current:
+        clone.set_model_compute_dtype(dtype)
+    return Result(clone, rows, summarize(rows, dtype))
+
+
+def summarize(rows: list[LayerRow], dtype: torch.dtype) -> dict:
+    quantized = [r for r in rows if r.format != "keep"]
+    params = sum(r.params for r in rows)
+    as_bf16 = sum(r.bytes_after if r.format != "keep" else 2 * r.params for r in rows)
+    out = {
+        "layers quantized": f"{len(quantized)} of {len(rows)}",
+        "compute dtype": str(dtype).replace("torch.", ""),
+        "linear weight bytes before": sum(r.bytes_before for r in rows),
+        "linear weight bytes after": sum(r.bytes_after for r in rows),
+        # kept layers counted at 16 bits, so this compares with the same model in bf16
+        "linear weights vs bf16": round(2.0 * params / max(as_bf16, 1), 3),
+        "quantized layers vs bf16": round(2.0 * sum(r.params for r in quantized)
+                                          / max(sum(r.bytes_after for r in quantized), 1), 3),
+    }
+    measured = [r.output_sqnr_db for r in quantized if r.output_sqnr_db is not None]
+    if measured:
+        out["worst layer output SQNR dB"] = round(min(measured), 2)
+        out["median layer output SQNR dB"] = round(sorted(measured)[len(measured) // 2], 2)
+    return out

@@ -1,0 +1,137 @@
+"""Which linear layers get quantized, and how: roles by name, plus the user's overrides.
+
+Roles come from the layer's path inside ``diffusion_model``; the names are those of
+ComfyUI's own model classes (Wan, Flux/Chroma, HunyuanVideo, LTX-Video, SD3/MMDiT,
+SD1.5/SDXL UNet, Lumina 2, Qwen-Image, HiDream...), so one table covers the families:
+
+- ``embedding``: input/patch/text/caption projections at the model's entry -> kept.
+- ``timestep``: timestep and guidance embedding MLPs -> kept. They are tiny and run on one
+  token per sample, and errors there shift every block at once (TFMQ-DM, Q-Diffusion).
+- ``final``: the output projection -> kept (every quantization study keeps it).
+- ``modulation``: adaLN/modulation linears (Flux ``img_mod``, SD3 ``adaLN_modulation``...) ->
+  quantized **weight-only** by default. Their input is the timestep vector whose range
+  moves with the timestep, which is what makes activation quantization fail there
+  (PTQ4DiT, ViDiT-Q); their weights quantize fine (nunchaku stores them W4A16). They hold
+  about a quarter of Flux's parameters, so keeping them in 16 bits would cap int8's
+  memory saving near 1.6x instead of 2x.
+- ``linear``: everything else (attention, MLP) -> the chosen format.
+
+Overrides are lines ``<regex> = <action>`` (first match wins, before the roles), where
+action is ``keep``, a format name, or a format name followed by ``weight_only``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from . import formats
+from .formats import Spec
+
+_ROLE_PATTERNS = [
+    ("final", r"^(final_layer|head|norm_out|proj_out|final_linear|last_layer|out)(\.|$)"),
+    ("timestep", r"^(time_in|vector_in|guidance_in|time_r_in|t_embedder|time_embedding|time_embed|"
+                 r"time_projection|time_text_embed|timestep_embedder|adaln_single|label_emb|t_block)(\.|$)"),
+    ("embedding", r"^(img_in|txt_in|x_embedder|context_embedder|patchify_proj|patch_embedding|"
+                  r"input_embedder|c_embedder|cap_embedder|caption_projection|text_embedding|img_emb|"
+                  r"y_embedder|pos_embed|vision_in|audio_proj\w*|ref_conv|proj_in)(\.|$)"),
+    ("modulation", r"(^|\.)(img_mod|txt_mod|modulation|adaLN_modulation|emb_layers|norm1_context|"
+                   r"double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)"
+                   r"(\.|$)|(^|\.)norm1\.linear$"),
+]
+KEPT_ROLES = ("final", "timestep", "embedding")
+
+_REASONS = {
+    "final": "output projection: kept in high precision",
+    "timestep": "timestep/guidance embedding: kept in high precision",
+    "embedding": "input embedding: kept in high precision",
+    "modulation": "modulation: weight-only (its input range moves with the timestep)",
+    "linear": "attention/MLP linear",
+}
+
+
+def role_of(path: str) -> str:
+    for role, pattern in _ROLE_PATTERNS:
+        if re.search(pattern, path):
+            return role
+    return "linear"
+
+
+@dataclass
+class Override:
+    pattern: re.Pattern
+    action: str            # "keep" or a format name
+    weight_only: bool
+    line: str
+
+
+def parse_overrides(text: str) -> list[Override]:
+    """Parse ``<regex> = <action>`` lines; raises ValueError with the bad line named."""
+    out = []
+    for raw in (text or "").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ValueError(f"line {line!r} has no '='; write '<regex> = keep' or '<regex> = <format>'")
+        pattern_text, action_text = (s.strip() for s in line.rsplit("=", 1))
+        try:
+            pattern = re.compile(pattern_text)
+        except re.error as e:
+            raise ValueError(f"line {line!r}: the pattern is not a valid regular expression ({e})") from None
+        words = action_text.split()
+        action = words[0] if words else ""
+        weight_only = words[1:] == ["weight_only"]
+        if action != "keep" and action not in formats.FORMATS or (words[1:] and not weight_only):
+            raise ValueError(f"line {line!r}: the action must be 'keep', a format "
+                             f"({', '.join(formats.FORMATS)}) or a format followed by 'weight_only'")
+        out.append(Override(pattern, action, weight_only, line))
+    return out
+
+
+@dataclass
+class LayerPlan:
+    path: str                 # inside diffusion_model
+    shape: tuple[int, int]    # (out_features, in_features)
+    role: str
+    spec: Spec | None         # None: kept in high precision
+    reason: str
+    auto: bool = False        # the format is left to ``auto.allocate``
+
+
+def plan_layer(path: str, shape: tuple[int, int], fmt: str, group_size: int | None,
+               overrides: list[Override]) -> LayerPlan:
+    """The plan for one layer (``fmt`` may be "auto"). A format that cannot hold the layer
+    raises LayerError."""
+    role = role_of(path)
+    for ov in overrides:
+        if ov.pattern.search(path):
+            if ov.action == "keep":
+                return LayerPlan(path, shape, role, None, f"override '{ov.line}': kept")
+            spec = make_spec(ov.action, group_size, act_quant=not ov.weight_only)
+            return LayerPlan(path, shape, role, _checked(spec, shape, path), f"override '{ov.line}'")
+    if role in KEPT_ROLES:
+        return LayerPlan(path, shape, role, None, _REASONS[role])
+    if fmt == "auto":
+        return LayerPlan(path, shape, role, None, _REASONS[role], auto=True)
+    spec = make_spec(fmt, group_size, act_quant=role != "modulation")
+    return LayerPlan(path, shape, role, _checked(spec, shape, path), _REASONS[role])
+
+
+def make_spec(fmt: str, group_size: int | None, act_quant: bool) -> Spec:
+    f = formats.get(fmt)
+    return Spec(fmt, group_size if f.grouped else None, act_quant and f.act_bits is not None)
+
+
+class LayerError(ValueError):
+    """A format that cannot hold a layer; ``path`` names the layer."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
+
+
+def _checked(spec: Spec, shape, path) -> Spec:
+    problem = formats.get(spec.format).problem(shape, spec)
+    if problem:
+        raise LayerError(f"layer {path} {tuple(shape)}: {problem}", path)
+    return spec

@@ -1,0 +1,191 @@
+"""Weight formats: round-trip error within bounds derived from each format's definition,
+stored tensors matching the declared layout, and the quantized matmuls against an
+independent computation."""
+import pytest
+import torch
+
+from comfyui_accel.kernels import lowbit
+from comfyui_accel.quant import formats
+from comfyui_accel.quant.formats import Spec
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def weight(n=48, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    w[3, 17] *= 25.0  # one outlier weight, as real layers have
+    w[5] = 0.0        # an all-zero row must not divide by zero
+    return w
+
+
+def spec(name, group=64, act=True):
+    return Spec(name, group if formats.get(name).grouped else None, act)
+
+
+@pytest.mark.parametrize("name", list(formats.FORMATS))
+def test_parts_match_declared_layout(name):
+    w = weight()
+    s = spec(name)
+    fmt = formats.get(name)
+    parts = fmt.quantize(w, s)
+    declared = fmt.part_specs(tuple(w.shape), s)
+    assert set(parts) == set(declared)
+    for key, (shape, dtype) in declared.items():
+        assert tuple(parts[key].shape) == shape and parts[key].dtype == dtype, key
+
+
+def test_int8_error_is_at_most_half_a_step_per_row():
+    w = weight()
+    fmt = formats.get("int8")
+    parts = fmt.quantize(w, spec("int8"))
+    step = w.abs().amax(dim=1, keepdim=True) / 127
+    err = (fmt.dequantize(parts, w.shape, spec("int8"), torch.float32) - w).abs()
+    assert torch.all(err <= step / 2 * (1 + 1e-5) + 1e-12)
+    assert parts["weight"].abs().max() <= 127
+
+
+def test_fp8_error_is_half_an_ulp_of_e4m3():
+    w = weight()
+    fmt = formats.get("fp8_e4m3")
+    parts = fmt.quantize(w, spec("fp8_e4m3"))
+    scale = w.abs().max() / 448
+    deq = fmt.dequantize(parts, w.shape, spec("fp8_e4m3"), torch.float32)
+    # 3 mantissa bits: relative half-ulp 2^-4 for normals; subnormal spacing 2^-9 (scaled units)
+    bound = torch.maximum(w.abs() * 2 ** -4, torch.full_like(w, 2 ** -10) * scale)
+    assert torch.all((deq - w).abs() <= bound * (1 + 1e-5))
+
+
+def test_int4_asymmetric_groups_error_and_grid():
+    w = weight()
+    s = spec("int4", 64)
+    fmt = formats.get("int4")
+    parts = fmt.quantize(w, s)
+    wg = w.reshape(48, 4, 64)
+    step = ((wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0)) / 15).half().float()
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    deq = fmt.dequantize(parts, w.shape, s, torch.float32).reshape(48, 4, 64)
+    assert torch.all((deq - wg).abs() <= 0.51 * step[..., None] + 1e-7)
+    codes = lowbit.unpack_int4(parts["weight"]).reshape(48, 4, 64).float()
+    assert codes.max() <= 15 and parts["zero"].max() <= 15
+    # every value is (code - zero) * scale exactly
+    assert torch.allclose(deq, (codes - parts["zero"].float()[..., None]) * step[..., None], atol=1e-7)
+
+
+def test_w4a8_error_and_exact_int8_weights():
+    w = weight()
+    s = spec("w4a8", 64)
+    fmt = formats.get("w4a8")
+    parts = fmt.quantize(w, s)
+    s_ch = w.abs().amax(dim=1) / 119
+    s_ch = torch.where(s_ch > 0, s_ch, torch.ones_like(s_ch))
+    gs = parts["group_scale"].float()
+    assert gs.min() >= 1 and gs.max() <= 17
+    step = (s_ch[:, None] * gs).repeat_interleave(64, dim=1)
+    deq = fmt.dequantize(parts, w.shape, s, torch.float32)
+    assert torch.all((deq - w).abs() <= step / 2 * (1 + 1e-5) + 1e-12)
+    w8 = fmt.int8_weight(parts, w.shape, s)
+    assert w8.dtype == torch.int8 and w8.abs().max() <= 119
+    assert torch.allclose(w8.float() * s_ch[:, None], deq)
+
+
+def _nearest_grid_error(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    grid = torch.cat([E2M1, -E2M1[1:]])
+    return (x[..., None] - grid * scale[..., None]).abs().min(dim=-1).values
+
+
+def test_nvfp4_scales_and_nearest_value():
+    w = weight()
+    fmt = formats.get("nvfp4")
+    parts = fmt.quantize(w, spec("nvfp4"))
+    gscale = w.abs().max() / (448 * 6)
+    wb = w.reshape(48, 16, 16)
+    expected_bs = (wb.abs().amax(-1) / 6 / gscale).to(torch.float8_e4m3fn)
+    assert torch.equal(parts["block_scale"].float(), expected_bs.float())
+    total = expected_bs.float() * gscale
+    deq = fmt.dequantize(parts, w.shape, spec("nvfp4"), torch.float32).reshape(48, 16, 16)
+    best = _nearest_grid_error(wb, total[..., None].expand_as(wb))
+    assert torch.allclose((deq - wb).abs(), best, atol=1e-7)
+
+
+def test_mxfp4_power_of_two_scales_and_nearest_value():
+    w = weight()
+    fmt = formats.get("mxfp4")
+    parts = fmt.quantize(w, spec("mxfp4"))
+    wb = w.reshape(48, 8, 32)
+    amax = wb.abs().amax(-1)
+    scale = lowbit.e8m0_decode(parts["block_scale"])
+    nonzero = amax > 0
+    # smallest power of two with amax / scale <= 6: nothing saturates
+    assert torch.all(amax[nonzero] / scale[nonzero] <= 6) and torch.all(amax[nonzero] / scale[nonzero] > 3)
+    deq = fmt.dequantize(parts, w.shape, spec("mxfp4"), torch.float32).reshape(48, 8, 32)
+    best = _nearest_grid_error(wb, scale[..., None].expand_as(wb))
+    assert torch.allclose((deq - wb).abs(), best, atol=1e-7)
+
+
+def _per_token_int8(x):
+    s = x.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(x / s), s
+
+
+def test_int8_w8a8_linear_matches_independent_integer_product():
+    w, x = weight(), torch.randn(9, 256, generator=torch.Generator().manual_seed(3))
+    fmt = formats.get("int8")
+    parts = fmt.quantize(w, spec("int8"))
+    bias = torch.randn(48)
+    xq, sx = _per_token_int8(x)
+    expected = (xq @ parts["weight"].double().t().float()) * sx * parts["scale"] + bias
+    got = fmt.linear(x, parts, tuple(w.shape), spec("int8"), bias)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # and it approximates the float product
+    assert (got - (x @ w.t() + bias)).norm() / (x @ w.t() + bias).norm() < 0.02
+
+
+def test_w4a8_linear_uses_int8_activations():
+    w, x = weight(), torch.randn(9, 256, generator=torch.Generator().manual_seed(4))
+    fmt = formats.get("w4a8")
+    s = spec("w4a8", 64)
+    parts = fmt.quantize(w, s)
+    xq, sx = _per_token_int8(x)
+    expected = (xq @ fmt.int8_weight(parts, w.shape, s).float().t()) * sx * parts["scale"]
+    assert torch.allclose(fmt.linear(x, parts, tuple(w.shape), s, None), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["int4", "nvfp4", "mxfp4", "fp8_e4m3"])
+def test_weight_only_linear_is_dequantized_matmul(name):
+    w, x = weight(), torch.randn(5, 256, generator=torch.Generator().manual_seed(5))
+    fmt = formats.get(name)
+    s = spec(name)
+    parts = fmt.quantize(w, s)
+    expected = x @ fmt.dequantize(parts, w.shape, s, torch.float32).t()
+    assert torch.allclose(fmt.linear(x, parts, tuple(w.shape), s, None), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "w4a8"])
+def test_stochastic_rounding_is_unbiased(name):
+    w = weight(n=16, k=128)
+    fmt = formats.get(name)
+    s = spec(name, 64)
+    nearest = fmt.dequantize(fmt.quantize(w, s), w.shape, s, torch.float32)
+    runs = [fmt.dequantize(fmt.quantize(w, s, torch.Generator().manual_seed(i)), w.shape, s, torch.float32)
+            for i in range(64)]
+    mean = torch.stack(runs).mean(0)
+    assert (mean - w).abs().mean() < 0.4 * (nearest - w).abs().mean()
+    assert not torch.equal(runs[0], runs[1])
+
+
+def test_bits_per_weight_formula():
+    shape = (64, 512)
+    assert formats.get("int8").bits_per_weight(shape, spec("int8")) == pytest.approx(8 + 32 / 512)
+    assert formats.get("int4").bits_per_weight(shape, spec("int4", 128)) == pytest.approx(4 + 24 / 128)
+    assert formats.get("nvfp4").bits_per_weight(shape, spec("nvfp4")) == pytest.approx(4 + 8 / 16 + 32 / (64 * 512))
+    assert formats.get("mxfp4").bits_per_weight(shape, spec("mxfp4")) == pytest.approx(4 + 8 / 32)
+
+
+def test_problems_are_reported():
+    assert "does not divide" in formats.get("int4").problem((8, 96), spec("int4", 64))
+    assert formats.get("int4").problem((8, 128), spec("int4", 64)) is None
+    assert "does not divide" in formats.get("mxfp4").problem((8, 48), spec("mxfp4"))
+    assert formats.get("int8").problem((8, 7), spec("int8")) is None
+    with pytest.raises(KeyError, match="unknown weight format"):
+        formats.get("int3")
