@@ -365,11 +365,275 @@ def hunyuan_sparse_teacache(g: Graph) -> None:
     g.connect(video, 0, save, "video")
 
 
+WAN21_FILES = ("  diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors\n"
+               "  text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n"
+               "  vae/wan_2.1_vae.safetensors\n")
+WAN21_PROMPT = "A hummingbird hovering at a red flower in slow motion, garden background softly out of focus."
+WAN21_NEGATIVE = "blurry, low quality, static, distorted, watermark"
+
+
+def _wan21_inputs(g: Graph, model: Node, column: int = 1) -> tuple[Node, Node, Node, Node, Node]:
+    """Text encoder, VAE, shift, prompts and empty latent of a Wan 2.1 1.3B text-to-video run.
+    Returns (shift, positive, negative, latent, vae); the shift takes ``model``."""
+    clip = g.add("CLIPLoader", 0, clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan", device="default")
+    vae = g.add("VAELoader", 0, vae_name="wan_2.1_vae.safetensors")
+    shift = g.add("ModelSamplingSD3", column, shift=8.0)
+    pos = g.add("CLIPTextEncode", column, title="Positive prompt", color=POSITIVE_COLOR, node_width=360,
+                text=WAN21_PROMPT)
+    neg = g.add("CLIPTextEncode", column, title="Negative prompt", color=NEGATIVE_COLOR, node_width=360,
+                text=WAN21_NEGATIVE)
+    latent = g.add("EmptyHunyuanLatentVideo", column, width=832, height=480, length=33, batch_size=1)
+    g.connect(model, 0, shift, "model")
+    g.connect(clip, 0, pos, "clip")
+    g.connect(clip, 0, neg, "clip")
+    return shift, pos, neg, latent, vae
+
+
+def _save_video(g: Graph, column: int, samples: Node, vae: Node, prefix: str, fps: float = 16.0) -> None:
+    decode = g.add("VAEDecode", column, node_width=300)
+    g.connect(samples, 0, decode, "samples")
+    g.connect(vae, 0, decode, "vae")
+    video = g.add("CreateVideo", column, node_width=300, fps=fps)
+    g.connect(decode, 0, video, "images")
+    save = g.add("SaveVideo", column, node_width=300, filename_prefix=prefix)
+    g.connect(video, 0, save, "video")
+
+
+def _show(g: Graph, column: int, src: Node, text_slot: int | None, plot_slot: int | None, title: str,
+          width: int = 360) -> None:
+    """Preview nodes for a report (text) and its plot (image)."""
+    if text_slot is not None:
+        text = g.add("PreviewAny", column, title=f"{title} report", node_width=width, node_height=220)
+        g.connect(src, text_slot, text, "source")
+    if plot_slot is not None:
+        plot = g.add("PreviewImage", column, title=f"{title} plot", node_width=width, node_height=300)
+        g.connect(src, plot_slot, plot, "images")
+
+
+def wan21_quant_sparse_taylor(g: Graph) -> None:
+    """Wan 2.1 text to video: int8 quantization -> svg2 sparse attention -> TaylorSeer -> sampler."""
+    g.note(0, "What this does", (
+        "Wan 2.1 1.3B text to video with three accelerations chained on the MODEL:\n"
+        "1. Quantize Model (int8): the linear layers get int8 weights and per-token int8 activations "
+        "(SmoothQuant 0.5, calibrated on your prompt in a short 8-step run first); fragile layers stay in 16-bit. "
+        "Linear weights about 2x smaller than bf16; the report lists every layer's SQNR.\n"
+        "2. Sparse Attention (svg2): queries and keys are clustered (k-means); each query cluster keeps the key "
+        "blocks holding 90% of its estimated attention mass, at most 25% of them.\n"
+        "3. TaylorSeer: the model runs fully on the first 3 steps and then every 3rd step; the steps between are "
+        "forecast (first order) from the last computed ones.\n\n"
+        "Needs (ComfyUI/models/...):\n" + WAN21_FILES + "\n"
+        "Expect: a 33-frame 832x480 video in output/video/ ('accel_wan21'), the quantization report and its "
+        "per-layer SQNR plot, the sparse attention report and heat maps, and the Cache Report (computed and "
+        "forecast steps). Bypass any of the three nodes (Ctrl+B) to compare with the same seed."), width=440)
+    unet = g.add("UNETLoader", 0, unet_name="wan2.1_t2v_1.3B_fp16.safetensors", weight_dtype="default")
+    shift, pos, neg, latent, vae = _wan21_inputs(g, unet)
+
+    quant = g.add("AccelQuantizeModel", 2, color=ACCEL_COLOR, node_width=360, format="int8", seed=11, cfg=6.0)
+    for src, name in ((shift, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent")):
+        g.connect(src, 0, quant, name)
+    sparse = g.add("AccelSparseAttention", 3, color=ACCEL_COLOR, node_width=340, policy="svg2", density=0.25,
+                   top_p=0.9)
+    g.connect(quant, 0, sparse, "model")
+    taylor = g.add("AccelTaylorSeer", 3, color=ACCEL_COLOR, node_width=340, interval=3, order=1, warmup_steps=3)
+    g.connect(sparse, 0, taylor, "model")
+    sampler = g.add("KSampler", 4, node_width=340, seed=11, steps=30, cfg=6.0, sampler_name="uni_pc",
+                    scheduler="simple", denoise=1.0)
+    for src, name in ((taylor, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+        g.connect(src, 0, sampler, name)
+    _show(g, 4, quant, 1, 2, "Quantization", width=340)
+
+    sparse_report = g.add("AccelSparseAttentionReport", 5, color=ACCEL_COLOR, node_width=360)
+    g.connect(taylor, 0, sparse_report, "model")
+    g.connect(sampler, 0, sparse_report, "latent")
+    _show(g, 5, sparse_report, 0, 1, "Sparse attention")
+    cache_report = g.add("AccelCacheReport", 5, color=ACCEL_COLOR, node_width=360, node_height=380)
+    g.connect(taylor, 0, cache_report, "model")
+    g.connect(sampler, 0, cache_report, "latent")
+    _save_video(g, 6, sampler, vae, "video/accel_wan21")
+
+
+def sdxl_auto_quant_cache(g: Graph) -> None:
+    """SDXL: Quantize Model (auto, memory budget) + TaylorSeer."""
+    g.note(0, "What this does", (
+        "SDXL base text to image within a memory budget, with step caching:\n"
+        "1. Quantize Model (format auto): a short calibration run on your prompt measures how sensitive every "
+        "linear layer is; then each layer gets the format (int8, w4a8, int4 or 16-bit) that keeps the quantizable "
+        "layers within 35% of their bf16 size ('auto_budget', about 5.6 bits per weight) with the least error. "
+        "The report lists each layer's format and SQNR.\n"
+        "2. TaylorSeer: on a UNet the deep blocks are computed on the first 3 steps and then every 3rd step, and "
+        "forecast in between; the outer blocks always run.\n\n"
+        "Needs (ComfyUI/models/...):\n"
+        "  checkpoints/sd_xl_base_1.0.safetensors\n\n"
+        "Expect: a 1024x1024 image in output/ ('accel_sdxl'), the quantization report with its per-layer plot, "
+        "and the Cache Report. Lower auto_budget for a smaller model (more 4-bit layers), raise it for "
+        "fidelity."), width=420)
+    ckpt = g.add("CheckpointLoaderSimple", 0, ckpt_name="sd_xl_base_1.0.safetensors")
+    pos = g.add("CLIPTextEncode", 1, title="Positive prompt", color=POSITIVE_COLOR, node_width=360,
+                text="A lighthouse on a rocky coast at golden hour, waves, dramatic clouds, detailed oil painting.")
+    neg = g.add("CLIPTextEncode", 1, title="Negative prompt", color=NEGATIVE_COLOR, node_width=360,
+                text="text, watermark, blurry")
+    latent = g.add("EmptyLatentImage", 1, width=1024, height=1024, batch_size=1)
+    g.connect(ckpt, 1, pos, "clip")
+    g.connect(ckpt, 1, neg, "clip")
+    quant = g.add("AccelQuantizeModel", 2, color=ACCEL_COLOR, node_width=360, format="auto", auto_budget=0.35,
+                  seed=5, cfg=7.0)
+    for src, slot, name in ((ckpt, 0, "model"), (pos, 0, "positive"), (neg, 0, "negative"), (latent, 0, "latent")):
+        g.connect(src, slot, quant, name)
+    taylor = g.add("AccelTaylorSeer", 3, color=ACCEL_COLOR, node_width=340, interval=3, order=1, warmup_steps=3)
+    g.connect(quant, 0, taylor, "model")
+    sampler = g.add("KSampler", 3, node_width=340, seed=5, steps=25, cfg=7.0, sampler_name="euler",
+                    scheduler="normal", denoise=1.0)
+    for src, name in ((taylor, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+        g.connect(src, 0, sampler, name)
+    _show(g, 4, quant, 1, 2, "Quantization")
+    cache_report = g.add("AccelCacheReport", 4, color=ACCEL_COLOR, node_width=360, node_height=360)
+    g.connect(taylor, 0, cache_report, "model")
+    g.connect(sampler, 0, cache_report, "latent")
+    decode = g.add("VAEDecode", 5, node_width=260)
+    g.connect(sampler, 0, decode, "samples")
+    g.connect(ckpt, 2, decode, "vae")
+    save = g.add("SaveImage", 5, node_width=360, node_height=380, filename_prefix="accel_sdxl")
+    g.connect(decode, 0, save, "images")
+
+
+QUANTIZED_WAN = "quantized/wan2.1_t2v_1.3B_int8.safetensors"
+
+
+def wan21_quantize_save(g: Graph) -> None:
+    """Quantize once and save: the first of a pair (the second loads the file)."""
+    g.note(0, "What this does", (
+        "Quantize once, keep the file (1 of 2): Wan 2.1 1.3B to int8, calibrated on a prompt, saved as "
+        f"models/diffusion_models/{QUANTIZED_WAN}.\n"
+        "Quantizing takes a while (a calibration run, then a pass over every layer); once saved, "
+        "'accel_wan21_quantize_2_load' loads the quantized model directly, in any later session.\n\n"
+        "Needs (ComfyUI/models/...):\n"
+        "  diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors\n"
+        "  text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (for the calibration prompt)\n\n"
+        "Expect: the file (linear weights about half their bf16 size), the quantization report and plot, and "
+        "the save report. Saving never replaces an existing file unless 'overwrite' is on: delete or rename the "
+        "old file to quantize again."), width=420)
+    unet = g.add("UNETLoader", 0, unet_name="wan2.1_t2v_1.3B_fp16.safetensors", weight_dtype="default")
+    clip = g.add("CLIPLoader", 0, clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan", device="default")
+    shift = g.add("ModelSamplingSD3", 1, shift=8.0)
+    pos = g.add("CLIPTextEncode", 1, title="Calibration prompt", color=POSITIVE_COLOR, node_width=360,
+                text=WAN21_PROMPT)
+    latent = g.add("EmptyHunyuanLatentVideo", 1, width=832, height=480, length=33, batch_size=1)
+    g.connect(unet, 0, shift, "model")
+    g.connect(clip, 0, pos, "clip")
+    quant = g.add("AccelQuantizeModel", 2, color=ACCEL_COLOR, node_width=360, format="int8", cfg=6.0)
+    for src, name in ((shift, "model"), (pos, "positive"), (latent, "latent")):
+        g.connect(src, 0, quant, name)
+    save = g.add("AccelSaveQuantized", 3, color=ACCEL_COLOR, node_width=360,
+                 filename=QUANTIZED_WAN.removesuffix(".safetensors"))
+    g.connect(quant, 0, save, "model")
+    _show(g, 3, save, 0, None, "Save")
+    _show(g, 4, quant, 1, 2, "Quantization", width=380)
+
+
+def wan21_load_quantized(g: Graph) -> None:
+    """The second of the pair: load the saved quantized model and sample with it."""
+    g.note(0, "What this does", (
+        "Quantize once, keep the file (2 of 2): loads the int8 Wan 2.1 1.3B saved by "
+        "'accel_wan21_quantize_1_save' and samples with it; no quantization work, about half the weight "
+        "memory of bf16.\n\n"
+        "Needs (ComfyUI/models/...):\n"
+        f"  diffusion_models/{QUANTIZED_WAN} (run accel_wan21_quantize_1_save once)\n"
+        "  text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n"
+        "  vae/wan_2.1_vae.safetensors\n\n"
+        "Expect: a 33-frame 832x480 video in output/video/ ('accel_wan21_int8') and the loader's report "
+        "(file, quantized layers, formats)."), width=420)
+    load = g.add("AccelLoadQuantized", 0, color=ACCEL_COLOR, node_width=360, unet_name=QUANTIZED_WAN)
+    shift, pos, neg, latent, vae = _wan21_inputs(g, load)
+    sampler = g.add("KSampler", 2, node_width=340, seed=11, steps=30, cfg=6.0, sampler_name="uni_pc",
+                    scheduler="simple", denoise=1.0)
+    for src, name in ((shift, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+        g.connect(src, 0, sampler, name)
+    _show(g, 2, load, 1, None, "Load")
+    _save_video(g, 3, sampler, vae, "video/accel_wan21_int8")
+
+
+VQ_IMAGE = "example.png"
+VQ_TOKENS_PREFIX = "vq_tokens/accel_example"
+VQ_TOKEN_FILE = f"{VQ_TOKENS_PREFIX}_00001_.vqt [output]"
+
+
+def vq_encode_save(g: Graph) -> None:
+    """VQ latent compression (1 of 2): VAE encode -> fit codebook -> encode -> save tokens."""
+    g.note(0, "What this does", (
+        "VQ latent compression (1 of 2): an image becomes a small file of discrete tokens.\n"
+        "1. VAE Encode with the Flux VAE: a 16-channel latent, 8x smaller in each side.\n"
+        "2. VQ Fit Codebook: k-means on the latent's vectors (one per latent pixel), 256 codes, 2 residual "
+        "levels (8 bits each per latent pixel).\n"
+        "3. VQ Encode: each latent pixel becomes the indices of its nearest codes.\n"
+        "4. VQ Save Tokens: rANS entropy-coded indices with the codebook in one .vqt file under "
+        "output/vq_tokens/.\n\n"
+        f"Needs: input/{VQ_IMAGE} (any image: pick one in Load Image), and ComfyUI/models/vae/ae.safetensors\n\n"
+        "Expect: the bitrate report (fixed-length, entropy bound, rANS-coded and real file size, in bits per "
+        "pixel, against a bf16 latent) with its plot; the codebook report (latent PSNR per residual level); the "
+        "encode report (latent PSNR of the tokens). 'accel_vq_latent_2_load_decode' reads the file back into "
+        "an image. Each run writes a new file (_00001_, _00002_...). The embedded codebook (about 32 KB) "
+        "dominates the file of a small image: turn embed_codebook off and save the codebook once (VQ Save "
+        "Codebook) to share it between many token files."), width=420)
+    image = g.add("LoadImage", 0, node_width=320, node_height=340, image=VQ_IMAGE)
+    vae = g.add("VAELoader", 0, vae_name="ae.safetensors")
+    encode = g.add("VAEEncode", 1, node_width=240)
+    g.connect(image, 0, encode, "pixels")
+    g.connect(vae, 0, encode, "vae")
+    fit = g.add("AccelVQFitCodebook", 2, color=ACCEL_COLOR, node_width=340, codebook_size=256, residual_levels=2,
+                iterations=10)
+    g.connect(encode, 0, fit, "latent")
+    vq = g.add("AccelVQEncode", 2, color=ACCEL_COLOR, node_width=340)
+    g.connect(encode, 0, vq, "latent")
+    g.connect(fit, 0, vq, "codebook")
+    g.connect(vae, 0, vq, "vae")
+    save = g.add("AccelVQSaveTokens", 2, color=ACCEL_COLOR, node_width=340, filename_prefix=VQ_TOKENS_PREFIX,
+                 embed_codebook=True)
+    g.connect(vq, 0, save, "tokens")
+    _show(g, 3, save, 0, 1, "Bitrate", width=380)
+    _show(g, 4, fit, 1, 2, "Codebook", width=380)
+    _show(g, 4, vq, 1, None, "Encode", width=380)
+
+
+def vq_load_decode(g: Graph) -> None:
+    """VQ latent compression (2 of 2): load tokens -> VQ decode -> VAE decode."""
+    g.note(0, "What this does", (
+        "VQ latent compression (2 of 2): a .vqt token file back to an image.\n"
+        "1. VQ Load Tokens reads the file saved by 'accel_vq_latent_1_encode_save' and checks it (complete, "
+        "undamaged, codebook hash).\n"
+        "2. VQ Decode: the codes' sum per latent pixel, i.e. the quantized latent.\n"
+        "3. VAE Decode with the same Flux VAE.\n\n"
+        "Needs: output/vq_tokens/accel_example_00001_.vqt (run accel_vq_latent_1_encode_save once; pick another "
+        "file in VQ Load Tokens), and ComfyUI/models/vae/ae.safetensors\n\n"
+        "Expect: the decoded image in output/ ('accel_vq_decoded'), close to the original (the encode report "
+        "of workflow 1 gives its latent PSNR), and the load report with the file's size in bits per pixel. Set "
+        "residual_levels to 1 in VQ Decode to see what the first level alone gives."), width=420)
+    tokens = g.add("AccelVQLoadTokens", 0, color=ACCEL_COLOR, node_width=380, token_file=VQ_TOKEN_FILE)
+    vae = g.add("VAELoader", 0, vae_name="ae.safetensors")
+    decode = g.add("AccelVQDecode", 1, color=ACCEL_COLOR, node_width=300)
+    g.connect(tokens, 0, decode, "tokens")
+    _show(g, 1, tokens, 1, None, "Load", width=380)
+    image = g.add("VAEDecode", 2, node_width=260)
+    g.connect(decode, 0, image, "samples")
+    g.connect(vae, 0, image, "vae")
+    save = g.add("SaveImage", 3, node_width=380, node_height=400, filename_prefix="accel_vq_decoded")
+    g.connect(image, 0, save, "images")
+
+
 WORKFLOWS = [
     Workflow("accel_hunyuan_sparse_teacache", hunyuan_sparse_teacache,
              ("AccelSparseAttention", "AccelSparseAttentionReport", "AccelTeaCache", "AccelCacheReport")),
     Workflow("accel_cache_calibrate_wan22", cache_calibrate_wan22,
              ("AccelCacheCalibrate", "AccelTeaCache", "AccelCacheReport")),
+    Workflow("accel_wan21_quant_sparse_taylorseer", wan21_quant_sparse_taylor,
+             ("AccelQuantizeModel", "AccelSparseAttention", "AccelSparseAttentionReport", "AccelTaylorSeer",
+              "AccelCacheReport")),
+    Workflow("accel_sdxl_auto_quant_taylorseer", sdxl_auto_quant_cache,
+             ("AccelQuantizeModel", "AccelTaylorSeer", "AccelCacheReport")),
+    Workflow("accel_wan21_quantize_1_save", wan21_quantize_save, ("AccelQuantizeModel", "AccelSaveQuantized")),
+    Workflow("accel_wan21_quantize_2_load", wan21_load_quantized, ("AccelLoadQuantized",)),
+    Workflow("accel_vq_latent_1_encode_save", vq_encode_save,
+             ("AccelVQFitCodebook", "AccelVQEncode", "AccelVQSaveTokens")),
+    Workflow("accel_vq_latent_2_load_decode", vq_load_decode, ("AccelVQLoadTokens", "AccelVQDecode")),
 ]
 
 

@@ -181,6 +181,18 @@ MODEL_FILES = {
     "ltx-video-2b-v0.9.5.safetensors": "ltxv",
     "v1-5-pruned-emaonly-fp16.safetensors": "sd15",
 }
+# VAE files -> fixture family, for workflows with no diffusion model (VQ on a VAE's latents).
+VAE_FILES = {"ae.safetensors": "flux", "wan_2.1_vae.safetensors": "wan21", "wan2.2_vae.safetensors": "wan22_5b",
+             "hunyuan_video_vae_bf16.safetensors": "hunyuan_video"}
+# Files one example workflow writes and another reads: file -> (fixture family or None, the
+# workflow that writes it). ``run`` runs the writer first when the file is missing.
+PRODUCED_FILES = {
+    "quantized/wan2.1_t2v_1.3B_int8.safetensors": ("wan21", "accel_wan21_quantize_1_save"),
+    "vq_tokens/accel_example_00001_.vqt [output]": (None, "accel_vq_latent_1_encode_save"),
+}
+# A missing input image becomes a smooth random one of this size: at 8x VAE compression its
+# 32x32 latent has enough vectors for a 256-code VQ codebook.
+FIXTURE_IMAGE_SIDE = 256
 DIFFUSION_LOADERS = {"UNETLoader": "unet_name", "CheckpointLoaderSimple": "ckpt_name"}
 CLIP_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader"}
 # Nodes that set the pixel size of the latent; mapped to the fixture's size.
@@ -188,6 +200,7 @@ LATENT_SIZE_NODES = {"EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLat
                      "EmptyLTXVLatentVideo", "EmptyMochiLatentVideo", "EmptyCosmosLatentVideo",
                      "AccelTestEmptyLatent"}
 _FILE_INPUTS = {"UNETLoader": ("unet_name",), "CheckpointLoaderSimple": ("ckpt_name",), "VAELoader": ("vae_name",),
+                "AccelLoadQuantized": ("unet_name",), "AccelVQLoadTokens": ("token_file",), "LoadImage": ("image",),
                 "CLIPLoader": ("clip_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
                 "TripleCLIPLoader": ("clip_name1", "clip_name2", "clip_name3"),
                 "QuadrupleCLIPLoader": ("clip_name1", "clip_name2", "clip_name3", "clip_name4")}
@@ -202,7 +215,7 @@ class Mapping:
 
 
 def named_files(prompt: dict) -> list[tuple[str, str, str]]:
-    """(node id, input, file name) of every model file the prompt names."""
+    """(node id, input, file name) of every file the prompt names (models, images, tokens)."""
     out = []
     for node_id, node in prompt.items():
         for name in _FILE_INPUTS.get(node["class_type"], ()):
@@ -213,7 +226,7 @@ def named_files(prompt: dict) -> list[tuple[str, str, str]]:
 
 
 def missing_files(prompt: dict, object_info: dict) -> list[str]:
-    """Named model files not offered by the server's loaders (i.e. not in its model folders)."""
+    """Named files not offered by the server's loaders (i.e. not in its model/input/output folders)."""
     missing = []
     for node_id, name, value in named_files(prompt):
         _, opts = input_spec(object_info[prompt[node_id]["class_type"]], name)
@@ -222,28 +235,47 @@ def missing_files(prompt: dict, object_info: dict) -> list[str]:
     return sorted(set(missing))
 
 
-def map_to_fixtures(prompt: dict, object_info: dict, models_dir, size: str = "tiny") -> Mapping:
+def _family(prompt: dict) -> str:
+    """The fixture family a workflow runs on: its diffusion model's, else that of a model file
+    another workflow writes for it, else its VAE's (a workflow with no diffusion model)."""
+    loaders = [node["inputs"].get(inp) for node in prompt.values() for cls, inp in DIFFUSION_LOADERS.items()
+               if node["class_type"] == cls]
+    unknown = [name for name in loaders if name not in MODEL_FILES]
+    if unknown:
+        raise WorkflowError(f"no fixture for the model file(s) {', '.join(map(str, unknown))}; "
+                            f"known: {', '.join(MODEL_FILES)}")
+    families = {MODEL_FILES[name] for name in loaders}
+    families |= {PRODUCED_FILES[name][0] for _, _, name in named_files(prompt)
+                 if PRODUCED_FILES.get(name, (None,))[0]}
+    if not families:
+        families = {VAE_FILES.get(name) for node_id, _, name in named_files(prompt)
+                    if prompt[node_id]["class_type"] == "VAELoader"}
+    if len(families) != 1 or None in families:
+        raise WorkflowError(f"expected one model family in the workflow, found {sorted(map(str, families))}")
+    return families.pop()
+
+
+def map_to_fixtures(prompt: dict, object_info: dict, models_dir, size: str = "tiny", input_dir=None) -> Mapping:
     """Swap the standard model files for fixtures when any of them is missing on the server.
 
-    Writes the fixture files it needs into ``models_dir`` (the server's models folder).
+    Writes the fixture files it needs into ``models_dir`` (the server's models folder) and a
+    missing input image into ``input_dir``. A file another example workflow writes
+    (``PRODUCED_FILES``) is not mapped: run that workflow first (``run`` does).
     """
     missing = missing_files(prompt, object_info)
     if not missing:
         return Mapping(json.loads(json.dumps(prompt)), None, [], [])
+    unmade = [name for name in missing if name in PRODUCED_FILES]
+    if unmade:
+        raise WorkflowError(f"{unmade[0]} is written by the example workflow {PRODUCED_FILES[unmade[0]][1]}; "
+                            "run that one first")
     prompt = json.loads(json.dumps(prompt))
-    families = {MODEL_FILES.get(node["inputs"].get(inp)) for node in prompt.values()
-                for cls, inp in DIFFUSION_LOADERS.items() if node["class_type"] == cls}
-    unknown = [node["inputs"][inp] for node in prompt.values() for cls, inp in DIFFUSION_LOADERS.items()
-               if node["class_type"] == cls and node["inputs"].get(inp) not in MODEL_FILES]
-    if unknown:
-        raise WorkflowError(f"no fixture for the model file(s) {', '.join(map(str, unknown))}; "
-                            f"known: {', '.join(MODEL_FILES)}")
-    if len(families) != 1:
-        raise WorkflowError(f"expected one diffusion-model family in the workflow, found {sorted(map(str, families))}")
-    family = families.pop()
+    family = _family(prompt)
     spec = fixtures.family_spec(family)
     size_spec = fixtures.size_spec(family, size)
-    info = fixtures.write_fixture(family, size, models_dir)
+    info = None
+    if any(node["class_type"] in DIFFUSION_LOADERS for node in prompt.values()):
+        info = fixtures.write_fixture(family, size, models_dir)
     vae_name = fixtures.write_tae_fixture(family, models_dir)
     notes: list[str] = []
     redirect: dict[tuple[str, int], list | None] = {}   # (node, slot) -> new source (None: removed)
@@ -270,6 +302,11 @@ def map_to_fixtures(prompt: dict, object_info: dict, models_dir, size: str = "ti
             notes.append(f"{node_id} {cls} removed (text encoders -> AccelTestConditioning)")
             del prompt[node_id]
             redirect[(node_id, 0)] = None
+        elif cls == "LoadImage" and inputs["image"] in missing:
+            if input_dir is None:
+                raise WorkflowError(f"node {node_id} loads {inputs['image']}, which is missing; no input folder given")
+            _write_fixture_image(Path(input_dir) / inputs["image"])
+            notes.append(f"{node_id} LoadImage {inputs['image']} -> a smooth random {FIXTURE_IMAGE_SIDE}px image")
         elif cls == "VAELoader":
             notes.append(f"{node_id} VAELoader {inputs['vae_name']} -> {vae_name} (random-weight tiny autoencoder)")
             inputs["vae_name"] = vae_name
@@ -304,6 +341,15 @@ def map_to_fixtures(prompt: dict, object_info: dict, models_dir, size: str = "ti
     return Mapping(prompt, family, missing, notes)
 
 
+def _write_fixture_image(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+    from .vq_fixtures import smooth_images
+    pixels = smooth_images(1, FIXTURE_IMAGE_SIDE, FIXTURE_IMAGE_SIDE, seed=zlib.crc32(path.name.encode()))[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8)).save(path)
+
+
 def _is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
@@ -327,7 +373,12 @@ def run(server, path, size: str = "tiny", timeout: float = 600.0) -> WorkflowRun
     """Convert, map to fixtures where needed, run through the server and collect the outputs."""
     object_info = server.object_info()
     prompt = to_api(load(path), object_info)
-    mapping = map_to_fixtures(prompt, object_info, server.models_dir, size)
+    writers = {PRODUCED_FILES[name][1] for name in missing_files(prompt, object_info) if name in PRODUCED_FILES}
+    for writer in sorted(writers):
+        run(server, WORKFLOWS_DIR / f"{writer}.json", size, timeout)
+    if writers:
+        object_info = server.object_info()
+    mapping = map_to_fixtures(prompt, object_info, server.models_dir, size, server.base / "input")
     entry = server.run(mapping.prompt, timeout=timeout)
     files: dict[str, list[Path]] = {}
     texts: dict[str, list[str]] = {}

@@ -18,7 +18,9 @@ IDS = [p.stem for p in WORKFLOWS]
 # What each of our report nodes' text starts with, when a workflow shows it.
 REPORT_TITLES = {"AccelCacheReport": "Cache report", "AccelCacheCalibrate": "Cache calibration",
                  "AccelSparseAttentionReport": "Sparse attention report", "AccelQuantizeModel": "Quantize Model",
-                 "AccelSaveQuantized": "Save Quantized Model", "AccelLoadQuantized": "Load Quantized Model"}
+                 "AccelSaveQuantized": "Save Quantized Model", "AccelLoadQuantized": "Load Quantized Model",
+                 "AccelVQFitCodebook": "VQ Fit Codebook", "AccelVQEncode": "VQ Encode",
+                 "AccelVQSaveTokens": "VQ Save Tokens", "AccelVQLoadTokens": "VQ Load Tokens"}
 
 
 def test_there_are_example_workflows():
@@ -44,6 +46,9 @@ def test_workflow_explains_itself(path):
         files = [v for v in node.get("widgets_values", []) if isinstance(v, str) and v.endswith(".safetensors")]
         listed = {m["name"] for m in node.get("properties", {}).get("models", [])}
         for name in files:
+            if name in workflows.PRODUCED_FILES:     # written by another example workflow
+                assert any(name in text for text in notes), f"the Note does not say where {name} comes from"
+                continue
             assert name in make_workflows.MODELS, f"{name} is not a standard release file we know"
             assert name in listed, f"node {node['id']} names {name} without its download link"
             assert any(name in text for text in notes), f"the Note does not mention {name}"
@@ -115,6 +120,94 @@ def test_workflow_runs_on_the_fixture_models(comfy_server, path):
         if title:
             assert title in texts, f"{prompt[node_id]['class_type']} report not shown"
     assert any(p.suffix == ".mp4" or p.suffix == ".png" for paths in run.files.values() for p in paths)
+    check = WORKFLOW_CHECKS.get(path.stem)
+    if check:
+        check(run, comfy_server)
+
+
+def _summaries(run) -> dict[str, list[dict]]:
+    """Report title -> the JSON summaries of every report with that title the run showed."""
+    out: dict[str, list[dict]] = {}
+    for items in run.texts.values():
+        for text in items:
+            if "JSON:" in text:
+                out.setdefault(text.splitlines()[0].strip(), []).append(json.loads(text.split("JSON:", 1)[1])["summary"])
+    return out
+
+
+def _quantized(summary: dict) -> int:
+    return int(str(summary["layers quantized"]).split(" of ")[0])
+
+
+def _cache_reused(run) -> int:
+    """Model evaluations the Cache Report says were reused (it shows its report on its node)."""
+    texts = [t for items in run.texts.values() for t in items if t.startswith("Cache report")]
+    assert texts, "no Cache Report shown"
+    return int(next(line for line in texts[0].splitlines() if line.startswith("reused:")).split(":")[1])
+
+
+def _check_wan21_chain(run, server):
+    quant = _summaries(run)["Quantize Model"][0]
+    assert quant["format"] == "int8" and _quantized(quant) > 0 and quant["quantized layers vs bf16"] > 1.8
+    assert "calibration" in quant, "Quantize Model was not calibrated on the workflow's prompt"
+    assert _cache_reused(run) > 0, "TaylorSeer forecast no step"
+
+
+def _check_sdxl_auto(run, server):
+    quant = _summaries(run)["Quantize Model"][0]
+    assert quant["format"] == "auto" and _quantized(quant) > 0
+    # auto_budget 0.35: the quantized layers take at most 35% of their bf16 bytes
+    assert quant["quantized layers vs bf16"] >= 1 / 0.35 - 1e-3, quant
+    assert _cache_reused(run) > 0, "TaylorSeer forecast no step"
+
+
+def _check_quantize_save(run, server):
+    saved = server.models_dir / "diffusion_models" / make_workflows.QUANTIZED_WAN
+    assert saved.is_file() and saved.stat().st_size > 0
+    assert _summaries(run)["Quantize Model"][0]["format"] == "int8"
+
+
+def _check_load_quantized(run, server):
+    loaded = _summaries(run)["Load Quantized Model"][0]
+    assert loaded["file"] == make_workflows.QUANTIZED_WAN
+    assert loaded["quantized layers"] > 0 and loaded["formats"] == ["int8"]
+
+
+def _check_vq_encode_save(run, server):
+    reports = _summaries(run)
+    fit, encode, saved = reports["VQ Fit Codebook"][0], reports["VQ Encode"][0], reports["VQ Save Tokens"][0]
+    assert fit["codebook_size"] == 256 and fit["residual_levels"] == 2
+    side = workflows.FIXTURE_IMAGE_SIDE
+    assert saved["pixels"] == side * side and saved["tokens"] == (side // 8) ** 2
+    # two 8-bit levels per latent pixel (one per 8x8 pixels): 16/64 bits per pixel before entropy coding
+    assert saved["fixed_bpp"] == pytest.approx(16 / 64) and 0 < saved["coded_bpp"] <= saved["fixed_bpp"] + 1e-9
+    token_file = server.output_dir / saved["file"]
+    assert token_file.is_file() and token_file.stat().st_size == saved["file_bytes"]
+    assert encode["latent_psnr_db"] > 15, "the tokens do not reconstruct the latent"
+
+
+def _check_vq_load_decode(run, server):
+    from PIL import Image
+    loaded = _summaries(run)["VQ Load Tokens"][0]
+    assert loaded["codebook"] == "embedded in the file"
+    images = [p for paths in run.files.values() for p in paths if p.name.startswith("accel_vq_decoded")]
+    side = workflows.FIXTURE_IMAGE_SIDE
+    assert len(images) == 1 and Image.open(images[0]).size == (side, side)
+
+
+# Outputs each workflow must show beyond the generic checks (reports' figures, files written).
+WORKFLOW_CHECKS = {
+    "accel_wan21_quant_sparse_taylorseer": _check_wan21_chain,
+    "accel_sdxl_auto_quant_taylorseer": _check_sdxl_auto,
+    "accel_wan21_quantize_1_save": _check_quantize_save,
+    "accel_wan21_quantize_2_load": _check_load_quantized,
+    "accel_vq_latent_1_encode_save": _check_vq_encode_save,
+    "accel_vq_latent_2_load_decode": _check_vq_load_decode,
+}
+
+
+def test_every_output_check_names_a_workflow():
+    assert set(WORKFLOW_CHECKS) <= set(IDS), set(WORKFLOW_CHECKS) - set(IDS)
 
 
 def test_nothing_is_mapped_when_the_model_files_are_present(comfy_server, tmp_path):
