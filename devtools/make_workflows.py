@@ -619,7 +619,68 @@ def vq_load_decode(g: Graph) -> None:
     g.connect(image, 0, save, "images")
 
 
+def flux_svdquant_teacache(g: Graph) -> None:
+    """Flux text to image: SVD Low-Rank Branch -> Quantize Model (W4A4) -> TeaCache -> sampler."""
+    g.note(0, "What this does", (
+        "FLUX.1 dev text to image with 4-bit weights and activations (SVDQuant) and step caching:\n"
+        "1. SVD Low-Rank Branch: a short calibration run on your prompt measures each attention/MLP layer's "
+        "input channels; SmoothQuant (alpha 0.5) moves activation outliers into the weights, and an SVD "
+        "keeps the top 32 directions of each smoothed weight as a 16-bit branch.\n"
+        "2. Quantize Model (w4a4): only what the branch left (the residual) gets 4-bit weights, and the "
+        "activations 4 bits per token, with the branch's smoothing (its own smooth_alpha is 0); the branch runs "
+        "beside it (fused into the same pass).\n"
+        "3. TeaCache with Flux's published coefficients: steps whose first-block input barely changed "
+        "reuse the cached residual of all blocks.\n\n"
+        "Needs (ComfyUI/models/...):\n"
+        "  diffusion_models/flux1-dev.safetensors\n"
+        "  text_encoders/clip_l.safetensors\n"
+        "  text_encoders/t5xxl_fp16.safetensors\n"
+        "  vae/ae.safetensors\n\n"
+        "Expect: a 1024x1024 image in output/ ('accel_flux'); the SVD report (energy in the branch, SQNR of "
+        "plain 4-bit against branch + 4-bit residual per layer) with its plot, the quantization report and "
+        "the Cache Report. Bypass SVD Low-Rank Branch (Ctrl+B) to see plain W4A4 with the same seed."),
+        width=440)
+    unet = g.add("UNETLoader", 0, unet_name="flux1-dev.safetensors", weight_dtype="default")
+    clip = g.add("DualCLIPLoader", 0, clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                 type="flux", device="default")
+    vae = g.add("VAELoader", 0, vae_name="ae.safetensors")
+    pos = g.add("CLIPTextEncode", 1, title="Prompt", color=POSITIVE_COLOR, node_width=360,
+                text="A red vintage bicycle leaning against a blue wooden door, morning sunlight, film photo.")
+    guidance = g.add("FluxGuidance", 1, guidance=3.5)
+    no_neg = g.add("ConditioningZeroOut", 1, title="No negative (cfg 1)")
+    latent = g.add("EmptySD3LatentImage", 1, width=1024, height=1024, batch_size=1)
+    g.connect(clip, 0, pos, "clip")
+    g.connect(pos, 0, guidance, "conditioning")
+    g.connect(pos, 0, no_neg, "conditioning")
+
+    svd = g.add("AccelSVDLowRankBranch", 2, color=ACCEL_COLOR, node_width=360, rank=32, smooth_alpha=0.5,
+                report_format="w4a4", seed=3, cfg=1.0)
+    for src, name in ((unet, "model"), (guidance, "positive"), (no_neg, "negative"), (latent, "latent")):
+        g.connect(src, 0, svd, name)
+    quant = g.add("AccelQuantizeModel", 3, color=ACCEL_COLOR, node_width=340, format="w4a4", group_size=64,
+                  smooth_alpha=0.0)   # the branched layers carry SVD Low-Rank Branch's smoothing
+    g.connect(svd, 0, quant, "model")
+    tea = g.add("AccelTeaCache", 3, color=ACCEL_COLOR, node_width=340)
+    g.connect(quant, 0, tea, "model")
+    sampler = g.add("KSampler", 4, node_width=340, seed=3, steps=20, cfg=1.0, sampler_name="euler",
+                    scheduler="simple", denoise=1.0)
+    for src, name in ((tea, "model"), (guidance, "positive"), (no_neg, "negative"), (latent, "latent_image")):
+        g.connect(src, 0, sampler, name)
+    _show(g, 4, svd, 1, 2, "SVD", width=340)
+    _show(g, 5, quant, 1, 2, "Quantization")
+    cache_report = g.add("AccelCacheReport", 6, color=ACCEL_COLOR, node_width=360, node_height=380)
+    g.connect(tea, 0, cache_report, "model")
+    g.connect(sampler, 0, cache_report, "latent")
+    decode = g.add("VAEDecode", 6, node_width=260)
+    g.connect(sampler, 0, decode, "samples")
+    g.connect(vae, 0, decode, "vae")
+    save = g.add("SaveImage", 7, node_width=380, node_height=400, filename_prefix="accel_flux")
+    g.connect(decode, 0, save, "images")
+
+
 WORKFLOWS = [
+    Workflow("accel_flux_svdquant_teacache", flux_svdquant_teacache,
+             ("AccelSVDLowRankBranch", "AccelQuantizeModel", "AccelTeaCache", "AccelCacheReport")),
     Workflow("accel_hunyuan_sparse_teacache", hunyuan_sparse_teacache,
              ("AccelSparseAttention", "AccelSparseAttentionReport", "AccelTeaCache", "AccelCacheReport")),
     Workflow("accel_cache_calibrate_wan22", cache_calibrate_wan22,

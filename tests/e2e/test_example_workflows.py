@@ -20,7 +20,8 @@ REPORT_TITLES = {"AccelCacheReport": "Cache report", "AccelCacheCalibrate": "Cac
                  "AccelSparseAttentionReport": "Sparse attention report", "AccelQuantizeModel": "Quantize Model",
                  "AccelSaveQuantized": "Save Quantized Model", "AccelLoadQuantized": "Load Quantized Model",
                  "AccelVQFitCodebook": "VQ Fit Codebook", "AccelVQEncode": "VQ Encode",
-                 "AccelVQSaveTokens": "VQ Save Tokens", "AccelVQLoadTokens": "VQ Load Tokens"}
+                 "AccelVQSaveTokens": "VQ Save Tokens", "AccelVQLoadTokens": "VQ Load Tokens",
+                 "AccelSVDLowRankBranch": "SVD Low-Rank Branch"}
 
 
 def test_there_are_example_workflows():
@@ -153,6 +154,17 @@ def _check_wan21_chain(run, server):
     assert _cache_reused(run) > 0, "TaylorSeer forecast no step"
 
 
+def _check_flux_svdquant(run, server):
+    reports = _summaries(run)
+    svd, quant = reports["SVD Low-Rank Branch"][0], reports["Quantize Model"][0]
+    assert svd["layers branched"] > 0 and svd["rank"] == 32 and svd["report format"] == "w4a4"
+    assert "calibration" not in svd.get("notice", ""), "SVD Low-Rank Branch was not calibrated"
+    # SVDQuant's point: branch + 4-bit residual is closer than plain 4-bit on the same layers
+    assert svd["median SQNR branched dB"] > svd["median SQNR plain dB"], svd
+    assert quant["format"] == "w4a4" and _quantized(quant) > 0 and "notice" not in quant, quant
+    assert _cache_reused(run) > 0, "TeaCache reused no step"
+
+
 def _check_sdxl_auto(run, server):
     quant = _summaries(run)["Quantize Model"][0]
     assert quant["format"] == "auto" and _quantized(quant) > 0
@@ -197,6 +209,7 @@ def _check_vq_load_decode(run, server):
 
 # Outputs each workflow must show beyond the generic checks (reports' figures, files written).
 WORKFLOW_CHECKS = {
+    "accel_flux_svdquant_teacache": _check_flux_svdquant,
     "accel_wan21_quant_sparse_taylorseer": _check_wan21_chain,
     "accel_sdxl_auto_quant_taylorseer": _check_sdxl_auto,
     "accel_wan21_quantize_1_save": _check_quantize_save,
