@@ -9,6 +9,11 @@ latent against the baseline on the same seed). Outputs go to ``out/demo/``.
 Each variant runs twice: first to load the model and apply the nodes (reported as
 "setup"), then with the timed seed, when ComfyUI's cache reuses the patched model and
 only the sampler runs again.
+
+Then every example workflow (``example_workflows/*.json``) runs through the same server:
+model files it names that ComfyUI's model folders do not have are mapped to the tiny
+fixtures (``devtools/workflows.py``); what each wrote or showed goes to
+``out/demo/workflows/<name>/``.
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bench.measure import psnr, ssim
-from . import fixtures
-from .host import ComfyServer, HostError, PromptError, comfyui_dir, comfyui_version
+from . import fixtures, workflows
+from .host import ComfyServer, HostError, PromptError, comfyui_dir, comfyui_version, exec_seconds
 from .prompts import quantize_step, read_latent, sampling_prompt
 
 log = logging.getLogger("comfyui_accel.demo")
@@ -56,11 +61,6 @@ def variants() -> list[Variant]:
     return out
 
 
-def _exec_seconds(entry: dict) -> float:
-    stamps = {kind: data.get("timestamp") for kind, data in entry["status"].get("messages", [])}
-    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
-
-
 def run_variant(server: ComfyServer, info, variant: Variant, steps: int, seed: int) -> dict:
     slug = variant.name.replace(" ", "_")
     setup = server.run(sampling_prompt(info, seed=seed + 1000, steps=steps, chain=variant.chain,
@@ -72,7 +72,7 @@ def run_variant(server: ComfyServer, info, variant: Variant, steps: int, seed: i
     shutil.copy(latent_file, OUT / f"{slug}.latent")
     texts = _texts(setup)
     weights = json.loads(texts.pop("7")[0])["weight_bytes"]
-    return {"variant": variant.name, "setup_s": _exec_seconds(setup), "sample_s": _exec_seconds(timed),
+    return {"variant": variant.name, "setup_s": exec_seconds(setup), "sample_s": exec_seconds(timed),
             "weight_bytes": weights, "latent": read_latent(latent_file), "reports": texts}
 
 
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="medium", choices=list(fixtures.SIZES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--skip-workflows", action="store_true", help="only the table, not the example workflows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("demo: ComfyUI %s at %s; fixture %s/%s, %d steps", comfyui_version(root), root,
              args.family, args.size, args.steps)
-    server = ComfyServer()
+    # The host ComfyUI's own model folders are visible too: a workflow whose files are there
+    # runs on them instead of the fixtures.
+    server = ComfyServer(extra_models=root / "models")
     try:
         server.start()
         info = fixtures.write_fixture(args.family, args.size, server.models_dir)
@@ -121,17 +124,46 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             rows.append(run_variant(server, info, variant, args.steps, args.seed))
             log.info("demo: %-12s done in %.1f s", variant.name, time.perf_counter() - start)
+        result = table(rows)
+        print(result)  # the demo's product is this table on stdout
+        (OUT / "table.txt").write_text(result + "\n")
+        (OUT / "reports.json").write_text(json.dumps({r["variant"]: r["reports"] for r in rows}, indent=1))
+        log.info("demo: latents, table and node reports in %s/", OUT)
+        if not args.skip_workflows:
+            print("\n".join(run_example_workflows(server)))
     except (HostError, PromptError) as e:
         log.error("demo: %s", e)
         return 1
     finally:
         server.cleanup()
-    result = table(rows)
-    print(result)  # the demo's product is this table on stdout
-    (OUT / "table.txt").write_text(result + "\n")
-    (OUT / "reports.json").write_text(json.dumps({r["variant"]: r["reports"] for r in rows}, indent=1))
-    log.info("demo: latents, table and node reports in %s/", OUT)
     return 0
+
+
+def run_example_workflows(server: ComfyServer) -> list[str]:
+    """Run every example workflow (standard model files mapped to fixtures where absent);
+    copy what each wrote or showed to out/demo/workflows/<name>/. One summary line each."""
+    lines = ["", "example workflows (example_workflows/*.json):"]
+    for path in workflows.example_workflows():
+        start = time.perf_counter()
+        try:
+            run = workflows.run(server, path)
+        except (PromptError, workflows.WorkflowError) as e:
+            lines.append(f"  {path.stem}: FAILED: {e}")
+            continue
+        dest = OUT / "workflows" / path.stem
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        files = [f for paths in run.files.values() for f in paths]
+        for f in files:
+            shutil.copy(f, dest / f.name)
+        (dest / "reports.txt").write_text("\n\n".join(t for items in run.texts.values() for t in items) + "\n")
+        how = (f"on fixtures ({run.mapping.family}, {len(run.mapping.missing)} model files not found)"
+               if run.mapping.family else "on your model files")
+        problems = workflows.check(run, server.object_info())
+        status = "ran" if not problems else "ran with problems: " + "; ".join(problems)
+        lines.append(f"  {path.stem}: {status} {how} in {time.perf_counter() - start:.1f} s; "
+                     f"{len(files)} files and the reports in {dest}/")
+    return lines
 
 
 if __name__ == "__main__":

@@ -638,3 +638,51 @@ def empty_latent(family: str, size: str, batch: int = 1, width: int | None = Non
     ss = size_spec(family, size)
     shape = latent_shape(family, width or ss.width, height or ss.height, length or ss.length, batch)
     return {"samples": torch.zeros(shape)}
+
+
+# --- tiny autoencoders ---------------------------------------------------------------------
+# Stand-ins for a family's VAE file: ComfyUI's own tiny autoencoders (TAESD for images, TAEHV
+# for video), which the stock VAELoader reads from models/vae_approx, with random weights.
+# Real ComfyUI VAE objects, so the stock VAEEncode/VAEDecode nodes run on the fixtures.
+# Image TAEs are an encoder and a decoder file, listed by VAELoader under one name ("taef1");
+# video TAEs are one file, listed by file name.
+TAE_FOR_FAMILY = {"flux": "taef1", "lumina2": "taef1", "sd3": "taesd3", "sdxl": "taesdxl", "sd15": "taesd",
+                  "wan21": "lighttaew2_1.safetensors", "hunyuan_video": "taehv.safetensors",
+                  "wan22_5b": "lighttaew2_2.safetensors"}
+
+
+def write_tae_fixture(family: str, models_dir, seed: int = 0) -> str:
+    """Write the family's random-weight tiny autoencoder into ``models_dir/vae_approx``.
+
+    Returns the ``vae_name`` to give VAELoader. Files with the same fingerprint are left alone.
+    (LTX-Video has no tiny autoencoder in ComfyUI 0.3.75.)
+    """
+    if family not in TAE_FOR_FAMILY:
+        raise ValueError(f"no tiny autoencoder for the {family} family; known: {', '.join(TAE_FOR_FAMILY)}")
+    _comfy()
+    import torch
+    import comfy.taesd.taehv
+    import comfy.taesd.taesd
+    name = TAE_FOR_FAMILY[family]
+    channels = family_spec(family).latent_channels
+    folder = Path(models_dir) / "vae_approx"
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        if name.endswith(".safetensors"):
+            parts = {name: comfy.taesd.taehv.TAEHV(latent_channels=channels)}
+        else:
+            parts = {f"{name}_encoder.safetensors": comfy.taesd.taesd.Encoder(latent_channels=channels),
+                     f"{name}_decoder.safetensors": comfy.taesd.taesd.Decoder(latent_channels=channels)}
+    for filename, module in parts.items():
+        path = folder / filename
+        fingerprint = json.dumps({"version": FIXTURE_VERSION, "tae": filename, "channels": channels, "seed": seed},
+                                 sort_keys=True)
+        if path.exists() and _existing_params(path, fingerprint) is not None:
+            continue
+        sd = {k: _init_tensor(f"{filename}:{k}", tuple(v.shape), seed) for k, v in module.state_dict().items()}
+        params = sum(t.numel() for t in sd.values())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        _save_safetensors(sd, tmp, {"accel_fixture": fingerprint, "accel_params": str(params)})
+        os.replace(tmp, path)
+        log.info("wrote tiny autoencoder fixture %s (%.1fM parameters)", path, params / 1e6)
+    return name

@@ -111,10 +111,17 @@ class ComfyServer:
     """
 
     def __init__(self, base_dir: Path | None = None, port: int | None = None,
-                 fixture_nodes: bool = True, extra_args: tuple[str, ...] = ()):
+                 fixture_nodes: bool = True, extra_args: tuple[str, ...] = (),
+                 comfy_root: Path | None = None, link_pack: bool = True, extra_models: Path | None = None):
+        """``comfy_root``: the ComfyUI to run (default ``comfyui_dir()``); ``link_pack=False``: do not
+        link this checkout into custom_nodes (a test that installed the pack there itself);
+        ``extra_models``: a ComfyUI ``models`` folder whose files the server lists too."""
         self.base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="accel-comfy-"))
         self.port = port or free_port()
         self.fixture_nodes = fixture_nodes
+        self.comfy_root = Path(comfy_root) if comfy_root else None
+        self.link_pack = link_pack
+        self.extra_models = Path(extra_models) if extra_models else None
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base / "server.log"
@@ -135,27 +142,37 @@ class ComfyServer:
     def _prepare(self) -> None:
         for sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        links = {"ComfyUI-Accel": PACK_ROOT}
+        links = {"ComfyUI-Accel": PACK_ROOT} if self.link_pack else {}
         if self.fixture_nodes:
             links["accel_fixture_nodes"] = FIXTURE_NODES
         for name, target in links.items():
             link = self.base / "custom_nodes" / name
             if not link.exists():
                 link.symlink_to(target, target_is_directory=True)
+        if self.extra_models:
+            folders = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "vae_approx", "loras")
+            lines = ["host_models:", f"    base_path: {json.dumps(str(self.extra_models))}"]
+            lines += [f"    {name}: {name}" for name in folders]
+            (self.base / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         if not port_is_free(self.port):
             raise HostError(f"port {self.port} on 127.0.0.1 is already in use; stop what runs there "
                             "or choose another port (PORT=8190 make serve).")
-        root = comfyui_dir()
+        root = self.comfy_root or comfyui_dir()
         self._prepare()
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        pkgroot = str(HOST_DIR / "pkgroot")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkgroot, env.get("PYTHONPATH", "")) if p)
+        if self.link_pack or self.fixture_nodes:   # the fixture nodes import comfyui_accel
+            pkgroot = str(HOST_DIR / "pkgroot")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (pkgroot, env.get("PYTHONPATH", "")) if p)
+        else:
+            env.pop("PYTHONPATH", None)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", *self.extra_args]
+        if self.extra_models:
+            cmd += ["--extra-model-paths-config", str(self.base / "extra_model_paths.yaml")]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -243,6 +260,12 @@ class ComfyServer:
             folder = self.base / item.get("type", "output") / item.get("subfolder", "")
             files.append(folder / item["filename"])
         return files
+
+
+def exec_seconds(entry: dict) -> float:
+    """How long a finished prompt ran (its /history entry: execution start to success), in seconds."""
+    stamps = {kind: data.get("timestamp") for kind, data in entry["status"].get("messages", [])}
+    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
 
 
 def _short_json(r: requests.Response) -> str:

@@ -276,6 +276,8 @@ class W4A4(W4A8):
     act_bits = 4
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        if not spec.act_quant:   # weight-only layers (modulation): W4A8's dequantized path
+            return super().linear(x, parts, shape, spec, bias, inv_smooth)
         return self.linear_with_branch(x, parts, shape, spec, bias, inv_smooth, None, None)
 
     def linear_with_branch(self, x, parts, shape, spec, bias, inv_smooth, down, up):

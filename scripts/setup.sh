@@ -78,6 +78,26 @@ ln -sfn "$ROOT" "$HOST/pkgroot/comfyui_accel"
 if [ -z "${COMFYUI_PATH:-}" ] && [ ! -e "$COMFY/custom_nodes/ComfyUI-Accel" ]; then
   ln -s "$ROOT" "$COMFY/custom_nodes/ComfyUI-Accel"
 fi
+# Chromium for the browser test of the example workflows (Debian's package; the playwright
+# client in requirements-dev.txt drives it and downloads no browser). Not fatal: without it
+# only that test fails, saying what to install. Tried once per .venv when apt-get fails.
+chromium_stamp="$VENV/.chromium-tried"
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+   && [ -z "${ACCEL_CHROMIUM:-}" ] && [ ! -f "$chromium_stamp" ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; }
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
+    echo "setup: installing chromium with apt-get (for the browser test; a minute)"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } >"$HOST/chromium-install.log" 2>&1; then
+      echo "setup: apt-get could not install chromium (see $HOST/chromium-install.log); the browser test will fail until it is installed (rm $chromium_stamp to retry)" >&2
+      touch "$chromium_stamp"
+    fi
+  else
+    echo "setup: chromium is missing and apt-get is not usable here (needs root or sudo); install Chromium or set ACCEL_CHROMIUM=/path/to/chromium, or the browser test fails" >&2
+    touch "$chromium_stamp"
+  fi
+fi
+
 printf '%s\n' "$COMFY" > "$HOST/comfyui_dir"
 ver=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null || true)
 echo "setup: ComfyUI ${ver:-(unknown version)} at $COMFY"
