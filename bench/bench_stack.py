@@ -169,6 +169,7 @@ class Variant:
     bits: float | None = None       # bits per quantized weight
     density: float | None = None    # sparse attention density asked for
     group: str = "alone"            # "alone", "stack", "interaction"
+    threshold: float | None = None  # TeaCache's calibrated threshold
 
 
 QUANT_FORMATS = ("int8", "fp8_e4m3", "int4", "nvfp4")
@@ -188,10 +189,10 @@ def variants(subject: Subject, quick: bool) -> list[Variant]:
                        peer=True, bits=8.0))
     out.append(Variant("ComfyUI weight dtype", "bf16 weights + compute", bf16_compute(subject), peer=True, bits=16.0))
 
-    targets = (2.0,) if quick else (1.5, 2.5)
+    targets = (2.0,) if quick else (1.5, 2.0, 2.5)
     profiles = {t: calibrate(subject, base, t) for t in targets}
     for t, p in profiles.items():
-        out.append(Variant("TeaCache", f"calibrated {t:g}x (threshold {p.threshold:.3g})", teacache(base, p)))
+        out.append(Variant("TeaCache", f"calibrated {t:g}x", teacache(base, p), threshold=p.threshold))
     for interval in ((3,) if quick else (2, 4)):
         out.append(Variant("TaylorSeer", f"N={interval}, order 1", taylorseer(base, interval)))
     for kind in ("EasyCache", "LazyCache"):
@@ -212,7 +213,7 @@ def variants(subject: Subject, quick: bool) -> list[Variant]:
     int8_profile = calibrate(subject, quantized["int8"], 2.0)
     out.append(Variant("Stacked", "int8 + TeaCache 2x + sparse 0.5",
                        sparse(teacache(quantized["int8"], int8_profile), 0.5, subject.block_size),
-                       bits=bits["int8"], density=0.5, group="stack"))
+                       bits=bits["int8"], density=0.5, group="stack", threshold=int8_profile.threshold))
     out.append(Variant("Stacked", "int4 + TaylorSeer N=3 + sparse 0.5",
                        sparse(taylorseer(quantized["int4"], 3), 0.5, subject.block_size),
                        bits=bits["int4"], density=0.5, group="stack"))
@@ -220,16 +221,13 @@ def variants(subject: Subject, quick: bool) -> list[Variant]:
     if subject.core_only:
         return out
     # CacheQuant: cache alone (above: TeaCache 2x calibrated on fp32) vs quant + the same cache.
-    fp32_profile = profiles[2.0] if 2.0 in profiles else calibrate(subject, base, 2.0)
-    if 2.0 not in profiles:
-        out.append(Variant("TeaCache", f"calibrated 2x (threshold {fp32_profile.threshold:.3g})",
-                           teacache(base, fp32_profile)))
+    fp32_profile = profiles[2.0]
     int4_profile = calibrate(subject, quantized["int4"], 2.0)
     for fmt, own in (("int8", int8_profile), ("int4", int4_profile)):
         out.append(Variant("Quant + cache", f"{fmt} + TeaCache 2x calibrated on fp32", teacache(quantized[fmt], fp32_profile),
-                           bits=bits[fmt], group="interaction"))
+                           bits=bits[fmt], group="interaction", threshold=fp32_profile.threshold))
         out.append(Variant("Quant + cache", f"{fmt} + TeaCache 2x calibrated on {fmt} (remedy)",
-                           teacache(quantized[fmt], own), bits=bits[fmt], group="interaction"))
+                           teacache(quantized[fmt], own), bits=bits[fmt], group="interaction", threshold=own.threshold))
     return out
 
 
@@ -325,7 +323,8 @@ def bench_subject(subject: Subject, quick: bool, images: dict | None = None) -> 
             baseline_peak_rss_bytes=base_peak, mse=mse, evaluations=counts[i][0] if counts[i] else None,
             computed=counts[i][1] if counts[i] else None, attention_share=share, time_s=t["median_s"],
             baseline_time_s=timing["baseline"]["median_s"], fidelity_on="decoded pixels" if subject.decode else "latent",
-            timing_rounds=repeat, load_average=os.getloadavg()[0]))
+            threshold=v.threshold, timing_rounds=repeat, threads=torch.get_num_threads(),
+            load_average=os.getloadavg()[0]))
         if images is not None and v.group != "interaction":
             images[subject.name][f"{v.technique}: {v.label}"] = px
         log.info("   %-60s %.2fx  PSNR %.1f dB", records[-1]["variant"], records[-1]["speedup"], records[-1]["psnr_db"])
@@ -335,7 +334,7 @@ def bench_subject(subject: Subject, quick: bool, images: dict | None = None) -> 
 def interaction_records(records: list[dict]) -> list[dict]:
     """CacheQuant: does caching on the quantized model lose more than cache and quant alone add up to?"""
     by = {r["setting"]: r for r in records}
-    cache = next((r for r in records if r["technique"] == "TeaCache" and r["setting"].startswith("calibrated 2x")), None)
+    cache = by.get("calibrated 2x")
     out = []
     for fmt in ("int8", "int4"):
         quant = by.get(fmt)
@@ -351,7 +350,8 @@ def interaction_records(records: list[dict]) -> list[dict]:
                 weight_bytes_ratio=both["weight_bytes_ratio"], bound=both["bound"],
                 psnr_cache_alone=cache["psnr_db"], psnr_quant_alone=quant["psnr_db"],
                 psnr_if_additive=_psnr_from_mse(expected, both), mse_ratio=both["mse"] / expected if expected else None,
-                computed_cache_alone=cache["computed"], computed_both=both["computed"], group="interaction"))
+                computed_cache_alone=cache["computed"], computed_both=both["computed"], threshold=both["threshold"],
+                threshold_cache_alone=cache["threshold"], group="interaction"))
     return out
 
 
@@ -425,14 +425,16 @@ def markdown(records: list[dict], images: list[str]) -> str:
         sub = [r for r in rows if r["model"] == model and r.get("group") != "interaction"]
         first = sub[0]
         lines += [f"### {model}", "",
-                  f"Unaccelerated: {first['baseline_time_s']:.2f} s per run, weights "
+                  f"Unaccelerated: {first['baseline_time_s']:.2f} s per run ({first['threads']} torch thread(s), "
+                  f"load average {first['load_average']:.1f}), weights "
                   f"{_mb(first['baseline_weight_bytes'])} MB, peak {_mb(first['baseline_peak_rss_bytes'])} MB; "
                   f"self-attention {first['attention_share']:.0%} of the run; fidelity on {first['fidelity_on']}.", "",
                   "| technique | setting | speedup | bound | weights MB (x smaller) | peak MB | PSNR dB | SSIM |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sub:
             who = r["technique"] + (" *(ComfyUI)*" if r["peer"] and "ComfyUI" not in r["technique"] else "")
-            lines.append(f"| {who} | {r['setting']} | {r['speedup']:.2f}x | {r['bound']} | "
+            setting = r["setting"] + ("" if r["threshold"] is None else f" (threshold {r['threshold']:.3g})")
+            lines.append(f"| {who} | {setting} | {r['speedup']:.2f}x | {r['bound']} | "
                          f"{_mb(r['weight_bytes'])} ({r['weight_bytes_ratio']:.2f}x) | {_mb(r['peak_rss_bytes'])} | "
                          f"{_db(r['psnr_db'])} | {r['ssim']:.3f} |")
         lines.append("")
@@ -446,7 +448,8 @@ def markdown(records: list[dict], images: list[str]) -> str:
                   "| model | variant | speedup | steps computed (cache alone) | PSNR quant alone | PSNR cache alone | "
                   "PSNR if additive | PSNR measured | MSE ratio |", "|---|---|---|---|---|---|---|---|---|"]
         for r in inter:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['speedup']:.2f}x | {r['computed_both']} "
+            lines.append(f"| {r['model']} | {r['variant']} (threshold {r['threshold']:.3g}; alone "
+                         f"{r['threshold_cache_alone']:.3g}) | {r['speedup']:.2f}x | {r['computed_both']} "
                          f"({r['computed_cache_alone']}) | {_db(r['psnr_quant_alone'])} | {_db(r['psnr_cache_alone'])} | "
                          f"{_db(r['psnr_if_additive'])} | {_db(r['psnr_db'])} | "
                          f"{'' if r['mse_ratio'] is None else format(r['mse_ratio'], '.2f')} |")
