@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
+from .. import metrics
 from ..vq import codebook as cb
 from ..vq import tokens as tk
 from ..vq.codebook import Codebook
@@ -75,7 +76,7 @@ def _fit_report(title: str, book: Codebook, samples: torch.Tensor, extra: dict) 
     for level in range(book.depth):
         rec = cb.vectors_to_latent(cb.decode(book, idx[:level + 1]), grid)
         used = int(torch.unique(idx[level]).numel())
-        psnrs.append(cb.psnr_db(samples, rec))
+        psnrs.append(metrics.psnr(samples, rec))
         rows.append({"levels": level + 1, "bits_per_vector": round((level + 1) * math.log2(book.size), 2),
                      "used_codes": used, "utilisation_%": round(100 * used / book.size, 1),
                      "latent_psnr_db": round(psnrs[-1], 2)})
@@ -304,7 +305,7 @@ class AccelVQEncode(io.ComfyNode):
         levels = _levels(node, "residual_levels", residual_levels, codebook.depth)
         pixels = _pixels(samples, vae, spatial_compression, temporal_compression)
         tokens = tk.encode_latent(codebook, samples, pixels, levels)
-        psnr = cb.psnr_db(samples, tk.decode_latent(tokens))
+        psnr = metrics.psnr(samples, tk.decode_latent(tokens))
         text, plot = _bitrate_outputs("VQ Encode", tokens, tk.bitrate(tokens), {"latent_psnr_db": round(psnr, 2)})
         return io.NodeOutput(tokens, text, plot)
 
@@ -510,7 +511,7 @@ class AccelVQGANEncode(io.ComfyNode):
         if report_psnr:
             decoded = vae.decode(tk.decode_latent(tokens).to(latent.dtype))
             ref = image[:, :h, :w, :3].to(decoded.device, decoded.dtype)
-            extra["image_psnr_db"] = round(cb.psnr_db(ref, decoded.clamp(0, 1), peak=1.0), 2)
+            extra["image_psnr_db"] = round(metrics.psnr(ref, decoded.clamp(0, 1), data_range=1.0), 2)
         text, plot = _bitrate_outputs("VQGAN Encode (Stage A)", tokens, tk.bitrate(tokens), extra)
         return io.NodeOutput(tokens, text, plot)
 

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import torch
 
+from .. import files
 from . import formats
 from .formats import Spec
 from .linear import QuantLinear
@@ -101,29 +101,9 @@ def state_to_save(state: dict[str, torch.Tensor], other_dtype: torch.dtype | Non
 
 
 def write_atomic(tensors: dict, metadata: dict, path: str, overwrite: bool = False) -> None:
-    """Write to a temporary file beside ``path`` and move it into place."""
+    """Write a safetensors file in one step, never over an existing file unless ``overwrite``."""
     import safetensors.torch
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(path)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the name appeared meanwhile: never clobber
-            except FileExistsError:
-                raise
-            except OSError:  # no hard links on this filesystem
-                if os.path.exists(path):
-                    raise FileExistsError(path) from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    files.write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata), overwrite)
 
 
 # ---------------------------------------------------------------- reading

@@ -224,12 +224,3 @@ def decode(codebook: Codebook, indices: torch.Tensor) -> torch.Tensor:
         out += codebook.vectors[level][indices[level].cpu()]
     return out
 
-
-def psnr_db(reference: torch.Tensor, approx: torch.Tensor, peak: float | None = None) -> float:
-    """PSNR of ``approx`` against ``reference``; ``peak`` defaults to the reference's value range."""
-    ref, app = reference.double(), approx.double()
-    mse = (ref - app).square().mean().item()
-    peak = (ref.max() - ref.min()).item() if peak is None else peak
-    if mse == 0:
-        return float("inf")
-    return 10 * math.log10(max(peak, 1e-12) ** 2 / mse)

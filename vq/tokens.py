@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..files import write_new  # noqa: F401  (re-exported: the nodes save through it)
 from . import entropy
 from . import codebook as cbmod
 from .codebook import Codebook, Grid
@@ -76,45 +75,6 @@ def bitrate(tokens: Tokens, coded: list[entropy.Coded] | None = None) -> dict:
         "coded_with_table_bpp": (payload + table) / px,
         "used_codes": [int(torch.unique(lvl).numel()) for lvl in tokens.indices],
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# writing files: atomic, never over an existing file
-
-
-def write_new(folder: str | Path, stem: str, ext: str, data: bytes, counter: int | None = None) -> Path:
-    """Write ``data`` to ``folder/stem_NNNNN_ext`` with the first free counter, atomically.
-
-    The bytes go to a temporary file in the same folder first, then get their final name with a
-    hard link, which fails instead of replacing a file that appeared meanwhile (then the next
-    counter is tried). Where hard links are not supported, an existence check and a rename are used.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".accel-", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        n = counter if counter is not None else 1
-        for _ in range(100000):
-            final = folder / f"{stem}_{n:05}_{ext}"
-            if not final.exists():
-                try:
-                    os.link(tmp, final)
-                    return final
-                except FileExistsError:
-                    pass
-                except OSError:  # no hard links here (some network or FAT file systems)
-                    if not final.exists():
-                        os.replace(tmp, final)
-                        return final
-            n += 1
-        raise VQFileError(f"no free file name for {stem} in {folder}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _open(path: Path, what: str):

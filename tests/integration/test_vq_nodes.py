@@ -40,7 +40,7 @@ def run(node, **kwargs):
 
 
 def test_fit_encode_decode_on_real_vae_latents(env):
-    from comfyui_accel.vq.codebook import psnr_db
+    from comfyui_accel.metrics import psnr as psnr_db
     nv, latent = env["nv"], env["latent"]
     samples = latent["samples"]
     assert samples.shape == (4, 4, 12, 12)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_accel.metrics import psnr
 from comfyui_accel.vq import codebook as cb
 from comfyui_accel.vq import entropy
 from comfyui_accel.vq import tokens as tk
@@ -43,12 +44,12 @@ def test_residual_levels_and_patches_trade_bits_for_quality():
     psnrs = []
     for depth in (1, 2, 3):
         tokens = tk.encode_latent(book, lat, pixels=1, depth=depth)
-        psnrs.append(cb.psnr_db(lat, tk.decode_latent(tokens)))
+        psnrs.append(psnr(lat, tk.decode_latent(tokens)))
     assert psnrs[0] > 10 and psnrs[1] > psnrs[0] + 1 and psnrs[2] > psnrs[1] + 1, psnrs
     # Same codebook size on 2x2 patches: 4x fewer bits, lower quality.
     pv, _ = cb.latent_to_vectors(lat, 2)
     patch_book = cb.fit(pv, 32, channels=4, patch=2, iters=8)
-    patch_psnr = cb.psnr_db(lat, tk.decode_latent(tk.encode_latent(patch_book, lat, pixels=1)))
+    patch_psnr = psnr(lat, tk.decode_latent(tk.encode_latent(patch_book, lat, pixels=1)))
     assert patch_psnr < psnrs[0]
 
 
@@ -71,7 +72,7 @@ def test_video_latents_encode_per_frame():
     tokens = tk.encode_latent(book, lat, pixels=9 * 96 * 96)
     assert tokens.indices.shape == (1, 1, 3, 6, 6)
     rec = tk.decode_latent(tokens)
-    assert rec.shape == lat.shape and cb.psnr_db(lat, rec) > 10
+    assert rec.shape == lat.shape and psnr(lat, rec) > 10
 
 
 def test_shrink_gives_a_smaller_codebook_close_to_the_big_one():
@@ -82,7 +83,7 @@ def test_shrink_gives_a_smaller_codebook_close_to_the_big_one():
     direct = cb.fit(vectors, 16, channels=4, iters=10)
     assert small.vectors.shape == (1, 16, 4) and small.channels == 4
     assert small.usage.sum().item() == pytest.approx(big.usage.sum().item())
-    p_big, p_small, p_direct = (cb.psnr_db(lat, tk.decode_latent(tk.encode_latent(b, lat, 1))) for b in (big, small, direct))
+    p_big, p_small, p_direct = (psnr(lat, tk.decode_latent(tk.encode_latent(b, lat, 1))) for b in (big, small, direct))
     assert p_small < p_big
     assert p_small > p_direct - 1.0  # nearly as good as fitting 16 codes on the latents themselves
     with pytest.raises(ValueError, match="between 2"):
