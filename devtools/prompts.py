@@ -55,3 +55,14 @@ def quantize_step(**inputs) -> tuple[str, dict]:
     (e.g. ``format="int4"``, or ``positive=["2", 0], negative=["3", 0], latent=["4", 0]`` to
     calibrate on the prompt's own conditioning and latent)."""
     return ("AccelQuantizeModel", {**QUANTIZE_DEFAULTS, **inputs})
+
+
+# Widget inputs of AccelSVDLowRankBranch at their schema defaults (tests check they match).
+SVD_DEFAULTS = {"rank": 32, "smooth_alpha": 0.5, "svd": "randomized", "report_format": "w4a4", "group_size": 64,
+                "calibration_steps": 8, "seed": 0, "cfg": 5.0, "layer_overrides": ""}
+
+
+def svd_step(**inputs) -> tuple[str, dict]:
+    """An AccelSVDLowRankBranch step for ``sampling_prompt``'s chain (``positive=["2", 0],
+    negative=["3", 0], latent=["4", 0]`` calibrates on the prompt's own conditioning and latent)."""
+    return ("AccelSVDLowRankBranch", {**SVD_DEFAULTS, **inputs})

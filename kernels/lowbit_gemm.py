@@ -13,9 +13,11 @@
 kernel: int8 ``weight [N, K]`` with one fp32 ``scale`` per row, or float8_e4m3fn with one
 fp32 scale for the tensor (GPUs without fp8 matmul; modulation layers).
 
-``w4a8_gemm(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype)``: int8
-activations times int4 codes whose integer group scales make ``(q - 8) * group_scale`` an
-exact int8 weight, summed in int32 and scaled by ``x_scale[m] * scale[n]``.
+``w4a8_gemm(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up)``:
+int8 activations times int4 codes whose integer group scales make ``(q - 8) * group_scale``
+an exact int8 weight, summed in int32 and scaled by ``x_scale[m] * scale[n]``. With
+``lora_act [M, r]`` and ``lora_up [r, N]`` (an SVDQuant low-rank branch, see
+``lowrank_gemm``) the epilogue adds ``lora_act @ lora_up`` before the output is written.
 
 References (the truth and the CPU path): decode the weight, then a float matmul or the
 int8 matmul. The Triton kernels read the packed bytes once: even and odd K positions are
@@ -95,8 +97,14 @@ def w4a8_int8_weight(packed: torch.Tensor, group_scale: torch.Tensor, block: int
     return w8.reshape(n, -1).to(torch.int8)
 
 
-def w4a8_gemm_reference(xq, x_scale, packed, group_scale, scale, block, bias=None, out_dtype=torch.float32):
-    return int8_gemm_reference(xq, x_scale, w4a8_int8_weight(packed, group_scale, block), scale, bias, out_dtype)
+def w4a8_gemm_reference(xq, x_scale, packed, group_scale, scale, block, bias=None, out_dtype=torch.float32,
+                        lora_act=None, lora_up=None):
+    w8 = w4a8_int8_weight(packed, group_scale, block)
+    if lora_act is None:
+        return int8_gemm_reference(xq, x_scale, w8, scale, bias, out_dtype)
+    out = int8_gemm_reference(xq, x_scale, w8, scale, bias, torch.float32)
+    # the branch in the epilogue, accumulated into the fp32 output in place
+    return out.addmm_(lora_act.float(), lora_up.float()).to(out_dtype)
 
 
 # ---------------------------------------------------------------- Triton
@@ -222,9 +230,9 @@ if tl is not None:
                  mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, gs_ptr, s_ptr, b_ptr, out_ptr, M, N, K,
+    def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, gs_ptr, s_ptr, b_ptr, la_ptr, up_ptr, out_ptr, M, N, K, R,
                           stride_xm, stride_wn, stride_gn, stride_om,
-                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -253,6 +261,13 @@ if tl is not None:
         out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA:  # low-rank branch: (x @ L1) [M, R] fp32 times L2 [R, N], in the epilogue
+            r = tl.arange(0, R_PAD)
+            la = tl.load(la_ptr + offs_m[:, None] * R + r[None, :], mask=mask_m[:, None] & (r < R)[None, :],
+                         other=0.0).to(tl.float32)
+            up = tl.load(up_ptr + r[:, None] * N + offs_n[None, :], mask=(r < R)[:, None] & mask_n[None, :],
+                         other=0.0).to(tl.float32)
+            out += tl.dot(la, up)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
 
@@ -292,17 +307,21 @@ def w8a16_linear_triton(x, weight, scale, bias=None):
     return out
 
 
-def w4a8_gemm_triton(xq, x_scale, packed, group_scale, scale, block, bias=None, out_dtype=torch.float32):
+def w4a8_gemm_triton(xq, x_scale, packed, group_scale, scale, block, bias=None, out_dtype=torch.float32,
+                     lora_act=None, lora_up=None):
     M, K = xq.shape
     N = packed.shape[0]
     out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     cfg = _launch_config()
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    R = 0 if lora_act is None else lora_act.shape[1]
     _w4a8_gemm_kernel[grid](
         xq, x_scale.reshape(M).float().contiguous(), packed, group_scale, scale.float().contiguous(),
-        bias if bias is not None else scale, out, M, N, K,
+        bias if bias is not None else scale,
+        lora_act.contiguous() if R else scale, lora_up.contiguous() if R else scale, out, M, N, K, R,
         xq.stride(0), packed.stride(0), group_scale.stride(0), out.stride(0),
-        BLOCK=block, HAS_BIAS=bias is not None, **cfg)
+        BLOCK=block, HAS_BIAS=bias is not None, HAS_LORA=R > 0, R_PAD=max(16, triton.next_power_of_2(max(R, 1))),
+        **cfg)
     return out
 
 
@@ -343,9 +362,12 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def w4a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, group_scale: torch.Tensor,
               scale: torch.Tensor, block: int, bias: torch.Tensor | None = None,
-              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(xq @ w8.T) * x_scale * scale + bias`` with ``w8 = (q - 8) * group_scale``, exact in int32."""
-    supported = xq.dtype == torch.int8 and out_dtype in _FLOAT_DTYPES and _supported(xq, packed, block)
+              out_dtype: torch.dtype = torch.float32, lora_act: torch.Tensor | None = None,
+              lora_up: torch.Tensor | None = None) -> torch.Tensor:
+    """``(xq @ w8.T) * x_scale * scale + bias [+ lora_act @ lora_up]`` with ``w8 = (q - 8) * group_scale``,
+    the int8 part exact in int32."""
+    supported = (xq.dtype == torch.int8 and out_dtype in _FLOAT_DTYPES and _supported(xq, packed, block)
+                 and (lora_act is None or lora_act.shape[1] <= 256))
     if dispatch.pick(xq, packed, supported=supported) == "triton":
-        return w4a8_gemm_triton(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype)
-    return w4a8_gemm_reference(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype)
+        return w4a8_gemm_triton(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up)
+    return w4a8_gemm_reference(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up)

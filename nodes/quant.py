@@ -40,6 +40,35 @@ def _plot(rows: list[qmodel.LayerRow], title: str) -> torch.Tensor:
                           groups=[f"{r.format}/{r.activations}" for r in quantized])
 
 
+def calibration_widgets() -> list:
+    """The calibration run's settings (shared by the nodes that calibrate)."""
+    return [
+        io.Int.Input("calibration_steps", default=8, min=1, max=200,
+                     tooltip="Sampling steps of the calibration run (statistics are taken at every "
+                             "step). Used only when positive and latent are connected."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                     tooltip="Noise seed of the calibration run."),
+        io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1,
+                       tooltip="CFG scale of the calibration run (use your workflow's)."),
+    ]
+
+
+def calibration_sockets() -> list:
+    """The calibration run's optional inputs: the user's own conditioning and latent."""
+    return [
+        io.Conditioning.Input("positive", optional=True, tooltip="Calibration: your positive conditioning."),
+        io.Conditioning.Input("negative", optional=True,
+                              tooltip="Calibration: your negative conditioning (default: the positive)."),
+        io.Latent.Input("latent", optional=True,
+                        tooltip="Calibration: a latent of the size you generate (e.g. Empty Latent)."),
+    ]
+
+
+def check_calibration(node: str, positive, latent) -> None:
+    if positive is not None and latent is None:
+        fail(node, "latent", "is needed for calibration when positive is connected (e.g. an Empty Latent)")
+
+
 class AccelQuantizeModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -70,13 +99,7 @@ class AccelQuantizeModel(io.ComfyNode):
                                tooltip="SmoothQuant strength (0 = off) for formats that quantize activations "
                                        "(int8, w4a8, fp8 on fp8 GPUs): moves activation outliers into the "
                                        "weights. Needs the calibration inputs."),
-                io.Int.Input("calibration_steps", default=8, min=1, max=200,
-                             tooltip="Sampling steps of the calibration run (statistics are taken at every "
-                                     "step). Used only when positive and latent are connected."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Noise seed of the calibration run."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="CFG scale of the calibration run (use your workflow's)."),
+                *calibration_widgets(),
                 io.String.Input("auto_formats", default="int8, w4a8, int4",
                                 tooltip="format=auto: the formats it may choose from, comma separated; 16-bit "
                                         "is always an option."),
@@ -92,12 +115,7 @@ class AccelQuantizeModel(io.ComfyNode):
                                         "(e.g. 'blocks.0.self_attn.q'), first match wins: action 'keep' "
                                         "(high precision), a format name, or a format name followed by "
                                         "'weight_only'. Example: 'img_mod|txt_mod = keep'."),
-                io.Conditioning.Input("positive", optional=True,
-                                      tooltip="Calibration: your positive conditioning."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Calibration: your negative conditioning (default: the positive)."),
-                io.Latent.Input("latent", optional=True,
-                                tooltip="Calibration: a latent of the size you generate (e.g. Empty Latent)."),
+                *calibration_sockets(),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -126,8 +144,7 @@ class AccelQuantizeModel(io.ComfyNode):
         grouped = any(formats.get(f).grouped for f in (candidates or [format]) if f in formats.FORMATS)
         if group_size % 2:
             fail(node, "group_size", f"must be even (4-bit codes are packed two per byte), got {group_size}")
-        if positive is not None and latent is None:
-            fail(node, "latent", "is needed for calibration when positive is connected (e.g. an Empty Latent)")
+        check_calibration(node, positive, latent)
         if not qmodel.linear_layers(model):
             fail(node, "model", "has no linear layers to quantize")
         already = qmodel.quantized_layers(model)

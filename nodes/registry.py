@@ -14,7 +14,7 @@ from comfy_api.latest import ComfyExtension, io
 log = logging.getLogger(__name__)
 
 # Family modules, in the order their nodes appear in the UI's menus.
-FAMILIES: tuple[str, ...] = ("quant", "cache", "attention", "vq")
+FAMILIES: tuple[str, ...] = ("quant", "svd", "cache", "attention", "vq")
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:

@@ -19,6 +19,7 @@ activation range moves with the timestep, so calibrating on one step is not enou
 from __future__ import annotations
 
 import math
+import uuid
 from typing import Callable
 
 import torch
@@ -87,15 +88,11 @@ class _Observing:
         return super().forward(x, *args, **kwargs)
 
 
-def observing_copy(module: torch.nn.Module, stats: LayerStats, params: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``module`` whose forward records its input into ``stats``; ``params`` are
-    the clean tensors it should hold (the patcher's view of the weights)."""
-    cls = type(module)
-    sub = _observer_classes.get(cls)
-    if sub is None:
-        sub = type(f"Observing{cls.__name__}", (_Observing, cls), {})
-        _observer_classes[cls] = sub
-    obs = object.__new__(sub)
+def module_copy(module: torch.nn.Module, params: dict[str, torch.Tensor], cls: type | None = None) -> torch.nn.Module:
+    """A shallow copy of ``module`` (as class ``cls``, default its own) holding ``params``
+    (the clean tensors it should compute with) in its own parameter dict, so ModelPatcher
+    can patch the copy's weights without touching the original's."""
+    obs = object.__new__(cls or type(module))
     state = {}
     for key, value in module.__dict__.items():
         if key in _LOAD_STATE:
@@ -110,6 +107,18 @@ def observing_copy(module: torch.nn.Module, stats: LayerStats, params: dict[str,
     for name, tensor in params.items():
         if tensor is not None:
             obs._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    return obs
+
+
+def observing_copy(module: torch.nn.Module, stats: LayerStats, params: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``module`` whose forward records its input into ``stats``; ``params`` are
+    the clean tensors it should hold (the patcher's view of the weights)."""
+    cls = type(module)
+    sub = _observer_classes.get(cls)
+    if sub is None:
+        sub = type(f"Observing{cls.__name__}", (_Observing, cls), {})
+        _observer_classes[cls] = sub
+    obs = module_copy(module, params, sub)
     obs._accel_stats = stats
     return obs
 
@@ -122,6 +131,10 @@ def calibrate(patcher, layers: list[str], positive, negative, latent: dict, step
     from .model import PREFIX, clean_param
 
     clone = patcher.clone()
+    # A fresh uuid makes ComfyUI unpatch the shared modules before installing the observers.
+    # With the input's uuid it skips that, the originals keep their "weights patched" flag while
+    # the observers are in, and the next clone's LoRA patches are then never applied to them.
+    clone.patches_uuid = uuid.uuid4()
     recorder = Recorder()
     rows_per_call = max(1, math.ceil(max_rows / max(steps, 1)))
     stats = {}

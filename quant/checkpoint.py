@@ -5,7 +5,8 @@ layout ``UNETLoader`` reads):
 
 - layers kept in high precision and all other parameters: as they are (optionally cast);
 - a quantized layer ``L``: ``L.weight`` holds the packed codes, ``L.weight_<part>`` every
-  other packed tensor (scales, zero points, smoothing factors), ``L.bias`` the bias;
+  other packed tensor (scales, zero points, smoothing factors, the bf16 low-rank branch
+  ``weight_lora_down`` [K, r] and ``weight_lora_up`` [r, N]), ``L.bias`` the bias;
 - header ``_quantization_metadata`` (ComfyUI's own, QUANTIZATION.md):
   ``{"format_version": "1.0", "layers": {L: {"format": ...}}}``. Layers in a format that
   ComfyUI has a layout for are written in that layout: ``fp8_e4m3`` as ``float8_e4m3fn``
@@ -86,6 +87,8 @@ def state_to_save(state: dict[str, torch.Tensor], other_dtype: torch.dtype | Non
             comfy_layers[layer] = {"format": native or f"accel_{value.spec.format}"}
             accel_layers[layer] = {**value.spec.to_json(), "shape": list(value.shape),
                                    "extras": [k for k in EXTRA_PARTS if k in value.parts]}
+            if value.rank:
+                accel_layers[layer]["rank"] = value.rank
             dtypes.add(dtype_name(value.dtype))
             continue
         t = value.detach()
@@ -154,10 +157,19 @@ def expected_parts(layer: str, info: dict) -> tuple[Spec, tuple[int, int], dict]
     if problem:
         raise CheckpointError(f"layer {layer}: {problem}")
     parts = dict(fmt.part_specs(shape, spec))
-    for extra in info.get("extras", []):
-        if extra != "smooth":
+    extras = list(info.get("extras", []))
+    for extra in extras:
+        if extra not in EXTRA_PARTS:
             raise CheckpointError(f"layer {layer}: unknown extra tensor '{extra}' (from a newer ComfyUI-Accel?)")
+    if "smooth" in extras:
         parts["smooth"] = ((shape[1],), torch.float32)
+    if "lora_down" in extras or "lora_up" in extras:
+        try:
+            rank = int(info["rank"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"layer {layer}: a low-rank branch without a valid 'rank' in the metadata") from None
+        parts["lora_down"] = ((shape[1], rank), torch.bfloat16)
+        parts["lora_up"] = ((rank, shape[0]), torch.bfloat16)
     return spec, shape, parts
 
 

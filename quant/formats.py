@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import int8_gemm, lowbit, lowbit_gemm
+from ..kernels import int8_gemm, lowbit, lowbit_gemm, lowrank_gemm
 from ..kernels.quant_primitives import quantize_per_token_int8
 
 
@@ -112,6 +112,12 @@ class WeightFormat:
         """``x [M, K]``; ``inv_smooth`` [K] float32 multiplies ``x`` first (SmoothQuant).
         Default: weight-only, dequantize then a high-precision matmul."""
         return F.linear(_smoothed(x, inv_smooth), self.dequantize(parts, shape, spec, x.dtype), bias)
+
+    def linear_with_branch(self, x, parts, shape, spec, bias, inv_smooth, down, up) -> torch.Tensor:
+        """``linear`` plus a low-rank branch ``((x * inv_smooth) @ down) @ up`` (SVDQuant). Formats
+        with a fused kernel override this; the default adds the branch after the matmul."""
+        y = self.linear(x, parts, shape, spec, bias, inv_smooth)
+        return y.add_(lowrank_gemm.branch_output(_smoothed(x, inv_smooth), down, up).to(y.dtype))
 
     def quantizes_activations(self, spec: Spec) -> bool:
         return self.act_bits is not None and spec.act_quant
@@ -259,6 +265,26 @@ class W4A8(WeightFormat):
                                      spec.group_size, bias, x.dtype)
 
 
+class W4A4(W4A8):
+    """W4A8's weights with 4-bit activations: per token an fp32 scale and an integer scale
+    (1..17) per group of the same size as the weight's, so both sides are exact int8 values
+    and the matmul runs on the int8 path (``kernels/lowrank_gemm``). Made for SVDQuant: a
+    low-rank branch from SVD Low-Rank Branch is fused into the same pass."""
+    name = "w4a4"
+    description = ("int4 weights and int4 activations (group-wise, two-level scales) through the int8 matmul; "
+                   "use after SVD Low-Rank Branch (SVDQuant)")
+    act_bits = 4
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        return self.linear_with_branch(x, parts, shape, spec, bias, inv_smooth, None, None)
+
+    def linear_with_branch(self, x, parts, shape, spec, bias, inv_smooth, down, up):
+        if not spec.act_quant:
+            return super().linear_with_branch(x, parts, shape, spec, bias, inv_smooth, down, up)
+        return lowrank_gemm.w4a4_linear(x, parts["weight"], parts["group_scale"], parts["scale"], spec.group_size,
+                                        bias, inv_smooth, down, up)
+
+
 class NVFP4(WeightFormat):
     name = "nvfp4"
     description = ("fp4 e2m1 weights, fp8 e4m3 scale per 16 and an fp32 per-tensor scale (NVIDIA's NVFP4); "
@@ -315,7 +341,7 @@ class MXFP4(WeightFormat):
         return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
 
 
-FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), NVFP4(), MXFP4())}
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(), MXFP4())}
 
 # The vector-quantized formats (vq2, vq3) live in their own module and add themselves here.
 from . import vq_format  # noqa: E402,F401

@@ -27,6 +27,7 @@ from .qweight import QuantWeight
 
 class QuantLinear(torch.nn.Module):
     comfy_cast_weights = False
+    baked_patches = None  # weight patches (a LoRA) merged in when this layer was quantized
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -56,7 +57,12 @@ class QuantLinear(torch.nn.Module):
         return weight.dequantize(torch.float32) if isinstance(weight, QuantWeight) else weight
 
     def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-        new = self.weight.requantize(weight, seed=seed)
+        if self.weight.branch is not None:
+            # a LoRA on a layer with a low-rank branch: its factors join the branch, no requantization
+            from .lowrank import absorb_patch
+            new = absorb_patch(self.weight, weight, seed=seed)
+        else:
+            new = self.weight.requantize(weight, seed=seed)
         if return_weight:
             return new
         self.weight = torch.nn.Parameter(new, requires_grad=False)

@@ -86,7 +86,8 @@ def plan_model(patcher, fmt: str, group_size: int | None, overrides: list[policy
     plans = []
     for name, module in linear_layers(patcher):
         shape = tuple(module.weight.shape)
-        if PREFIX + name in patcher.object_patches and not isinstance(module, QuantLinear):
+        if (PREFIX + name in patcher.object_patches and not isinstance(module, QuantLinear)
+                and getattr(module, "accel_branch", None) is None):
             plans.append(policy.LayerPlan(name, shape, policy.role_of(name), None,
                                           "replaced by another node's object patch: left as it is"))
             continue
@@ -206,15 +207,23 @@ def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | 
                                  before, before, reason=plan.reason, **act))
         else:
             w = float_weight(patcher, plan.path, device=work_device)
-            qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
+            branch = getattr(module, "accel_branch", None)
+            if branch is not None:  # from SVD Low-Rank Branch: pack the residual with its smoothing
+                from .lowrank import quantize_branched
+                qw = quantize_branched(w, branch, plan.spec, dtype)
+            else:
+                qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
             row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
                            qw.bits_per_weight(), before, qw.packed_nbytes(),
                            weight_sqnr_db=weight_sqnr_db(w, qw),
-                           reason=plan.reason + (", smoothed" if qw.smooth is not None else ""), **act)
+                           reason=plan.reason + (", smoothed" if qw.smooth is not None else "")
+                           + (f", low-rank branch r={qw.rank}" if qw.rank else ""), **act)
             if layer_stats is not None and layer_stats.rows:
                 row.output_sqnr_db = output_sqnr_db(w, qw, layer_stats.sample())
-            clone.add_object_patch(PREFIX + plan.path, QuantLinear(qw.retarget(device=store_device),
-                                                                   clean_bias(patcher, plan.path)))
+            qlinear = QuantLinear(qw.retarget(device=store_device), clean_bias(patcher, plan.path))
+            # what was merged in, so a branch fitted later knows the float weight this approximates
+            qlinear.baked_patches = patcher.patches.get(f"{PREFIX}{plan.path}.weight")
+            clone.add_object_patch(PREFIX + plan.path, qlinear)
             clone.patches.pop(f"{PREFIX}{plan.path}.weight", None)
             rows.append(row)
             del w, qw

@@ -17,7 +17,9 @@ later releases). What callers see:
 
 Format-independent extras are stored beside the format's parts under reserved names:
 ``smooth`` ([K] float32, SmoothQuant factors: the stored weight is ``W * smooth`` and the
-input is divided by ``smooth``). Issue 4's low-rank branch adds its tensors the same way.
+input is divided by ``smooth``) and the SVDQuant low-rank branch ``lora_down`` [K, r] and
+``lora_up`` [r, N] (16-bit, in the smoothed coordinates: the layer computes
+``Q(x / smooth) @ Q(R)^T + ((x / smooth) @ lora_down) @ lora_up``, see ``quant/lowrank.py``).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from .formats import Spec
 
 log = logging.getLogger(__name__)
 
-EXTRA_PARTS = ("smooth",)
+EXTRA_PARTS = ("smooth", "lora_down", "lora_up")
 aten = torch.ops.aten
 
 
@@ -76,9 +78,38 @@ class QuantWeight(torch.Tensor):
     def smooth(self) -> torch.Tensor | None:
         return self.parts.get("smooth")
 
+    @property
+    def branch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The low-rank branch ``(lora_down [K, r], lora_up [r, N])``, or None."""
+        if "lora_down" not in self.parts:
+            return None
+        return self.parts["lora_down"], self.parts["lora_up"]
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.branch is None else self.parts["lora_down"].shape[1]
+
+    def with_branch(self, down: torch.Tensor | None, up: torch.Tensor | None) -> "QuantWeight":
+        """The same packed residual with this branch (None removes it)."""
+        parts = {k: v for k, v in self.parts.items() if k not in ("lora_down", "lora_up")}
+        if down is not None:
+            parts["lora_down"], parts["lora_up"] = down.to(self.device), up.to(self.device)
+        return self._like(parts)
+
+    def branch_weight(self) -> torch.Tensor | None:
+        """The branch as a float32 [N, K] weight in the layer's own (unsmoothed) coordinates."""
+        if self.branch is None:
+            return None
+        down, up = self.branch
+        w = up.float().t() @ down.float().t()
+        return w if self.smooth is None else w / self.smooth[None, :]
+
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = self.fmt.dequantize(self.parts, tuple(self.shape), self.spec, torch.float32)
+        if self.branch is not None:
+            down, up = self.branch
+            w = w.addmm_(up.float().t(), down.float().t())
         if self.smooth is not None:
             w = w / self.smooth[None, :]
         return w.to(dtype or self.dtype)
@@ -88,24 +119,34 @@ class QuantWeight(torch.Tensor):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         inv = None if self.smooth is None else 1.0 / self.smooth.to(x2.device)
-        y = self.fmt.linear(x2, self.parts, (n, k), self.spec, bias, inv)
+        if self.branch is None:
+            y = self.fmt.linear(x2, self.parts, (n, k), self.spec, bias, inv)
+        else:
+            y = self.fmt.linear_with_branch(x2, self.parts, (n, k), self.spec, bias, inv, *self.branch)
         return y.reshape(*lead, n)
 
     def select_rows(self, index: torch.Tensor) -> "QuantWeight":
         """The same layer restricted to some output rows (every format's per-row parts lead
-        with N; per-tensor scalars and the [K] extras are shared)."""
+        with N; per-tensor scalars and the [K] extras are shared; the branch's up projection
+        is [r, N])."""
         n = self.shape[0]
         parts = {k: v[index] if k not in EXTRA_PARTS and v.dim() > 0 and v.shape[0] == n else v
                  for k, v in self.parts.items()}
+        if "lora_up" in parts:
+            parts["lora_up"] = parts["lora_up"][:, index]
         return QuantWeight(parts, self.spec, (len(index), self.shape[1]), self.dtype)
 
     def requantize(self, w: torch.Tensor, seed: int | None = None) -> "QuantWeight":
-        """Pack a new float weight the same way (format, group size, smoothing)."""
+        """Pack a new float weight the same way (format, group size, smoothing); a branched
+        weight keeps its branch and packs ``w`` minus the branch."""
         generator = None
         if seed is not None:
             generator = torch.Generator(device=w.device).manual_seed(int(seed) % (2 ** 63))
-        return QuantWeight.quantize(w.to(self.device), self.spec, self.dtype, smooth=self.smooth,
-                                    generator=generator)
+        w = w.to(self.device)
+        if self.branch is not None:
+            w = w.float() - self.branch_weight()
+        new = QuantWeight.quantize(w, self.spec, self.dtype, smooth=self.smooth, generator=generator)
+        return new.with_branch(*self.branch) if self.branch is not None else new
 
     def retarget(self, device=None, dtype: torch.dtype | None = None, copy: bool = False) -> "QuantWeight":
         """The same packed weight on ``device`` and/or with another logical dtype."""
@@ -122,7 +163,7 @@ class QuantWeight(torch.Tensor):
     def __repr__(self, *, tensor_contents=None):
         return (f"QuantWeight({self.spec.format}, shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"group={self.spec.group_size}, act_quant={self.spec.act_quant}, "
-                f"smooth={self.smooth is not None}, device={self.device})")
+                f"smooth={self.smooth is not None}, rank={self.rank}, device={self.device})")
 
     # ---- tensor protocol ----------------------------------------------------------
     def __tensor_flatten__(self):

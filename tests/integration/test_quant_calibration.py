@@ -84,3 +84,13 @@ def test_report_rows_carry_the_activation_statistics(calibrated):
             assert r.step_range_ratio >= 1.0
             values = list(stats[r.layer].step_absmax.values())
             assert r.step_range_ratio == pytest.approx(max(values) / min(values))
+
+
+def test_a_lora_clone_sampled_after_calibration_gets_its_lora(calibrated):
+    # regression: the calibration clone shared the input's patches uuid, so ComfyUI left the
+    # original modules flagged as patched and the next clone's LoRA was silently not applied
+    from comfyui_accel.devtools.quant_checks import lora_for, with_lora
+    from comfyui_accel.metrics import psnr
+    model, _, reference, _, _ = calibrated
+    lora_model = with_lora(model, lora_for(model, ["blocks.0.ffn.2"], rank=4, scale=0.5, seed=3))
+    assert psnr(reference, sample(lora_model, "wan21")) < 55
