@@ -102,12 +102,21 @@ def quantize(model, fmt: str):
                                       auto_budget=0.35, auto_min_sqnr_db=0.0, layer_overrides="").args[0]
 
 
-def quantized_bits(model) -> float:
+def quantized_bits(model) -> float | None:
     """Stored bits per weight of the quantized layers (codes and scales), weighted by size."""
     from ..quant import model as qmodel
     layers = [m for _, m in qmodel.linear_layers(model) if isinstance(m, qmodel.QuantLinear)]
     numel = sum(m.weight.numel() for m in layers)
-    return sum(m.weight.bits_per_weight() * m.weight.numel() for m in layers) / numel
+    return sum(m.weight.bits_per_weight() * m.weight.numel() for m in layers) / numel if numel else None
+
+
+def svd_branch(subject: Subject, model, rank: int = 16):
+    """SVD Low-Rank Branch before Quantize Model (SVDQuant), calibrated on the subject's conditioning."""
+    from ..nodes.svd import AccelSVDLowRankBranch
+    return AccelSVDLowRankBranch.execute(model, rank=rank, smooth_alpha=0.5, svd="randomized", report_format="w4a4",
+                                         group_size=64, calibration_steps=4, seed=SEED, cfg=subject.cfg,
+                                         layer_overrides="", positive=subject.positive, negative=subject.negative,
+                                         latent=subject.latent).args[0]
 
 
 def calibrate(subject: Subject, model, target: float):
@@ -172,19 +181,21 @@ class Variant:
     threshold: float | None = None  # TeaCache's calibrated threshold
 
 
-QUANT_FORMATS = ("int8", "fp8_e4m3", "int4", "nvfp4")
+QUANT_FORMATS = ("int8", "fp8_e4m3", "int4", "nvfp4", "w4a4")
 
 
 def variants(subject: Subject, quick: bool) -> list[Variant]:
     base = subject.model
     quick = quick or subject.core_only
     out: list[Variant] = []
-    formats = ("int8", "int4") if quick else QUANT_FORMATS
+    formats = ("int8", "int4", "w4a4") if quick else QUANT_FORMATS
     quantized, bits = {}, {}
     for fmt in formats:
         quantized[fmt] = quantize(base, fmt)
         bits[fmt] = quantized_bits(quantized[fmt])
         out.append(Variant("Quantize Model", fmt, quantized[fmt], bits=bits[fmt]))
+    svdquant = quantize(svd_branch(subject, base), "w4a4")
+    out.append(Variant("SVD Low-Rank Branch", "SVDQuant: rank 16 + w4a4", svdquant, bits=quantized_bits(svdquant)))
     out.append(Variant("ComfyUI weight dtype", "fp8_e4m3fn (UNET loader)", subject.load(torch.float8_e4m3fn),
                        peer=True, bits=8.0))
     out.append(Variant("ComfyUI weight dtype", "bf16 weights + compute", bf16_compute(subject), peer=True, bits=16.0))
@@ -214,6 +225,10 @@ def variants(subject: Subject, quick: bool) -> list[Variant]:
     out.append(Variant("Stacked", "int8 + TeaCache 2x + sparse 0.5",
                        sparse(teacache(quantized["int8"], int8_profile), 0.5, subject.block_size),
                        bits=bits["int8"], density=0.5, group="stack", threshold=int8_profile.threshold))
+    svd_profile = calibrate(subject, svdquant, 2.0)
+    out.append(Variant("Stacked", "SVDQuant w4a4 + TeaCache 2x + sparse 0.5",
+                       sparse(teacache(svdquant, svd_profile), 0.5, subject.block_size),
+                       bits=quantized_bits(svdquant), density=0.5, group="stack", threshold=svd_profile.threshold))
     out.append(Variant("Stacked", "int4 + TaylorSeer N=3 + sparse 0.5",
                        sparse(taylorseer(quantized["int4"], 3), 0.5, subject.block_size),
                        bits=bits["int4"], density=0.5, group="stack"))
@@ -259,7 +274,7 @@ def _attention_share(subject: Subject) -> float:
 def _bound(v: Variant, counts, attention_share: float) -> tuple[str, float | None]:
     """(text, speed bound) for the row: the limits its techniques set."""
     parts, speed = [], 1.0
-    if v.bits is not None and v.technique != "ComfyUI attention":
+    if v.bits is not None:
         parts.append(f"weights <= 32/{v.bits:g} = {32 / v.bits:.2f}x")
     if counts is not None and counts[1]:
         evaluations, computed = counts

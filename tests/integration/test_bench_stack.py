@@ -42,7 +42,7 @@ def test_every_row_is_well_formed(stack):
         if r["technique"] in ("TeaCache", "TaylorSeer"):
             assert r["computed"] < r["evaluations"] and "steps" in r["bound"]
     techniques = {r["technique"] for r in rows}
-    assert {"Quantize Model", "TeaCache", "TaylorSeer", "Sparse Attention", "Stacked", "EasyCache (ComfyUI)",
+    assert {"Quantize Model", "SVD Low-Rank Branch", "TeaCache", "TaylorSeer", "Sparse Attention", "Stacked", "EasyCache (ComfyUI)",
             "LazyCache (ComfyUI)", "ComfyUI weight dtype", "ComfyUI attention"} <= techniques
     # ComfyUI's SDPA backend computes the same attention as its default: the same picture.
     assert by["pytorch"]["psnr_db"] > 60
