@@ -9,7 +9,7 @@ that resemble their data when sampled with ComfyUI's stock samplers.
 name       architecture                                  loaded by
 ========== ============================================ ===========================
 ref_wan21  Wan 2.1 t2v (``WAN21_T2V``): dim 256 (2 heads   ``UNETLoader`` from the file
-           of 128), 3 layers, ffn 384; 6-frame 32x32       (stock detection)
+           of 128), 3 layers, ffn 384; 4-frame 32x32       (stock detection)
            videos of moving shapes
 ref_flux   Flux (``supported_models.Flux``, no guidance     in-process
            embedding): hidden 192 (3 heads of 64), 1        (``AccelTestFluxLoader``)
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TEXT_TOKENS = 8
 POOLED_DIM = 768
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,7 @@ class ReferenceSpec:
     batch: int
     steps: int
     lr: float
+    ema: float                   # decay of the weights' moving average that is saved
 
     @property
     def filename(self) -> str:
@@ -99,14 +100,14 @@ MODELS: dict[str, ReferenceSpec] = {
         width=data.VIDEO_SIZE, height=data.VIDEO_SIZE, length=data.VIDEO_FRAMES,
         prompts=("red circle moving right", "blue square moving down", "yellow triangle moving left",
                  "green square moving up"),
-        batch=8, steps=300, lr=1e-3),
+        batch=8, steps=2000, lr=1e-3, ema=0.998),
     "ref_flux": ReferenceSpec(
         name="ref_flux", family="flux", model_config="Flux",
         unet_config=_flux_config(192, 3, 1, 2), kind="image",
         width=data.IMAGE_SIZE, height=data.IMAGE_SIZE, length=1,
         prompts=("red circle", "blue square", "yellow triangle", "stripes", "checkerboard", "astronaut photo",
                  "cat photo", "flower photo"),
-        batch=16, steps=280, lr=1e-3),
+        batch=16, steps=2500, lr=1e-3, ema=0.998),
 }
 
 
@@ -204,7 +205,8 @@ def fingerprint(name: str) -> str:
     spec = reference_spec(name)
     return json.dumps({"version": REFERENCE_VERSION, "name": name, "config": spec.unet_config,
                        "kind": spec.kind, "size": [spec.width, spec.height, spec.length], "batch": spec.batch,
-                       "steps": spec.steps, "lr": spec.lr, "coeff_std": autoencoder.COEFF_STD,
+                       "steps": spec.steps, "lr": spec.lr, "latent_gain": autoencoder.LATENT_GAIN,
+                       "ema": spec.ema,
                        "text_tokens": TEXT_TOKENS}, sort_keys=True, default=str)
 
 

@@ -9,11 +9,14 @@ measure PSNR/SSIM on decoded frames. So the "VAE" here is linear and fixed:
 2. an orthonormal 12x12 transform turns it into colour-frequency coefficients: an
    orthonormal luma/chroma basis (R+G+B, R-B, R-2G+B) times the 2x2 Haar basis (mean,
    horizontal, vertical, diagonal difference);
-3. each coefficient is divided by a fixed scale ``sqrt(s_i * mean(s))``, where ``s_i`` is its
-   typical standard deviation on the training data (``COEFF_STD``): a half-way whitening
-   that brings the fine-detail coefficients (100x less energy than the luma mean) up
-   towards the noise level, so a sampler that stops at sigma ~0.3 (Wan's default shift
-   of 8) still resolves edges, while the image layout keeps the most energy;
+3. all coefficients are multiplied by one fixed gain ``LATENT_GAIN`` (so the latent
+   channels have about unit variance on the training data, as a real VAE's latents do).
+   The gain is the same for every coefficient: the map stays orthonormal up to that one
+   factor, so a squared error in the latent is the same squared error in pixels (times a
+   constant) whichever coefficient it falls on, and the training loss weighs layout and
+   fine detail as pixels do. (Version 1 whitened each coefficient part-way towards unit
+   variance; that made the loss weigh the fine-detail coefficients 8-40x more than the layout,
+   relative to their share of the pixel error.)
 4. a fixed 16x12 matrix with orthonormal columns spreads the 12 coefficients over 16
    latent channels: the first 12 columns of the 16x16 Sylvester-Hadamard matrix divided by
    4 (entries +-1/4, exact; every channel mixes all coefficients, as in a real VAE latent);
@@ -28,8 +31,8 @@ Geometry: 16 channels at /2 spatial and no temporal compression. An image of HxW
 is a ``(B, 16, H/2, W/2)`` latent; a video of T frames is ``(B, 16, T, H/2, W/2)``. (Wan's
 16 channels at /8 spatial and /4 temporal hold 16 numbers per 768 pixel values, which no
 linear map can invert.) The stock empty-latent nodes assume the real VAEs' /8 (and 4k+1
-frames): a 32x32 image is ``EmptySD3LatentImage`` at 128x128, a 6-frame 32x32 video is
-``EmptyHunyuanLatentVideo`` at 128x128 with length 21.
+frames): a 32x32 image is ``EmptySD3LatentImage`` at 128x128, a 4-frame 32x32 video is
+``EmptyHunyuanLatentVideo`` at 128x128 with length 13.
 
 ``decode(encode(x)) == x`` to float precision; ``decode`` of an arbitrary latent reads only
 the 12-dimensional subspace the encoder uses (it is the orthogonal projection onto it), and
@@ -44,14 +47,11 @@ import torch
 PATCH = 2
 PIXEL_CHANNELS = 3
 LATENT_CHANNELS = 16
-# Typical standard deviation of each colour-frequency coefficient on the training data
-# (pixels in [0, 1]); rows luma, chroma R-B, chroma R-2G+B; columns mean, horizontal,
-# vertical, diagonal difference of a 2x2 patch. Measured once on data.image_batch and
-# data.video_batch, rounded; fixed constants from then on (changing them changes the latent
-# space the committed weights were trained in).
-COEFF_STD = ((0.74, 0.10, 0.10, 0.04),
-             (0.36, 0.06, 0.06, 0.025),
-             (0.23, 0.04, 0.04, 0.018))
+# One gain for all colour-frequency coefficients: the orthonormal coefficients of the
+# training data (pixels in [0, 1], centred) have a total variance of about 0.76 over 12
+# numbers per patch, i.e. 0.048 per latent channel once spread over 16; 4.5 brings that to
+# about 1. A fixed constant: changing it changes the latent space the weights were trained in.
+LATENT_GAIN = 4.5
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -78,16 +78,11 @@ def colour_frequency() -> torch.Tensor:
     return torch.kron(colour, haar)
 
 
-def coefficient_scale() -> torch.Tensor:
-    std = torch.tensor(COEFF_STD, dtype=torch.float64).flatten()
-    return torch.sqrt(std * std.mean())
-
-
 @functools.lru_cache(maxsize=8)
 def _maps(device) -> tuple[torch.Tensor, torch.Tensor]:
     """(encode matrix 16x12, decode matrix 12x16) in float32; decode @ encode == I."""
-    forward = spread() @ torch.diag(1 / coefficient_scale()) @ colour_frequency()
-    inverse = colour_frequency().T @ torch.diag(coefficient_scale()) @ spread().T
+    forward = spread() @ colour_frequency() * LATENT_GAIN
+    inverse = colour_frequency().T @ spread().T / LATENT_GAIN
     return forward.float().to(device), inverse.float().to(device)
 
 

@@ -3,7 +3,7 @@
 Images (32x32): one coloured shape on a plain or graded background ("red circle"), a
 procedural texture ("stripes", "checkerboard"), or a crop of one of the sample photographs
 that scikit-image and scikit-learn ship ("astronaut photo").
-Videos (6 frames of 32x32): one coloured shape moving in a straight line, rotating, on a
+Videos (4 frames of 32x32): one coloured shape moving in a straight line, rotating, on a
 plain, graded or scrolling-stripes background ("red square moving left").
 
 Every batch is a pure function of ``(seed, index)``: one ``torch.Generator`` per batch,
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 IMAGE_SIZE = 32
 VIDEO_SIZE = 32
-VIDEO_FRAMES = 6
+VIDEO_FRAMES = 4
 
 COLOURS = {"red": (0.90, 0.12, 0.10), "green": (0.12, 0.78, 0.22), "blue": (0.15, 0.32, 0.95),
            "yellow": (0.96, 0.85, 0.12)}
@@ -205,13 +205,13 @@ def video_batch(seed: int, index: int, n: int, size: int = VIDEO_SIZE,
     u = (x * torch.cos(theta) + y * torch.sin(theta) + speed * t) / period      # (n, T, H, W)
     s = (torch.sin(2 * math.pi * u) * 2).clamp(-1, 1)[:, None] * 0.5 + 0.5      # (n, 1, T, H, W)
     scrolling = a[:, :, None, None, None] * s + b[:, :, None, None, None] * (1 - s)
-    bg_kind = torch.multinomial(torch.tensor([0.4, 0.3, 0.3]), n, replacement=True, generator=g)
+    bg_kind = torch.multinomial(torch.tensor([0.5, 0.25, 0.25]), n, replacement=True, generator=g)
     still = torch.where((bg_kind == 0)[:, None, None, None], plain, graded)[:, :, None].expand(-1, -1, frames, -1, -1)
     background = torch.where((bg_kind == 2)[:, None, None, None, None], scrolling, still)
     # One shape moving in a straight line and rotating.
     shape, colour, direction = _pick(g, n, len(SHAPES)), _pick(g, n, len(COLOURS)), _pick(g, n, len(DIRECTIONS))
     r = _uniform(g, n, size * 0.16, size * 0.26)
-    step = _uniform(g, n, 1.5, 3.0)
+    step = _uniform(g, n, 2.0, 3.5)
     travel = step * (frames - 1)
     vx, vy = torch.tensor(list(DIRECTIONS.values()))[direction].unbind(-1)
     # start so the whole path stays inside the frame

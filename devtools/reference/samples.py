@@ -109,6 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", action="append", choices=list(MODELS), help="model(s) to sample (default: all)")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for the PNGs (default: docs/)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)    # tiny models: a second thread mostly waits (see train.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     fixtures._comfy()
     for name in args.model or list(MODELS):

@@ -10,11 +10,16 @@ latent space), returns the denoised ``x0``, and the loss is the squared error of
 velocity ``(x_sigma - x0_hat) / sigma`` against ``noise - x0``. Sigmas are drawn the way the
 stock schedulers spend their steps (``t`` uniform, then the model's own shift: 8 for Wan,
 1.15 for Flux), plus a share drawn uniformly so the low-noise end is learnt too.
+AdamW with a linear warm-up and cosine decay; the saved weights are an exponential moving
+average of the trained ones (``ReferenceSpec.ema``), which samples much cleaner than the
+last step's weights after a short training.
 
 Deterministic: weights start from per-key seeded tensors, batch ``i`` is ``data.*_batch(SEED, i)``,
 noise and sigmas come from a generator seeded per step, and
 ``torch.use_deterministic_algorithms`` is on. The same machine and thread count give the
 same bytes; another CPU or thread count can differ in the last bits of the float sums.
+One thread by default (``--threads``): on this machine, shared with other jobs, two threads
+per process spent most of their time waiting on each other (about 10x slower per step).
 Matrix products run in bfloat16 autocast (master weights, optimizer and loss stay float32);
 the Wan model's forward is compiled with ``torch.compile`` (inductor fuses the many small
 element-wise ops that dominate at this width: about 3x faster per step; it needs a C++
@@ -101,7 +106,9 @@ def _sdpa(func, *args, **kwargs):
 
 
 def _keep_copy(t):
-    return t.clone()
+    # Under bfloat16 autocast the matmul inputs autograd saves are fresh bf16 casts; the
+    # float32 ones are the residual stream the blocks add to in place: copy only those.
+    return t.clone() if t.dtype == torch.float32 else t
 
 
 def _same(t):
@@ -152,6 +159,11 @@ def _lr(step: int, steps: int, peak: float) -> float:
     return peak * (FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@torch.no_grad()
+def _update_ema(ema: list, params: list, decay: float) -> None:
+    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+
+
 def _load() -> float:
     return os.getloadavg()[0]
 
@@ -170,7 +182,8 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
     for p in params:
         p.requires_grad_(True)
     base.diffusion_model.train()
-    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-8)
+    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-8, fused=True)
+    ema = [p.detach().clone() for p in params]
     report = {"name": name, "params": sum(p.numel() for p in params), "steps": steps, "batch": spec.batch,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "losses": [],
               "load_average": []}
@@ -191,6 +204,7 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        _update_ema(ema, params, min(spec.ema, (1 + step) / (10 + step)))
         window.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             elapsed = time.perf_counter() - start
@@ -203,6 +217,9 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
     report["seconds"] = round(time.perf_counter() - start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / spec.filename
+    with torch.no_grad():
+        for p, avg in zip(params, ema):
+            p.copy_(avg)                   # the saved weights are the moving average
     sd = {k: v.detach().to(torch.float16) for k, v in base.diffusion_model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fixtures._save_safetensors(sd, tmp, {"accel_reference": fingerprint(name), "accel_params": str(report["params"])})
@@ -223,11 +240,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="override the spec's number of steps (for trials)")
     parser.add_argument("--out", type=Path, help="folder for the weights (default: the committed weights folder)")
     parser.add_argument("--no-compile", action="store_true", help="train eagerly (no C++ compiler needed)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the committed weights were trained with 1; on a machine "
+                             "shared with other jobs, more threads wait on each other)")
     parser.add_argument("--report", type=Path, default=Path("out/reference"), help="folder for the JSON reports")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     fixtures._comfy()
     args.report.mkdir(parents=True, exist_ok=True)
     for name in args.model or list(MODELS):

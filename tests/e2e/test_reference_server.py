@@ -16,7 +16,7 @@ def test_reference_wan_samples_pictures_through_the_server(comfy_server):
         "2": {"class_type": "AccelTestReferencePrompt",
               "inputs": {"model": "ref_wan21", "caption": "red circle moving right", "batch": 1}},
         "3": {"class_type": "AccelTestReferencePrompt", "inputs": {"model": "ref_wan21", "caption": "", "batch": 1}},
-        # The stock node's /8 spatial and 4k+1 frames give the patch latent of 32x32 pixels, 6 frames.
+        # The stock node's /8 spatial and 4k+1 frames give the patch latent of 32x32 pixels, 4 frames.
         "4": {"class_type": "EmptyHunyuanLatentVideo",
               "inputs": {"width": spec.width * 4, "height": spec.height * 4, "length": 4 * (spec.length - 1) + 1,
                          "batch_size": 1}},

@@ -1,12 +1,13 @@
 """The trained reference models in real ComfyUI: stock loading, sampling, and that training worked."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from comfyui_accel.devtools import reference as ref
 from comfyui_accel.devtools.reference import autoencoder as ae
-from comfyui_accel.devtools.reference import train
+from comfyui_accel.devtools.reference import data, samples, train
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +110,40 @@ def test_fixture_nodes_serve_the_reference_models(comfy):
     image = fn.AccelTestPatchDecode.execute({"samples": latent}, "ref_wan21").result[0]
     assert image.shape == (6, 32, 32, 3)
     assert torch.allclose(image, ref.decode("ref_wan21", latent)[0].permute(1, 2, 3, 0).clamp(0, 1), atol=1e-6)
+
+
+def _near(pictures: torch.Tensor, colour_name: str, tolerance: float = 0.25) -> torch.Tensor:
+    """Mask (N, [T,] H, W) of pixels within ``tolerance`` of a caption colour in every channel."""
+    colour = torch.tensor(data.COLOURS[colour_name]).view(3, *[1] * (pictures.ndim - 2))
+    return (pictures - colour).abs().amax(1) < tolerance
+
+
+def _largest_blob_share(mask: torch.Tensor) -> float:
+    """Share of a 2-D mask's pixels in its largest 4-connected region."""
+    from scipy import ndimage
+    labels, count = ndimage.label(mask.numpy())
+    if count == 0:
+        return 0.0
+    return float(np.bincount(labels.ravel())[1:].max() / mask.sum())
+
+
+@pytest.mark.parametrize("prompt", ["red circle", "blue square", "yellow triangle"])
+def test_flux_samples_show_one_shape_in_the_caption_colour(comfy, models, prompt):
+    # What the data look like: one solid shape covering 3-35% of the picture. Block noise in
+    # the right colours (what undertrained weights made) scatters the colour over many blobs.
+    pictures = samples.sample("ref_flux", prompt, range(4), models["ref_flux"])
+    for picture in _near(pictures, prompt.split()[0]):
+        assert 0.02 < picture.float().mean() < 0.5, picture.float().mean()
+        assert _largest_blob_share(picture) > 0.8
+
+
+@pytest.mark.xfail(strict=True, reason="ref_wan21 (2,000 steps) makes the caption's colour in roughly the right "
+                                      "place but not yet one solid shape per frame; see docs/reference_models.md")
+def test_wan_samples_move_the_shape_the_way_the_caption_says(comfy, models):
+    videos = samples.sample("ref_wan21", "red circle moving right", range(2), models["ref_wan21"])
+    for video in _near(videos, "red"):                                       # (T, H, W)
+        assert (video.float().mean((1, 2)) > 0.02).all()
+        assert all(_largest_blob_share(frame) > 0.8 for frame in video)
+        xs = torch.arange(video.shape[-1], dtype=torch.float32)
+        centre_x = (video.float() * xs).sum((1, 2)) / video.float().sum((1, 2))
+        assert centre_x[-1] - centre_x[0] > 3, centre_x                         # moved right, pixels

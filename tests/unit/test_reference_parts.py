@@ -26,6 +26,9 @@ def test_the_linear_maps_are_exact_inverses_built_from_orthonormal_parts():
     assert torch.allclose(cf @ cf.T, torch.eye(12, dtype=cf.dtype), atol=1e-12)
     forward, inverse = ae._maps(torch.device("cpu"))
     assert torch.allclose(inverse @ forward, torch.eye(12), atol=1e-5)
+    # One gain for every coefficient: a latent error costs the same in pixels whichever
+    # coefficient (layout or fine detail) it falls on.
+    assert torch.allclose(forward.T @ forward, ae.LATENT_GAIN ** 2 * torch.eye(12), atol=1e-4)
     # A latent outside the encoder's range decodes to its projection: encode(decode(z)) is idempotent.
     z = torch.randn(2, 16, 4, 4)
     once = ae.to_model_space(ae.from_model_space(z))
@@ -44,7 +47,7 @@ def test_patches_follow_pixel_unshuffle_order():
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_training_data_has_about_unit_variance_latents(kind):
-    # COEFF_STD is fixed; if the data drifts away from it, the latents stop being ~unit variance.
+    # LATENT_GAIN is fixed; if the data drifts away from it, the latents stop being ~unit variance.
     pixels = data.image_batch(5, 0, 64)[0] if kind == "image" else data.video_batch(5, 0, 8)[0]
     per_channel = ae.to_model_space(pixels).transpose(0, 1).flatten(1).std(dim=1)
     assert ((per_channel > 0.5) & (per_channel < 1.5)).all(), per_channel
@@ -58,7 +61,7 @@ def test_batches_are_a_function_of_seed_and_index():
     assert not torch.equal(a, c)
     assert a.shape == (12, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
     v, cv = data.video_batch(1, 0, 4)
-    assert v.shape == (4, 3, 6, 32, 32) and v.min() >= 0 and v.max() <= 1
+    assert v.shape == (4, 3, data.VIDEO_FRAMES, 32, 32) and v.min() >= 0 and v.max() <= 1
     assert torch.equal(v, data.video_batch(1, 0, 4)[0])
     # frames differ (the shape moves) and every caption is over the vocabulary
     assert (v[:, :, 0] - v[:, :, -1]).abs().amax(dim=(1, 2, 3)).min() > 0.1
@@ -100,5 +103,5 @@ def test_prompts_are_captions_the_models_were_trained_on():
         assert ref.caption(name, 0) == spec.prompts[0]
         with pytest.raises(ValueError):
             ref.caption(name, len(spec.prompts))
-    assert ref.latent_shape("ref_wan21") == (1, 16, 6, 16, 16)
+    assert ref.latent_shape("ref_wan21") == (1, 16, 4, 16, 16)
     assert ref.latent_shape("ref_flux", batch=2) == (2, 16, 16, 16)
