@@ -158,6 +158,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_memory() -> None:
+    """Hand memory that malloc keeps after frees back to the OS (glibc), so a later run's
+    growth is its own and not hidden by earlier runs' freed pages."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -175,6 +185,19 @@ def _peak_rss_increase_child(fn, args, kwargs) -> int:
     before = peak_rss_bytes()  # no reset available: the increase is a lower bound
     fn(*args, **kwargs)
     return peak_rss_bytes() - before
+
+
+def peak_rss_during(fn: Callable, *args, **kwargs) -> tuple[object, int | None]:
+    """``(fn(*args, **kwargs), peak RSS growth while it ran)`` in this process (Linux: the
+    high-water mark is reset first; elsewhere ``None``). In-process, memory the allocator kept
+    from earlier work is reused, so this is the run's own working set beyond what was already
+    resident (weights included), not a cold-start figure: see :func:`peak_rss_increase_bytes`."""
+    _release_free_memory()
+    if not _reset_peak_rss():
+        return fn(*args, **kwargs), None
+    before = _rss_kib("VmRSS")
+    result = fn(*args, **kwargs)
+    return result, max(_rss_kib("VmHWM") - before, 0) * 1024
 
 
 def peak_rss_increase_bytes(fn: Callable, *args, **kwargs) -> int:

@@ -276,12 +276,12 @@ class W4A4(W4A8):
     act_bits = 4
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
-        if not spec.act_quant:   # weight-only layers (modulation): W4A8's dequantized path
+        if not spec.act_quant:   # weight-only layers (modulation): W4A8's dequantizing path
             return super().linear(x, parts, shape, spec, bias, inv_smooth)
         return self.linear_with_branch(x, parts, shape, spec, bias, inv_smooth, None, None)
 
     def linear_with_branch(self, x, parts, shape, spec, bias, inv_smooth, down, up):
-        if not spec.act_quant:
+        if not spec.act_quant:   # the generic path: self.linear (weight-only above), then the branch
             return super().linear_with_branch(x, parts, shape, spec, bias, inv_smooth, down, up)
         return lowrank_gemm.w4a4_linear(x, parts["weight"], parts["group_scale"], parts["scale"], spec.group_size,
                                         bias, inv_smooth, down, up)

@@ -189,3 +189,19 @@ def test_problems_are_reported():
     assert formats.get("int8").problem((8, 7), spec("int8")) is None
     with pytest.raises(KeyError, match="unknown weight format"):
         formats.get("int3")
+
+
+@pytest.mark.parametrize("name", ["w4a8", "w4a4"])
+def test_weight_only_layers_of_activation_quantizing_formats(name):
+    # Modulation layers are quantized weight-only (act_quant False): a dequantized matmul, with
+    # and without a low-rank branch (w4a4 recursed forever here once).
+    w, x = weight(), torch.randn(5, 256, generator=torch.Generator().manual_seed(6))
+    fmt = formats.get(name)
+    s = Spec(name, 64, act_quant=False)
+    parts = fmt.quantize(w, s)
+    expected = x @ fmt.dequantize(parts, w.shape, s, torch.float32).t()
+    assert torch.allclose(fmt.linear(x, parts, tuple(w.shape), s, None), expected, atol=1e-5)
+    g = torch.Generator().manual_seed(7)
+    down, up = torch.randn(256, 4, generator=g), torch.randn(4, w.shape[0], generator=g)
+    with_branch = fmt.linear_with_branch(x, parts, tuple(w.shape), s, None, None, down, up)
+    assert torch.allclose(with_branch, expected + (x @ down) @ up, atol=1e-4)
