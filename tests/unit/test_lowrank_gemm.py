@@ -86,16 +86,3 @@ def test_w4a4_linear_equals_float_math_on_the_quantized_values():
     out = lowrank_gemm.w4a4_linear(x, qw.parts["weight"], qw.parts["group_scale"], qw.parts["scale"], 64,
                                    None, inv, down, up)
     assert torch.allclose(out, expect, rtol=1e-4, atol=1e-4 * expect.abs().max().item())
-
-
-def test_weight_only_w4a4_is_the_dequantized_matmul():
-    """Layers Quantize Model keeps weight-only (modulation) take the dequantized path, with or
-    without a branch (it used to recurse between linear and linear_with_branch)."""
-    x, inv, down, up, w = _data(5)
-    spec = formats.Spec("w4a4", 64, False)
-    qw = QuantWeight.quantize(w, spec, torch.float32)
-    deq = qw.fmt.dequantize(qw.parts, w.shape, spec, torch.float32)
-    assert torch.allclose(qw.fmt.linear(x, qw.parts, w.shape, spec, None), x @ deq.t(), rtol=1e-5, atol=1e-4)
-    branched = qw.fmt.linear_with_branch(x, qw.parts, w.shape, spec, None, inv, down, up)
-    expect = (x * inv) @ deq.t() + ((x * inv) @ down.float()) @ up.float()
-    assert torch.allclose(branched, expect, rtol=1e-4, atol=1e-4 * expect.abs().max().item())
