@@ -12,6 +12,8 @@ dict, so ModelPatcher can patch its weights without touching the original.
 Per layer, statistics are taken over every token of every step (Q-Diffusion, TFMQ-DM: the
 activation range moves with the timestep, so calibrating on one step is not enough):
 - per-input-channel absmax (for SmoothQuant factors and the outlier ratio);
+- per-input-channel mean square over every token (the diagonal of ``X^T X / tokens``, for
+  formats that choose their codes for the layer's output error: the VQ formats);
 - the largest activation at each step (to show how the range moves);
 - a sample of input rows, evenly spread over the steps, to measure each layer's output
   error under candidate formats (the report's output SQNR and ``auto``'s sensitivity).
@@ -40,6 +42,7 @@ class Recorder:
 class LayerStats:
     def __init__(self, in_features: int, recorder: Recorder, rows_per_call: int, max_rows: int, seed: int):
         self.absmax = torch.zeros(in_features)
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
         self.step_absmax: dict[int, float] = {}
         self.rows: list[torch.Tensor] = []
         self.recorder = recorder
@@ -56,6 +59,7 @@ class LayerStats:
         x2 = x.detach().reshape(-1, x.shape[-1])
         channel = torch.linalg.vector_norm(x2, float("inf"), dim=0).float().cpu()
         torch.maximum(self.absmax, channel, out=self.absmax)
+        self.sq_sum += torch.linalg.vector_norm(x2, 2, dim=0, dtype=torch.float32).double().cpu().square()
         step = self.recorder.step
         self.step_absmax[step] = max(self.step_absmax.get(step, 0.0), channel.max().item())
         pick = torch.randperm(x2.shape[0], generator=self._gen)[: self.rows_per_call]
@@ -70,6 +74,10 @@ class LayerStats:
             keep = torch.randperm(rows.shape[0], generator=self._gen)[: self.max_rows]
             rows = rows[keep.sort().values]
         return rows
+
+    def channel_mean_square(self) -> torch.Tensor | None:
+        """Per-input-channel mean of x^2 over every observed token (float32 [K]), None before any."""
+        return (self.sq_sum / self.tokens).float() if self.tokens else None
 
     def step_range_ratio(self) -> float:
         """How far the largest activation moves across the steps (max over min of the per-step maxima)."""

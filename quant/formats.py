@@ -6,6 +6,9 @@ Each format is a small stateless object in ``FORMATS``:
   its scales). ``w`` is float32 [N, K]; ``generator`` switches integer rounding to
   stochastic rounding (used when a LoRA is baked into an already quantized layer, as
   ComfyUI does for its own fp8 weights).
+- ``quantize_for_inputs(w, spec, input_sq) -> parts``: the same, choosing the parts for the
+  layer's output error on inputs whose per-channel mean square is ``input_sq`` [K] (from
+  calibration); formats that cannot use it quantize as without it (the VQ formats use it).
 - ``dequantize(parts, shape, spec, dtype) -> w``.
 - ``linear(x, parts, shape, spec, bias, inv_smooth=None) -> y``: ``x`` is 2-D [M, K]; the
   compute goes through the ``kernels/`` dispatchers (Triton on CUDA, PyTorch reference
@@ -104,6 +107,9 @@ class WeightFormat:
 
     def quantize(self, w, spec, generator=None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def quantize_for_inputs(self, w, spec, input_sq: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.quantize(w, spec)
 
     def dequantize(self, parts, shape, spec, dtype) -> torch.Tensor:
         raise NotImplementedError
@@ -345,7 +351,7 @@ class MXFP4(WeightFormat):
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(), MXFP4())}
 
-# The vector-quantized formats (vq2, vq3) live in their own module and add themselves here.
+# The vector-quantized formats (vq2, vq3, vq2x8) live in their own module and add themselves here.
 from . import vq_format  # noqa: E402,F401
 
 

@@ -169,12 +169,14 @@ def output_sqnr_db(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor) -> floa
 
 def quantize_layer(w: torch.Tensor, spec, dtype: torch.dtype, stats=None, smooth_alpha: float = 0.0) -> QuantWeight:
     """Pack one float weight; SmoothQuant factors when there are statistics, an alpha, and
-    the format quantizes activations (there is nothing to smooth otherwise)."""
+    the format quantizes activations (there is nothing to smooth otherwise). With statistics
+    the format also gets the inputs' per-channel mean square (the VQ formats use it)."""
     smooth = None
     if stats is not None and smooth_alpha > 0 and formats.get(spec.format).quantizes_activations(spec):
         from .calibrate import smoothing_factors
         smooth = smoothing_factors(stats.absmax, w, smooth_alpha)
-    return QuantWeight.quantize(w, spec, dtype, smooth=smooth)
+    input_sq = None if stats is None else stats.channel_mean_square()
+    return QuantWeight.quantize(w, spec, dtype, smooth=smooth, input_sq=input_sq)
 
 
 @torch.no_grad()

@@ -55,8 +55,10 @@ class QuantWeight(torch.Tensor):
     @classmethod
     @torch.no_grad()  # outside ComfyUI's inference mode, autograd would keep float copies alive
     def quantize(cls, w: torch.Tensor, spec: Spec, dtype: torch.dtype, smooth: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> "QuantWeight":
-        """Pack float weight ``w`` [N, K]. ``smooth`` [K] > 0 folds SmoothQuant factors in."""
+                 generator: torch.Generator | None = None, input_sq: torch.Tensor | None = None) -> "QuantWeight":
+        """Pack float weight ``w`` [N, K]. ``smooth`` [K] > 0 folds SmoothQuant factors in.
+        ``input_sq`` [K]: per-channel mean square of the layer's inputs (calibration), for
+        formats that choose their parts for the output error (``quantize_for_inputs``)."""
         fmt = formats.get(spec.format)
         problem = fmt.problem(tuple(w.shape), spec)
         if problem:
@@ -65,7 +67,12 @@ class QuantWeight(torch.Tensor):
         if smooth is not None:
             smooth = smooth.to(device=w.device, dtype=torch.float32)
             w = w * smooth[None, :]
-        parts = fmt.quantize(w, spec, generator)
+            if input_sq is not None:  # the layer sees x / smooth
+                input_sq = input_sq.to(smooth.device) / smooth.square()
+        if input_sq is None:
+            parts = fmt.quantize(w, spec, generator)
+        else:
+            parts = fmt.quantize_for_inputs(w, spec, input_sq)
         if smooth is not None:
             parts["smooth"] = smooth
         return cls(parts, spec, tuple(w.shape), dtype)

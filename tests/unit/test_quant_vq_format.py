@@ -1,4 +1,4 @@
-"""quant/vq_format.py: VQ weight formats (vq2, vq3) in QuantizeModel's format registry."""
+"""quant/vq_format.py: VQ weight formats (vq2, vq3, vq2x8) in QuantizeModel's format registry."""
 import pytest
 import torch
 
@@ -18,9 +18,11 @@ def sqnr(w, d):
 
 
 def test_registered_next_to_the_other_formats():
-    assert {"vq2", "vq3"} <= set(formats.FORMATS)
+    assert {"vq2", "vq3", "vq2x8"} <= set(formats.FORMATS)
     assert formats.get("vq2").problem((8, 12), Spec("vq2")) is None
     assert "divisible by 8" in formats.get("vq3").problem((8, 12), Spec("vq3"))
+    assert "divisible by 8" in formats.get("vq2x8").problem((8, 12), Spec("vq2x8"))
+    assert formats.get("vq2x8").problem((8, 16), Spec("vq2x8")) is None
 
 
 def test_uint12_packing_round_trips():
@@ -74,12 +76,13 @@ def test_more_bits_more_quality_and_determinism():
     assert out["vq2"] > sqnr(w, scalar)
 
 
-def test_vq_layer_runs_and_survives_a_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("name", ["vq2", "vq2x8"])
+def test_vq_layer_runs_and_survives_a_checkpoint_round_trip(tmp_path, name):
     from comfyui_accel.quant import checkpoint
     from comfyui_accel.quant.linear import QuantLinear
     from comfyui_accel.quant.qweight import QuantWeight
     w = weight(n=32, k=128, seed=4)
-    qw = QuantWeight.quantize(w, Spec("vq2"), torch.bfloat16)
+    qw = QuantWeight.quantize(w, Spec(name), torch.bfloat16)
     x = torch.randn(3, 128)
     out = QuantLinear(qw, None)(x)
     assert torch.allclose(out, x @ qw.dequantize(torch.float32).t(), atol=1e-5)
@@ -88,5 +91,64 @@ def test_vq_layer_runs_and_survives_a_checkpoint_round_trip(tmp_path):
     checkpoint.write_atomic(tensors, meta, path)
     _, packed, _, _ = checkpoint.load_quantized_state(path)
     back = packed["blocks.0.q"]
-    assert back.spec.format == "vq2"
+    assert back.spec.format == name
     assert torch.equal(back.dequantize(torch.float32), qw.dequantize(torch.float32))
+
+
+def test_vq2x8_is_two_residual_levels_of_8_weight_codes():
+    fmt, spec = formats.get("vq2x8"), Spec("vq2x8")
+    w = weight(n=32, k=512, seed=5)
+    parts = fmt.quantize(w, spec)
+    idx = fmt.indices(parts).reshape(32, 64, 2)
+    book = parts["codebook"].float()
+    assert book.shape == (512, 8) and idx.max() < 256
+    first, second = book[:256][idx[..., 0]], book[256:][idx[..., 1]]
+    scale = parts["scale"].float()
+    deq = fmt.dequantize(parts, w.shape, spec, torch.float32)
+    assert torch.equal(deq, (first + second).reshape(w.shape) * scale[:, None])
+    # The second level quantizes what the first left over: its code is the nearest to that residual.
+    v = (w / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]).reshape(32, 64, 8)
+    d = torch.cdist((v - first).reshape(-1, 8).double(), book[256:].double())
+    chosen = d.gather(1, idx[..., 1].reshape(-1, 1)).squeeze(1)
+    assert torch.all(chosen <= d.min(1).values * (1 + 1e-5) + 1e-6)
+    assert sqnr(w, deq) > 8.0
+    assert fmt.bits_per_weight(w.shape, spec) == pytest.approx((32 * 512 * 2 + 512 * 8 * 16 + 32 * 16) / (32 * 512))
+
+
+def activations(m, k, seed):
+    """Inputs whose channels differ in scale (log-normal, as in real DiT layers), partly correlated."""
+    g = torch.Generator().manual_seed(seed)
+    channel = torch.exp(torch.randn(k, generator=torch.Generator().manual_seed(7)))
+    mix = torch.randn(8, k, generator=torch.Generator().manual_seed(8))
+    return (torch.randn(m, 8, generator=g) @ mix * 0.5 + torch.randn(m, k, generator=g)) * channel
+
+
+@pytest.mark.parametrize("name", ["vq2", "vq2x8"])
+def test_calibrated_codes_lower_the_output_error_on_held_out_inputs(name):
+    fmt, spec = formats.get(name), Spec(name)
+    w = weight(n=48, k=256, seed=6)
+    calib, held_out = activations(256, 256, 1), activations(512, 256, 2)
+    free = fmt.dequantize(fmt.quantize(w, spec), w.shape, spec, torch.float32)
+    refined = fmt.dequantize(fmt.quantize_for_inputs(w, spec, calib.square().mean(0)), w.shape, spec, torch.float32)
+    ref = held_out @ w.t()
+    err_free = (ref - held_out @ free.t()).square().sum()
+    err_refined = (ref - held_out @ refined.t()).square().sum()
+    assert err_refined < 0.5 * err_free  # at least 3 dB better output SQNR on inputs it never saw
+    # The weights themselves get worse: the error moved to the channels the inputs barely use.
+    assert sqnr(w, refined) < sqnr(w, free)
+
+
+def test_quantize_model_feeds_the_calibration_mean_square_to_the_format():
+    from comfyui_accel.quant import calibrate
+    from comfyui_accel.quant.model import quantize_layer
+    w = weight(n=16, k=128, seed=9)
+    x = activations(96, 128, 3)
+    stats = calibrate.LayerStats(128, calibrate.Recorder(), rows_per_call=8, max_rows=32, seed=0)
+    for chunk in x.reshape(3, 32, 128):
+        stats.observe(chunk)
+    # Every token counts, not only the kept sample of rows.
+    assert torch.allclose(stats.channel_mean_square(), x.square().mean(0), rtol=1e-5)
+    qw = quantize_layer(w, Spec("vq2"), torch.float32, stats)
+    direct = formats.get("vq2").quantize_for_inputs(w, Spec("vq2"), x.square().mean(0))
+    assert torch.equal(qw.parts["weight"], direct["weight"])
+    assert not torch.equal(qw.parts["weight"], formats.get("vq2").quantize(w, Spec("vq2"))["weight"])
