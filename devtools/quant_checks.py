@@ -88,3 +88,24 @@ def with_weights(model, weights: dict):
     clone = model.clone()
     clone.add_patches({f"diffusion_model.{p}.weight": ("set", (w,)) for p, w in weights.items()}, 1.0)
     return clone
+
+
+def full_and_lowvram_outputs(model, layer: str):
+    """One Wan forward of ``model`` fully loaded and in low-VRAM mode (weights patched per call).
+
+    Returns ``(full, lowvram, used_lowvram_full, used_lowvram)``; ``layer`` (a dotted path in the
+    diffusion model) is the layer checked for a ``weight_function``, ComfyUI's low-VRAM patch hook.
+    """
+    x, t = torch.randn(1, 16, 1, 8, 8), torch.tensor([0.5])
+    ctx = fixtures.make_conditioning("wan21", "tiny")[0][0]
+
+    def run(lowvram_bytes):
+        model.patch_model(lowvram_model_memory=lowvram_bytes, load_weights=True)
+        try:
+            used = bool(model.get_model_object(f"diffusion_model.{layer}").weight_function)
+            with torch.no_grad():
+                return model.model.apply_model(x, t, c_crossattn=ctx), used
+        finally:
+            model.unpatch_model()
+    (full, used_full), (partial, used) = run(0), run(1)
+    return full, partial, used_full, used

@@ -6,8 +6,8 @@ import torch
 
 from comfyui_accel.devtools import fixtures
 from comfyui_accel.devtools.prompts import SVD_DEFAULTS
-from comfyui_accel.devtools.quant_checks import (assert_unchanged, lora_for, quantize, sample, snapshot,
-                                                 with_lora)
+from comfyui_accel.devtools.quant_checks import (assert_unchanged, full_and_lowvram_outputs, lora_for, quantize, sample,
+                                                 snapshot, with_lora)
 from comfyui_accel.metrics import psnr
 from comfyui_accel.quant import checkpoint
 from comfyui_accel.quant import model as qmodel
@@ -161,22 +161,6 @@ def test_lora_after_in_lowvram_mode_matches_full_load(wan):
     model, _, _, branched, _, _ = wan
     svdq = quantize(branched, "w4a4").model
     lora_model = with_lora(svdq, lora_for(model, [ATTN, FFN_DOWN], rank=4, scale=0.5, seed=9))
-    x = torch.randn(1, 16, 1, 8, 8)
-    t = torch.tensor([0.5])
-    ctx = fixtures.make_conditioning("wan21", "tiny")[0][0]
-
-    def run(lowvram_bytes):
-        lora_model.patch_model(lowvram_model_memory=lowvram_bytes, load_weights=True)
-        try:
-            layer = lora_model.model.diffusion_model.blocks[1].self_attn.q
-            lowvram = bool(layer.weight_function)
-            with torch.no_grad():
-                out = lora_model.model.apply_model(x, t, c_crossattn=ctx)
-        finally:
-            lora_model.unpatch_model()
-        return out, lowvram
-
-    full, used_lowvram_full = run(0)
-    partial, used_lowvram = run(1)
+    full, partial, used_lowvram_full, used_lowvram = full_and_lowvram_outputs(lora_model, "blocks.1.self_attn.q")
     assert not used_lowvram_full and used_lowvram
     assert torch.allclose(full, partial, atol=1e-4)
