@@ -2,12 +2,14 @@
 
 A benchmark is a module ``bench/bench_<name>.py`` with ``run(quick: bool) -> list[dict]``;
 each dict is one measurement (see ``RECORD_KEYS``) taken side by side with its
-baseline in the same run. ``--only NAME`` runs the benchmarks whose name contains NAME.
+baseline in the same run. A ``run`` that also takes ``out`` gets the output folder for the
+files it writes (plots). ``--only NAME`` runs the benchmarks whose name contains NAME.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import platform
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             module = importlib.import_module(f"{__package__}.{name}")
-            rows = module.run(quick=args.quick)
+            extra = {"out": args.out} if "out" in inspect.signature(module.run).parameters else {}
+            rows = module.run(quick=args.quick, **extra)
         except Exception:
             log.error("benchmark %s failed:\n%s", name, traceback.format_exc())
             failed.append(name)
