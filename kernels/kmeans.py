@@ -17,13 +17,16 @@ code's distance. ``sq_dist`` is always recomputed as ``|x - c[index]|^2`` direct
 cancellation), so it is exact on every path.
 
 The reference is also the CPU path, written for speed: one GEMM per block with the bias folded
-in as an extra column (``[x, 1] . [c, -|c|^2/2]``), then a two-stage argmax. Codes inside a block
-are permuted so that ``amax`` over a middle axis (a vectorised elementwise max) reduces runs of
-``_GROUP`` consecutive codes; only the per-group maxima (1/_GROUP of the scores) go through the
-slower scalar argmax, and the winning group's few scores are gathered for the final one. The
-N x K score matrix is never materialised: blocks of ``_BLOCK_N x _BLOCK_K`` stay in cache. On
-several cores, row ranges run in threads (see ``_in_threads``). bench/bench_vq.py compares it with
-faiss: about 1.1x faiss's time at D=64, 1.5-2.5x at D=16 where torch's sgemm is the floor.
+in as an extra column (``[x, 1] . [c, -|c|^2/2]``), written into one reused buffer, then
+``amax`` over runs of ``_GROUP`` consecutive codes (codes inside a block are permuted so this is a
+vectorised elementwise max over a middle axis) into a row's group maxima (1/_GROUP of the
+scores). After all blocks, one argmax over a row's group maxima picks the winning group and its
+``_GROUP`` scores are computed again for the final argmax: two ops per block, four per row
+block. The N x K score matrix is never materialised: blocks of ``_BLOCK_N x _BLOCK_K`` stay in
+cache. On several cores, row ranges run in threads (see ``_in_threads``). bench/bench_vq.py
+compares it with faiss: about faiss's time at D=64; at D=16 about 2.4x (medians on a loaded
+2-core machine), where faiss's fused distance + argmin kernel never writes scores and torch's
+sgemm writing them is already slower than faiss's whole search.
 
 The Triton kernel keeps a running (max, argmax) per row in registers while it loops over code
 blocks, so it never writes the N x K matrix either (FlashAssign-style tiling).
@@ -89,27 +92,35 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
     if k == 0:
         raise ValueError("the codebook is empty")
     xa = torch.cat([xb.float(), xb.new_ones(b, n, 1, dtype=torch.float32)], -1)
-    ca = _augmented_blocks(cb.float())
+    aug, blocks = _augmented_blocks(cb.float())
+    groups = aug.shape[1] // _GROUP
     best_i = torch.empty(b, n, dtype=torch.long, device=x.device)
+    widest = max(block.shape[-1] for _, block in blocks)
     # Rows per block: about _BLOCK_N x _BLOCK_K scores, a block that stays in cache.
-    rows = max(1, _BLOCK_N * _BLOCK_K // (b * min(k, _BLOCK_K)))
+    rows = max(1, _BLOCK_N * _BLOCK_K // (b * widest))
 
     def search(lo: int, hi: int) -> None:
-        # One score buffer for all blocks: a fresh 4 MiB allocation per block costs more than its GEMM.
-        buf = torch.empty(b * min(rows, hi - lo) * ca[0][1].shape[-1], device=x.device)
+        # Buffers reused by every block: a fresh 4 MiB allocation per block costs more than its GEMM.
+        m_max = min(rows, hi - lo)
+        buf = torch.empty(b * m_max * widest, device=x.device)
+        group_max = torch.empty(b, m_max, max(groups, 1), device=x.device)
         for n0 in range(lo, hi, rows):
             xs = xa[:, n0:min(n0 + rows, hi)]
-            val = idx = None
-            for k0, block in ca:
+            m = xs.shape[1]
+            if not groups:  # a small codebook: one block, plain argmax
+                best_i[:, n0:n0 + m] = torch.bmm(xs, blocks[0][1]).argmax(-1)
+                continue
+            gm = group_max[:, :m]
+            for g0, block in blocks:
                 kk = block.shape[-1]
-                scores = torch.bmm(xs, block, out=buf[:b * xs.shape[1] * kk].view(b, xs.shape[1], kk))
-                v, i = _block_argmax(scores, k0, kk)
-                if val is None:
-                    val, idx = v, i
-                else:
-                    better = v > val  # strict: an equal score later keeps the lower index
-                    val, idx = torch.where(better, v, val), torch.where(better, i, idx)
-            best_i[:, n0:n0 + xs.shape[1]] = idx
+                scores = torch.bmm(xs, block, out=buf[:b * m * kk].view(b, m, kk))
+                torch.amax(scores.view(b, m, _GROUP, kk // _GROUP), 2, out=gm[:, :, g0:g0 + kk // _GROUP])
+            best_group = gm.argmax(-1)  # the first group holding the max: ties go to the lower codes
+            # The winning group's scores again (_GROUP codes per row), then the first max inside it.
+            codes = (best_group[..., None] * _GROUP + torch.arange(_GROUP, device=x.device)).reshape(b, m * _GROUP, 1)
+            chosen = torch.gather(aug, 1, codes.expand(-1, -1, d + 1)).view(b * m, _GROUP, d + 1)
+            in_group = torch.bmm(chosen, xs.reshape(b * m, d + 1, 1)).view(b, m, _GROUP)
+            best_i[:, n0:n0 + m] = best_group * _GROUP + in_group.argmax(-1)
 
     threads = torch.get_num_threads()
     if x.device.type == "cpu" and threads > 1 and n >= 2 * rows and b * n * k >= _PARALLEL_MIN_SCORES:
@@ -142,43 +153,32 @@ def _in_threads(work: Callable[[int, int], None], n: int, rows: int, threads: in
         torch.set_num_threads(saved)
 
 
-def _augmented_blocks(c: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """Codebook blocks as [B, D+1, kk] matrices [c, -|c|^2/2]^T, codes permuted for _block_argmax.
+def _augmented_blocks(c: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """The augmented codes ``[c, -|c|^2/2]`` [B, K', D+1] and their blocks for the GEMMs.
 
-    In a block of kk = R * G codes (R = _GROUP), code ``g * R + r`` goes to column ``r * G + g``:
-    viewing the scores as [.., R, G], ``amax`` over R gives the max of each run of R consecutive
-    codes. Padding codes score -inf (zero vector, bias -inf).
+    Codebooks of at least ``4 * _GROUP`` codes are padded to a multiple of _GROUP with codes that
+    score -inf (zero vector, bias -inf), K' codes in all. Each block is a [B, D+1, kk] matrix whose
+    codes are permuted: code ``g * R + r`` of the block (R = _GROUP) goes to column ``r * G + g``, so
+    viewing its scores as [.., R, G], ``amax`` over R (a vectorised elementwise max) gives the max
+    of each run of R consecutive codes; blocks are returned with the index of their first group.
+    Smaller codebooks are one block in plain order (and no groups: K' = 0 groups' worth).
     """
     b, k, d = c.shape
     aug = torch.cat([c, -0.5 * c.square().sum(-1, keepdim=True)], -1)
+    if k < 4 * _GROUP:
+        return aug[:, :0], [(0, aug.transpose(1, 2).contiguous())]
+    pad = -k % _GROUP
+    if pad:
+        filler = aug.new_zeros(b, pad, d + 1)
+        filler[..., -1] = float("-inf")
+        aug = torch.cat([aug, filler], 1)
     blocks = []
-    for k0 in range(0, k, _BLOCK_K):
+    for k0 in range(0, aug.shape[1], _BLOCK_K):
         blk = aug[:, k0:k0 + _BLOCK_K]
-        kk = blk.shape[1]
-        if kk >= 4 * _GROUP:
-            pad = -kk % _GROUP
-            if pad:
-                filler = blk.new_zeros(b, pad, d + 1)
-                filler[..., -1] = float("-inf")
-                blk = torch.cat([blk, filler], 1)
-            g = blk.shape[1] // _GROUP
-            blk = blk.reshape(b, g, _GROUP, d + 1).transpose(1, 2).reshape(b, g * _GROUP, d + 1)
-        blocks.append((k0, blk.transpose(1, 2).contiguous()))
-    return blocks
-
-
-def _block_argmax(scores: torch.Tensor, k0: int, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and first argmax (as a global code index) over the last dim of a [B, n, kk] block."""
-    b, n, _ = scores.shape
-    if kk < 4 * _GROUP:  # small codebooks: plain argmax
-        v, i = scores.max(-1)
-        return v, i + k0
-    g = kk // _GROUP
-    grouped = scores.view(b, n, _GROUP, g)
-    v, best_group = grouped.amax(2).max(-1)  # first group holding the max = lowest code index
-    in_group = torch.gather(grouped, 3, best_group[..., None, None].expand(b, n, _GROUP, 1)).squeeze(-1)
-    r = in_group.argmax(-1)  # first max inside the group
-    return v, k0 + best_group * _GROUP + r
+        g = blk.shape[1] // _GROUP
+        blk = blk.reshape(b, g, _GROUP, d + 1).transpose(1, 2).reshape(b, g * _GROUP, d + 1)
+        blocks.append((k0 // _GROUP, blk.transpose(1, 2).contiguous()))
+    return aug, blocks
 
 
 def nearest_centroid_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
