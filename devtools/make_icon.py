@@ -7,10 +7,13 @@ colours for our nodes and for a finished run) over a thin node-graph wire.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 ICON_PATH = Path(__file__).resolve().parents[1] / "docs" / "icon.png"
 SIZE = 400
@@ -41,9 +44,10 @@ def draw(size: int = SIZE) -> Image.Image:
 def main() -> int:
     ICON_PATH.parent.mkdir(parents=True, exist_ok=True)
     draw().save(ICON_PATH, optimize=True)
-    print(f"wrote {ICON_PATH}")
+    log.info("wrote %s", ICON_PATH)
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.exit(main())

@@ -14,9 +14,12 @@ by what they are, not by their current content.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT_PATH = PACK_ROOT / "tests" / "node_schema_snapshot.json"
@@ -137,9 +140,10 @@ def write(data: dict, path: Path = SNAPSHOT_PATH) -> None:
 def main() -> int:
     data = snapshot()
     write(data)
-    print(f"wrote {SNAPSHOT_PATH.relative_to(PACK_ROOT)}: {len(data)} nodes")
+    log.info("wrote %s: %d nodes", SNAPSHOT_PATH.relative_to(PACK_ROOT), len(data))
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.exit(main())
