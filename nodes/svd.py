@@ -17,7 +17,7 @@ NODE = "SVD Low-Rank Branch"
 
 
 # the formats the report can compare in (vq formats need their own k-means; fp8 is 8-bit)
-REPORT_FORMATS = ("w4a4", "w4a8", "int4", "nvfp4", "mxfp4", "int8")
+REPORT_FORMATS = ("w4a4", "nvfp4_w4a4", "w4a8", "int4", "nvfp4", "mxfp4", "int8")
 
 
 def _plot(rows: list[lowrank.LayerRow], names: tuple[str, str]) -> "torch.Tensor":  # noqa: F821
@@ -44,8 +44,8 @@ class AccelSVDLowRankBranch(io.ComfyNode):
             description=("SVDQuant inside the graph. Before Quantize Model: smooths each attention/MLP linear "
                          "layer with activation statistics (moving activation outliers into the weight), splits "
                          "the smoothed weight by SVD into a 16-bit rank-r branch and a residual, and Quantize "
-                         "Model then quantizes only the residual (use format w4a4 for 4-bit weights and "
-                         "activations). After Quantize Model: fits the branch to each layer's quantization error "
+                         "Model then quantizes only the residual (use format w4a4, or nvfp4_w4a4, for 4-bit weights and "
+                         "activations; w4a8 for 8-bit activations). After Quantize Model: fits the branch to each layer's quantization error "
                          "instead, without requantizing. The input model is untouched. A LoRA loaded after this "
                          "node and Quantize Model joins the branch (no requantization); one applied before is "
                          "merged before the SVD. Outputs a per-layer report and plot."),

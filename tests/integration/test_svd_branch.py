@@ -61,12 +61,15 @@ def _rows(report):
     return json.loads(report.split("JSON:\n", 1)[1])["rows"]
 
 
-def test_svdquant_w4a4_beats_plain_w4a4(wan):
+@pytest.mark.parametrize("fmt", ["w4a4", "nvfp4_w4a4", "w4a8"])
+def test_svdquant_beats_plain_quantization_at_the_same_bits(wan, fmt):
+    """The residual in each W4A4 layout (int4 group 64, nvfp4 group 16) and in W4A8."""
     model, before, reference, branched, _, _ = wan
-    svdq = quantize(branched, "w4a4")
-    plain = quantize(model, "w4a4")
+    svdq = quantize(branched, fmt)
+    plain = quantize(model, fmt)
     qw = _module(svdq.model, FFN_DOWN).weight
-    assert qw.rank == 32 and qw.smooth is not None
+    assert qw.spec.format == fmt and qw.rank == 32 and qw.smooth is not None
+    assert next(r.activations for r in svdq.rows if r.layer == FFN_DOWN) == qmodel.act_label(qw.spec) != "float"
     assert "low-rank branch r=32" in next(r.reason for r in svdq.rows if r.layer == FFN_DOWN)
     assert psnr(reference, sample(svdq.model, "wan21")) > psnr(reference, sample(plain.model, "wan21")) + 1
     assert_unchanged(model, before)
