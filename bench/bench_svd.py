@@ -5,7 +5,8 @@
   branch + 4-bit residual) against plain W4A4 and W4A8 at the same weight bits, with and without
   SmoothQuant; final-latent PSNR/SSIM against the float model on the same seeds, and the median
   output SQNR over the branched layers (calibration inputs) and over the FFN down projections
-  (the layers whose inputs carry the outliers).
+  (the layers whose inputs carry the outliers). Each rank twice: smoothing alpha 0.5 and alpha
+  searched per layer (``lowrank.best_smoothing``).
 - ``svdquant layer``: one 3072x3072 layer (FLUX width; 4096 tokens, 512 in quick mode), rank 32: W4A4 with the branch fused
   against the same W4A4 GEMM without it, timed interleaved; ``overhead`` = time ratio - 1
   (the issue's target: <= 0.15). Weight bytes against bf16 (SVDQuant's paper: ~3.5x for FLUX).
@@ -63,11 +64,12 @@ def fidelity(size: str, steps: int, ranks: tuple[int, ...], full: bool = True) -
             res = qmodel.quantize_model(model, plans_for(model, fmt, 64), stats=stats, smooth_alpha=alpha)
             variants[f"{fmt}" + (" +smooth 0.5" if alpha else "")] = (res, None)
     for rank in ranks:
-        start = time.perf_counter()
-        branched = lowrank.branch_model(model, layers, rank, 0.5, stats)
-        build = time.perf_counter() - start
-        res = qmodel.quantize_model(branched.model, plans_for(branched.model, "w4a4", 64), stats=stats)
-        variants[f"SVDQuant w4a4 r{rank}"] = (res, build)
+        for alpha, label in ((0.5, ""), (lowrank.AUTO_ALPHA, " alpha searched")):
+            start = time.perf_counter()
+            branched = lowrank.branch_model(model, layers, rank, alpha, stats)
+            build = time.perf_counter() - start
+            res = qmodel.quantize_model(branched.model, plans_for(branched.model, "w4a4", 64), stats=stats)
+            variants[f"SVDQuant w4a4 r{rank}{label}"] = (res, build)
     records = []
     for name, (res, build) in variants.items():
         out = _runner(res.model, family, size, steps)
