@@ -59,6 +59,12 @@ class AccelSVDLowRankBranch(io.ComfyNode):
                                tooltip="SmoothQuant strength (0-1, 0 = off): how much of the activation outliers "
                                        "move into the weight before the SVD. Needs the calibration inputs; "
                                        "ignored after Quantize Model (its smoothing is kept)."),
+                io.Boolean.Input("search_alpha", default=False,
+                                 tooltip="Choose the smoothing strength per layer instead: each alpha of "
+                                         f"{', '.join(map(str, lowrank.ALPHA_GRID))} is tried and the one whose "
+                                         "branched layer (branch + residual in report_format) best reproduces the "
+                                         "calibration outputs is kept. About 7x the branch build time; needs the "
+                                         "calibration inputs; smooth_alpha is then unused."),
                 io.Combo.Input("svd", options=list(lowrank.METHODS), default="randomized",
                                tooltip="randomized: torch.svd_lowrank (rank + 16 directions, 2 power "
                                        "iterations), much faster on wide layers; full: exact SVD."),
@@ -86,7 +92,7 @@ class AccelSVDLowRankBranch(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, rank, smooth_alpha, svd, report_format, group_size, calibration_steps, seed, cfg,
+    def execute(cls, model, rank, smooth_alpha, search_alpha, svd, report_format, group_size, calibration_steps, seed, cfg,
                 layer_overrides, positive=None, negative=None, latent=None) -> io.NodeOutput:
         try:
             overrides = policy.parse_overrides(layer_overrides)
@@ -127,7 +133,8 @@ class AccelSVDLowRankBranch(io.ComfyNode):
         elif smooth_alpha > 0 and not after:
             notices.append("smoothing skipped: it needs the calibration inputs (positive, latent)")
         report_spec = policy.make_spec(report_format, group_size, act_quant=True)
-        result = lowrank.branch_model(model, paths, rank, smooth_alpha, stats, svd, report_spec,
+        alpha = lowrank.AUTO_ALPHA if search_alpha and stats is not None else smooth_alpha
+        result = lowrank.branch_model(model, paths, rank, alpha, stats, svd, report_spec,
                                       progress=progress(len(paths)))
         summary = dict(result.summary)
         if not after:
