@@ -253,7 +253,7 @@ _CHUNK_BYTES = 16 << 20
 def int8_linear_reference(x, wq, w_scale, bias=None):
     K, N = x.shape[-1], wq.shape[0]
     x2 = x.reshape(-1, K)
-    chunks = -(-x2.shape[0] * 4 * max(K, N, 1) // _CHUNK_BYTES)
+    chunks = max(1, -(-x2.shape[0] * 4 * max(K, N, 1) // _CHUNK_BYTES))  # 1 for an empty input
     rows = max(64, -(-x2.shape[0] // chunks))  # even chunks: a short last one wastes a GEMM call
     if x2.shape[0] <= rows:
         return _int8_linear(int8_gemm_reference, x, wq, w_scale, bias)

@@ -136,6 +136,8 @@ def test_row_chunked_linear_equals_one_pass(monkeypatch, dtype):
     chunked = gemm.int8_linear_reference(x, wq, w_scale, b)
     assert chunked.shape == whole.shape == (3, 101, 48) and chunked.dtype == dtype
     assert torch.equal(chunked, whole)
+    empty = gemm.int8_linear_reference(x[:, :0], wq, w_scale, b)  # no tokens: no chunks, no division by zero
+    assert empty.shape == (3, 0, 48) and empty.dtype == dtype
 
 
 def test_dispatcher_picks_the_reference_on_cpu_tensors(monkeypatch):
