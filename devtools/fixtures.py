@@ -8,7 +8,7 @@ written as a ``.safetensors`` file that ComfyUI's stock detection and ``UNETLoad
 accept, or, where detection fixes the width, built in-process only.
 
 Families (``FAMILIES``), each in a "tiny" (tests) and a "medium" (benchmarks) size; wan21
-and flux also have a "wide" bench-only size (``BENCH_SIZES``, see there):
+and flux also have a "wide" bench-only size, wan21 a "full" one (``BENCH_SIZES``, see there):
 
 =============  ==========  ============================================================
 family         how         what makes the small one possible
@@ -92,8 +92,10 @@ SIZES = ("tiny", "medium")
 # ffn 8960; Flux at half its 3072) with only 1-3 blocks, so the linear layers take most of
 # the time and bytes as they do in the real models (at "medium"'s dim 384-512 the model's
 # elementwise ops and attention take as long as its matmuls, which caps any matmul speedup).
-# About 120M (wan21) and 170M (flux) parameters: ~0.5-0.7 GB in fp32.
-BENCH_SIZES = ("wide",)
+# About 120M (wan21) and 170M (flux) parameters: ~0.5-0.7 GB in fp32. "full" (wan21 only): Wan 2.1
+# 1.3B's own configuration, all 30 blocks (1.4B parameters, 5.7 GB in fp32), for the share of the
+# weights that quantization keeps in 16 bits at real depth (a 2-block model exaggerates it).
+BENCH_SIZES = ("wide", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +241,8 @@ FAMILIES: dict[str, FamilySpec] = {
         text_encoder="umT5-XXL",
         sizes={"tiny": SizeSpec(_wan(256, 4, 512), 128, 128, 9, 32),
                "medium": SizeSpec(_wan(512, 6, 2048), 256, 256, 9, 128),
-               "wide": SizeSpec(_wan(1536, 2, 8960), 256, 256, 9, 128)},
+               "wide": SizeSpec(_wan(1536, 2, 8960), 256, 256, 9, 128),
+               "full": SizeSpec(_wan(1536, 30, 8960), 256, 256, 9, 128)},
         ffn_pairs=((r"^(blocks\.\d+)\.ffn\.0\.weight$", r"\1.ffn.2.weight", _GELU_MLP),)),
     "wan22_5b": FamilySpec(
         name="wan22_5b", model_config="WAN22_T2V", model_class="WAN22", loadable=True,

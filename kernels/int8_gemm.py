@@ -238,8 +238,9 @@ def int8_gemm(
     return int8_gemm_reference(xq, x_scale, wq, w_scale, bias, out_dtype)
 
 
-def _int8_linear(gemm, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    xq, x_scale = quantize_per_token_int8(x.reshape(-1, x.shape[-1]))
+def _int8_linear(gemm, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    xq, x_scale = quantize_per_token_int8(x.reshape(-1, x.shape[-1]), inv_smooth)
     out = gemm(xq, x_scale, wq, w_scale, bias, out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], wq.shape[0])
 
@@ -250,29 +251,31 @@ def _int8_linear(gemm, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
 _CHUNK_BYTES = 16 << 20
 
 
-def int8_linear_reference(x, wq, w_scale, bias=None):
+def int8_linear_reference(x, wq, w_scale, bias=None, inv_smooth=None):
     K, N = x.shape[-1], wq.shape[0]
     x2 = x.reshape(-1, K)
     chunks = max(1, -(-x2.shape[0] * 4 * max(K, N, 1) // _CHUNK_BYTES))  # 1 for an empty input
     rows = max(64, -(-x2.shape[0] // chunks))  # even chunks: a short last one wastes a GEMM call
     if x2.shape[0] <= rows:
-        return _int8_linear(int8_gemm_reference, x, wq, w_scale, bias)
+        return _int8_linear(int8_gemm_reference, x, wq, w_scale, bias, inv_smooth)
     out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     for r0 in range(0, x2.shape[0], rows):
-        out[r0:r0 + rows] = _int8_linear(int8_gemm_reference, x2[r0:r0 + rows], wq, w_scale, bias)
+        out[r0:r0 + rows] = _int8_linear(int8_gemm_reference, x2[r0:r0 + rows], wq, w_scale, bias, inv_smooth)
     return out.reshape(*x.shape[:-1], N)
 
 
-def int8_linear_triton(x, wq, w_scale, bias=None):
+def int8_linear_triton(x, wq, w_scale, bias=None, inv_smooth=None):
     # Activation quantization is still torch ops here; fusing it into the kernel is a later step.
-    return _int8_linear(int8_gemm_triton, x, wq, w_scale, bias)
+    return _int8_linear(int8_gemm_triton, x, wq, w_scale, bias, inv_smooth)
 
 
-def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """What a W8A8 QuantLinear calls: quantize ``x [..., K]`` per token, then :func:`int8_gemm`; output in ``x.dtype``."""
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """What a W8A8 QuantLinear calls: quantize ``x [..., K]`` per token (after SmoothQuant's
+    ``inv_smooth`` [K], if given), then :func:`int8_gemm`; output in ``x.dtype``."""
     K = x.shape[-1] if x.dim() else 0
     rows = x.numel() // K if K else 0
     supported = x.dtype in _OUT_DTYPES and _triton_supports(rows, K, wq, w_scale, bias, x.dtype, x.device)
     if dispatch.pick(x, wq, supported=supported) == "triton":
-        return int8_linear_triton(x, wq, w_scale, bias)
-    return int8_linear_reference(x, wq, w_scale, bias)
+        return int8_linear_triton(x, wq, w_scale, bias, inv_smooth)
+    return int8_linear_reference(x, wq, w_scale, bias, inv_smooth)

@@ -29,8 +29,13 @@ def _quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scaled.round_().to(torch.int8), scale
 
 
-def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations ``[..., K]`` -> (``q`` int8 ``[..., K]``, ``scale`` fp32 ``[..., 1]``), one scale per token."""
+def quantize_per_token_int8(x: torch.Tensor, inv_smooth: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``[..., K]`` -> (``q`` int8 ``[..., K]``, ``scale`` fp32 ``[..., 1]``), one scale per token.
+    ``inv_smooth`` [K] (SmoothQuant) multiplies ``x`` first, folded into the float32 copy the
+    quantizer makes anyway (one in-place pass instead of a pass in x's dtype before it)."""
+    if inv_smooth is not None:
+        x = x.to(torch.float32, copy=True).mul_(inv_smooth)
     return _quantize_rows_int8(x)
 
 

@@ -230,3 +230,18 @@ def test_kernels_import_and_run_without_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(3, 8)"
+
+
+def test_smoothed_linear_divides_before_quantizing_in_every_chunk(monkeypatch):
+    # SmoothQuant: the layer computes (x * inv_smooth) @ W'^T; the chunked path must apply the
+    # division to every chunk before its per-token scales are taken.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 150, 32, generator=g).to(torch.bfloat16)
+    inv_smooth = torch.rand(32, generator=g) + 0.5
+    wq, w_scale = quantize_per_channel_int8(torch.randn(40, 32, generator=g))
+    xq, xs = quantize_per_token_int8(x.float().reshape(-1, 32) * inv_smooth)
+    expect = gemm.int8_gemm_reference(xq, xs, wq, w_scale, None, torch.bfloat16).reshape(2, 150, 40)
+    monkeypatch.setattr(gemm, "_CHUNK_BYTES", 64 * 4 * 40)
+    out = gemm.int8_linear(x, wq, w_scale, None, inv_smooth)
+    assert torch.equal(out, expect)
+    assert not torch.equal(out, gemm.int8_linear(x, wq, w_scale))   # the smoothing did something
