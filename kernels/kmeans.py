@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -110,14 +111,14 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
     # Rows per block: about _BLOCK_N x _BLOCK_K scores, a block that stays in cache.
     rows = max(1, _BLOCK_N * _BLOCK_K // (b * widest))
 
-    def search(lo: int, hi: int) -> None:
+    def search(row_blocks: Iterable[int]) -> None:
         # Buffers reused by every block: a fresh 4 MiB allocation per block costs more than its GEMM.
-        m_max = min(rows, hi - lo)
+        m_max = min(rows, n)
         if groups:
             buf = torch.empty(b * m_max * widest, device=x.device, dtype=screen)
             group_min = torch.empty(b, m_max, groups, device=x.device, dtype=ordered)
-        for n0 in range(lo, hi, rows):
-            m = min(rows, hi - n0)
+        for n0 in row_blocks:
+            m = min(rows, n - n0)
             xs = xa[:, n0:n0 + m]
             if not groups:  # a small codebook: one block, plain argmax
                 best_i[:, n0:n0 + m] = torch.bmm(xs, blocks[0][1]).argmax(-1)
@@ -134,10 +135,10 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
 
     threads = torch.get_num_threads()
     if x.device.type == "cpu" and threads > 1 and n >= 2 * rows and b * n * k >= _PARALLEL_MIN_SCORES:
-        _in_threads(search, n, rows, threads)
+        _in_threads(search, range(0, n, rows), threads)
     else:
         with _no_tf32(x.device):
-            search(0, n)
+            search(range(0, n, rows))
     return _unflatten(best_i, x), _unflatten(_exact_sq_dist(xb, cb, best_i), x)
 
 
@@ -223,23 +224,33 @@ def _screen_slack(x: torch.Tensor, c: torch.Tensor, screen: torch.dtype) -> torc
     return (2 * u + u * u + acc) * x_norm * norm + (u * u + acc) * halves + 1e-30
 
 
-def _in_threads(work: Callable[[int, int], None], n: int, rows: int, threads: int) -> None:
-    """Run ``work(lo, hi)`` on ``threads`` contiguous row ranges at once, each op single-threaded.
+def _in_threads(work: Callable[[Iterable[int]], None], blocks: range, threads: int) -> None:
+    """Run ``work`` on ``threads`` Python threads at once, each op single-threaded; each thread's
+    ``work`` pulls the next row block from one shared queue until none is left.
 
     The blocked search issues hundreds of small ops; with torch's own intra-op threads every op is
     a parallel region with a barrier, which is slow, and very slow when the cores are shared (a
-    descheduled thread stalls each barrier: 10x and worse measured here). Independent row ranges
-    in Python threads (torch releases the GIL inside ops) need no barriers. Torch's thread count
-    is set to 1 for the duration and restored after.
+    descheduled thread stalls each barrier: 10x and worse measured here). Independent row blocks
+    in Python threads (torch releases the GIL inside ops) need no barriers, and a shared queue
+    (rather than a fixed half each) keeps a thread that was descheduled from holding up the end.
+    Torch's thread count is set to 1 for the duration and restored after.
     """
-    per = -(-n // threads)
-    per = -(-per // rows) * rows
-    ranges = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+    queue = iter(blocks)
+    lock = threading.Lock()
+
+    def pull() -> Iterator[int]:
+        while True:
+            with lock:
+                block = next(queue, None)
+            if block is None:
+                return
+            yield block
+
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(len(ranges)) as pool:
-            for f in [pool.submit(work, lo, hi) for lo, hi in ranges]:
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(work, pull()) for _ in range(threads)]:
                 f.result()
     finally:
         torch.set_num_threads(saved)
