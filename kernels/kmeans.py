@@ -28,7 +28,7 @@ dtype's unit roundoff) is scored again exactly in float32, usually 1-3 groups; t
 cannot hold it, so the result is the float32 search's. The N x K score matrix is never
 materialised: blocks of ``_BLOCK_N x _BLOCK_K`` stay in cache. On several cores, row ranges run
 in threads (see ``_in_threads``). bench/bench_vq.py compares it with faiss (whose fused float32
-distance + argmin kernel never writes scores): about 1.2-1.35x faiss's time at D=16 and about
+distance + argmin kernel never writes scores): about 1.15-1.35x faiss's time at D=16 and about
 0.6x at D=64 on this 2-core AVX512-BF16 machine.
 
 The Triton kernel keeps a running (max, argmax) per row in registers while it loops over code
@@ -46,8 +46,8 @@ import torch
 
 from . import dispatch
 
-# CPU blocking: a 1024 x 2048 block of bfloat16 screen scores (4 MiB) measured fastest here.
-_BLOCK_N = 1024
+# CPU blocking: a 512 x 2048 block of bfloat16 screen scores (2 MiB) measured fastest here.
+_BLOCK_N = 512
 _BLOCK_K = 2048
 _GROUP = 16  # codes reduced per vectorised amax step
 _SEED_ROUNDS = 128  # k-means++ picks one code per round up to this many codes, then several per round
@@ -157,10 +157,12 @@ def _refine(xs, aug, gmin, slack, screen, u) -> torch.Tensor:
     # rounded up into the screen's dtype, so the integer comparison errs towards more candidates
     limit = (threshold * (1 + 2 * u)).to(screen).view(gmin.dtype)
     bi, ri, gi = _candidates(gmin, limit)
-    codes = aug.view(b, groups, _GROUP, d1)[bi, gi]                           # [P, R, D+1]
-    scores = torch.bmm(codes, xs[bi, ri][..., None]).squeeze(-1)             # [P, R]
-    best, pos = scores.max(-1)                                               # first max: lowest code
     row = bi * m + ri
+    # index_select of whole rows is a plain copy, several times faster than advanced indexing
+    codes = aug.reshape(b * groups, _GROUP * d1).index_select(0, bi * groups + gi).view(-1, _GROUP, d1)
+    vectors = xs.reshape(b * m, d1).index_select(0, row)
+    scores = torch.bmm(codes, vectors[..., None]).squeeze(-1)                # [P, R]
+    best, pos = scores.max(-1)                                               # first max: lowest code
     row_best = torch.full((b * m,), float("-inf"), device=xs.device).scatter_reduce_(0, row, best, "amax")
     code = torch.where(best == row_best[row], gi * _GROUP + pos, torch.iinfo(torch.long).max)
     out = torch.full((b * m,), torch.iinfo(torch.long).max, dtype=torch.long, device=xs.device)
@@ -176,7 +178,9 @@ def _candidates(gmin: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, 
         return (gmin <= limit[..., None]).nonzero(as_tuple=True)
     head = gmin[..., :runs * _GROUP].view(b, m, runs, _GROUP)
     bi, ri, si = (head.amin(-1) <= limit[..., None]).nonzero(as_tuple=True)
-    pi, j = (head[bi, ri, si] <= limit[bi, ri, None]).nonzero(as_tuple=True)
+    row = bi * m + ri
+    members = head.reshape(b * m * runs, _GROUP).index_select(0, row * runs + si)
+    pi, j = (members <= limit.reshape(b * m).index_select(0, row)[:, None]).nonzero(as_tuple=True)
     found = (bi[pi], ri[pi], si[pi] * _GROUP + j)
     if runs * _GROUP == groups:
         return found
