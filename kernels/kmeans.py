@@ -171,17 +171,20 @@ def _refine(xs, aug, gmin, slack, screen, u) -> torch.Tensor:
 
 def _candidates(gmin: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(batch, row, group) of every group whose minimum is <= its row's ``limit``. Runs of _GROUP
-    groups are tested first by their minimum, so the full comparison only touches a few runs."""
+    groups are tested first by their minimum, so the full comparison only touches a few runs. A
+    run is groups ``s, s + S, s + 2S, ...`` (S = groups // _GROUP): a strided run's minimum is a
+    vectorised reduction over a middle axis, a consecutive one's is not."""
     b, m, groups = gmin.shape
     runs = groups // _GROUP
     if runs < 4:
         return (gmin <= limit[..., None]).nonzero(as_tuple=True)
-    head = gmin[..., :runs * _GROUP].view(b, m, runs, _GROUP)
-    bi, ri, si = (head.amin(-1) <= limit[..., None]).nonzero(as_tuple=True)
+    head = gmin[..., :runs * _GROUP].view(b, m, _GROUP, runs)
+    bi, ri, si = (head.amin(2) <= limit[..., None]).nonzero(as_tuple=True)
     row = bi * m + ri
-    members = head.reshape(b * m * runs, _GROUP).index_select(0, row * runs + si)
+    member = (row * groups + si)[:, None] + runs * torch.arange(_GROUP, device=gmin.device)
+    members = gmin.reshape(-1).index_select(0, member.reshape(-1)).view(-1, _GROUP)
     pi, j = (members <= limit.reshape(b * m).index_select(0, row)[:, None]).nonzero(as_tuple=True)
-    found = (bi[pi], ri[pi], si[pi] * _GROUP + j)
+    found = (bi[pi], ri[pi], si[pi] + runs * j)
     if runs * _GROUP == groups:
         return found
     tb, tr, tg = (gmin[..., runs * _GROUP:] <= limit[..., None]).nonzero(as_tuple=True)
