@@ -54,6 +54,7 @@ _BLOCK_K = 2048
 _GROUP = 16  # codes reduced per vectorised amax step
 _SEED_ROUNDS = 128  # k-means++ picks one code per round up to this many codes, then several per round
 _PARALLEL_MIN_SCORES = 1 << 24  # below this many x-code pairs one thread is quicker than several
+_SPAN_BLOCKS = 4  # row blocks screened before one refinement pass over their rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,34 +114,36 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
     # Rows per block: about _BLOCK_N x _BLOCK_K scores, a block that stays in cache.
     rows = max(1, _BLOCK_N * _BLOCK_K // (b * widest))
 
-    def search(row_blocks: Iterable[int]) -> None:
+    # Rows refined together: the refinement's few dozen small ops run once per span of blocks.
+    span = rows * _SPAN_BLOCKS
+
+    def search(spans: Iterable[int]) -> None:
         # Buffers reused by every block: a fresh 4 MiB allocation per block costs more than its GEMM.
-        m_max = min(rows, n)
         if groups:
-            buf = torch.empty(b * m_max * widest, device=x.device, dtype=screen)
-            group_min = torch.empty(b, m_max, groups, device=x.device, dtype=ordered)
-        for n0 in row_blocks:
-            m = min(rows, n - n0)
-            xs = xa[:, n0:n0 + m]
+            buf = torch.empty(b * min(rows, n) * widest, device=x.device, dtype=screen)
+            group_min = torch.empty(b, min(span, n), groups, device=x.device, dtype=ordered)
+        for s0 in spans:
+            s1 = min(n, s0 + span)
             if not groups:  # a small codebook: one block, plain argmax
-                best_i[:, n0:n0 + m] = torch.bmm(xs, blocks[0][1]).argmax(-1)
+                best_i[:, s0:s1] = torch.bmm(xa[:, s0:s1], blocks[0][1]).argmax(-1)
                 continue
-            gmin = group_min[:, :m]
-            for g0, block in blocks:
-                kk = block.shape[-1]
-                dist = torch.bmm(x_screen[:, n0:n0 + m], block, out=buf[:b * m * kk].view(b, m, kk))
-                # Screened half squared distances are >= 0 up to rounding; the bits of a non-negative
-                # float order like the integers they spell, and integer min is the fast reduction.
-                torch.amin(dist.view(ordered).view(b, m, _GROUP, kk // _GROUP), 2,
-                           out=gmin[:, :, g0:g0 + kk // _GROUP])
-            best_i[:, n0:n0 + m] = _refine(xs, aug, gmin, slack[:, n0:n0 + m], screen, u)
+            for n0 in range(s0, s1, rows):
+                m = min(rows, s1 - n0)
+                for g0, block in blocks:
+                    kk = block.shape[-1]
+                    dist = torch.bmm(x_screen[:, n0:n0 + m], block, out=buf[:b * m * kk].view(b, m, kk))
+                    # Screened half squared distances are >= 0 up to rounding; the bits of a non-negative
+                    # float order like the integers they spell, and integer min is the fast reduction.
+                    torch.amin(dist.view(ordered).view(b, m, _GROUP, kk // _GROUP), 2,
+                               out=group_min[:, n0 - s0:n0 - s0 + m, g0:g0 + kk // _GROUP])
+            best_i[:, s0:s1] = _refine(xa[:, s0:s1], aug, group_min[:, :s1 - s0], slack[:, s0:s1], screen, u)
 
     threads = torch.get_num_threads()
-    if x.device.type == "cpu" and threads > 1 and n >= 2 * rows and b * n * k >= _PARALLEL_MIN_SCORES:
-        _in_threads(search, range(0, n, rows), threads)
+    if x.device.type == "cpu" and threads > 1 and n >= 2 * span and b * n * k >= _PARALLEL_MIN_SCORES:
+        _in_threads(search, range(0, n, span), threads)
     else:
         with _no_tf32(x.device):
-            search(range(0, n, rows))
+            search(range(0, n, span))
     return _unflatten(best_i, x), _unflatten(_exact_sq_dist(xb, cb, best_i), x)
 
 

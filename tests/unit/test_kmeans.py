@@ -47,9 +47,13 @@ def test_reference_matches_brute_force(lead, n, k, d):
 
 
 def test_reference_row_ranges_in_threads(monkeypatch):
+    in_threads = km._in_threads
     # Large searches on a multi-core CPU run row ranges in threads; force that path on a small shape.
     monkeypatch.setattr(km, "_PARALLEL_MIN_SCORES", 0)
-    monkeypatch.setattr(km, "_BLOCK_N", 64)
+    monkeypatch.setattr(km, "_BLOCK_N", 32)
+    monkeypatch.setattr(km, "_SPAN_BLOCKS", 2)  # spans of two row blocks, several spans per thread
+    ran = []
+    monkeypatch.setattr(km, "_in_threads", lambda *a: ran.append(1) or in_threads(*a))
     saved = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -57,7 +61,7 @@ def test_reference_row_ranges_in_threads(monkeypatch):
         x, c = torch.randn(2, 1001, 6, generator=g), torch.randn(2, 300, 6, generator=g)
         with dispatch.backend("reference"):
             idx, d2 = km.nearest_centroid(x, c)
-        assert torch.get_num_threads() == 3  # restored
+        assert torch.get_num_threads() == 3 and ran  # restored, and the threaded path ran
     finally:
         torch.set_num_threads(saved)
     check_nearest(x, c, idx, d2)
