@@ -28,10 +28,9 @@ dtype's unit roundoff) is scored again exactly in float32, usually 1-3 groups; t
 cannot hold it, so the result is the float32 search's. The N x K score matrix is never
 materialised: blocks of ``_BLOCK_N x _BLOCK_K`` stay in cache. On several cores, row ranges run
 in threads (see ``_in_threads``). bench/bench_vq.py compares it with faiss (whose fused float32
-distance + argmin kernel never writes scores): at D=16 about 1.1-1.35x faiss's time on one
-thread and 1.35-2x on two (this approach scales 1.25-1.5x from one thread to two here, faiss 2x),
-at D=64 about 0.6x and 0.5x, on this 2-core AVX512-BF16 VM (whose timings move by +-20% from
-minute to minute).
+distance + argmin kernel never writes scores): at D=16 about 0.9-1.2x faiss's time on one thread
+and 1.15-1.45x on two, at D=64 about 0.6x, on this 2-core AVX512-BF16 VM (whose timings move by
++-20% from minute to minute).
 
 The Triton kernel keeps a running (max, argmax) per row in registers while it loops over code
 blocks, so it never writes the N x K matrix either (FlashAssign-style tiling).
