@@ -88,6 +88,18 @@ def test_svdquant_beats_plain_quantization_at_the_same_bits(wan, fmt):
     assert_unchanged(model, before)
 
 
+def test_svdquant_w4a4_beats_plain_w4a8_at_a_quarter_rank(wan):
+    """With 4-bit activations against 8-bit ones, the branch must hold enough of the smoothed
+    weights: at rank 64 (a quarter of this 256-wide model) NVFP4 W4A4 passes plain W4A8."""
+    model, before, reference, _, _, _ = wan
+    branched, _, _ = run_node(model, rank=64)
+    svdq = quantize(branched, "nvfp4_w4a4")
+    assert _module(svdq.model, FFN_DOWN).weight.rank == 64
+    plain_w4a8 = psnr(reference, sample(quantize(model, "w4a8").model, "wan21"))
+    assert psnr(reference, sample(svdq.model, "wan21")) > plain_w4a8 + 0.5
+    assert_unchanged(model, before)
+
+
 def test_after_quantization_fits_the_error_without_requantizing(wan):
     model, _, reference, _, _, _ = wan
     quantized = quantize(model, "int4").model
