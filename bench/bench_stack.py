@@ -113,8 +113,8 @@ def quantized_bits(model) -> float | None:
 def svd_branch(subject: Subject, model, rank: int = 16):
     """SVD Low-Rank Branch before Quantize Model (SVDQuant), calibrated on the subject's conditioning."""
     from ..nodes.svd import AccelSVDLowRankBranch
-    return AccelSVDLowRankBranch.execute(model, rank=rank, smooth_alpha=0.5, svd="randomized", report_format="w4a4",
-                                         group_size=64, calibration_steps=4, seed=SEED, cfg=subject.cfg,
+    return AccelSVDLowRankBranch.execute(model, rank=rank, smooth_alpha=0.5, search_alpha=False, svd="randomized",
+                                         report_format="w4a4", group_size=64, calibration_steps=4, seed=SEED, cfg=subject.cfg,
                                          layer_overrides="", positive=subject.positive, negative=subject.negative,
                                          latent=subject.latent).args[0]
 

@@ -1,11 +1,14 @@
 """SVD Low-Rank Branch (SVDQuant) on the CPU: fidelity, branch overhead, bytes, build time.
 
 - ``svdquant fidelity``: the Wan 2.1 fixture with activation outlier channels (tiny, 1 step,
-  rank 32 in quick mode; medium, 6 steps, ranks 32 and 64 otherwise), calibrated on its own conditioning. SVDQuant W4A4 (smoothing + rank-r
-  branch + 4-bit residual) against plain W4A4 and W4A8 at the same weight bits, with and without
-  SmoothQuant; final-latent PSNR/SSIM against the float model on the same seeds, and the median
-  output SQNR over the branched layers (calibration inputs) and over the FFN down projections
-  (the layers whose inputs carry the outliers).
+  rank 32, W4A4 int4 only in quick mode; medium, 6 steps, ranks 32 and 64 otherwise), calibrated on
+  its own conditioning. At each quantization setting of ``SAME_BITS`` (W4A4 int4 g64, W4A4 nvfp4
+  g16, W4A8 int4 g64): plain, plain with SmoothQuant 0.5, and SVDQuant (SmoothQuant 0.5 + rank-r
+  16-bit branch + the residual in that setting); final-latent PSNR/SSIM against the float model
+  on the same seeds, and the median output SQNR over the branched layers (calibration inputs) and
+  over the FFN down projections (the layers whose inputs carry the outliers).
+- ``svdquant layer fidelity``: the same settings on one layer (3072 wide, 512 in quick mode) with
+  8 activation outlier channels, output SQNR on held-out tokens.
 - ``svdquant layer``: one 3072x3072 layer (FLUX width; 4096 tokens, 512 in quick mode), rank 32: W4A4 with the branch fused
   against the same W4A4 GEMM without it, timed interleaved; ``overhead`` = time ratio - 1
   (the issue's target: <= 0.15). Weight bytes against bf16 (SVDQuant's paper: ~3.5x for FLUX).
@@ -19,8 +22,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Callable
 
 import torch
 
@@ -35,51 +40,132 @@ FLUX_LAYERS = {(9216, 3072): 2 * 19, (3072, 3072): 2 * 19, (12288, 3072): 2 * 19
 DEEPCOMPRESSOR_HOURS = 12.0   # FLUX.1-dev on an H100 (deepcompressor #24, #66)
 
 
-def _runner(model, family, size, steps, seed=0):
-    import comfy.sample
-    latent = comfy.sample.fix_empty_latent_channels(model, fixtures.empty_latent(family, size)["samples"])
-    noise = comfy.sample.prepare_noise(latent, seed)
-    pos = fixtures.make_conditioning(family, size, seed=1)
-    neg = fixtures.make_conditioning(family, size, seed=2)
-    with torch.no_grad():
-        return comfy.sample.sample(model, noise, steps, 3.5, "euler", "simple", pos, neg, latent, seed=seed,
-                                   disable_pbar=True)
+@dataclasses.dataclass
+class Subject:
+    """A model with outlier channels, how it is sampled (final latents of all seeds, concatenated)
+    and what it is calibrated on."""
+    label: str
+    model: object
+    sample: Callable[[object], torch.Tensor]
+    calibration: dict   # calibrate.calibrate's keyword arguments
 
 
-def fidelity(size: str, steps: int, ranks: tuple[int, ...], full: bool = True) -> list[dict]:
+def _sampler(positive, negative, latent, steps: int, cfg: float, seeds) -> Callable[[object], torch.Tensor]:
+    def sample(model):
+        import comfy.sample
+        outs = []
+        for seed in seeds:
+            x = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+            with torch.no_grad():
+                outs.append(comfy.sample.sample(model, comfy.sample.prepare_noise(x, seed), steps, cfg, "euler",
+                                                "simple", positive, negative, x, seed=seed, disable_pbar=True))
+        return torch.cat(outs)
+    return sample
+
+
+def fixture_subject(size: str, steps: int) -> Subject:
+    """The random-weight Wan 2.1 fixture with planted outliers, calibrated on its own conditioning."""
+    family = "wan21"
+    pos, neg = fixtures.make_conditioning(family, size, seed=1), fixtures.make_conditioning(family, size, seed=2)
+    latent = fixtures.empty_latent(family, size)
+    return Subject(f"{family} {size} outliers, {steps} steps", fixtures.load_model(family, size, outliers=True),
+                   _sampler(pos, neg, latent, steps, 3.5, (0,)),
+                   dict(positive=pos, negative=neg, latent=latent, steps=2, seed=0, cfg=3.5))
+
+
+def reference_subject(name: str, steps: int, seeds: int) -> Subject:
+    """A trained reference model (``devtools/reference``): its weights and activations come from
+    training, not from a random init with planted outliers. Sampled as KSampler would (``steps``,
+    cfg 4) on its first prompt, calibrated on its second; its trajectories branch easily, so the
+    PSNR pools ``seeds`` seeds."""
+    from ..devtools import reference as ref
+    neg, latent = ref.make_conditioning(name, ""), ref.empty_latent(name)
+    return Subject(f"{name} (trained), {steps} steps, {seeds} seeds", ref.load_reference(name),
+                   _sampler(ref.make_conditioning(name, 0), neg, latent, steps, 4.0, range(seeds)),
+                   dict(positive=ref.make_conditioning(name, 1), negative=neg, latent=latent, steps=4, seed=1, cfg=4.0))
+
+
+# Quantization settings compared "at the same bits": (label, format, group size). Each is run
+# plain, plain with SmoothQuant 0.5, and as the residual of SVDQuant (the branch keeps 16 bits).
+SAME_BITS = (("W4A4 int4 g64", "w4a4", 64), ("W4A4 nvfp4 g16", "nvfp4_w4a4", None), ("W4A8 int4 g64", "w4a8", 64))
+
+
+def fidelity(subject: Subject, ranks: tuple[int, ...], settings=SAME_BITS, full: bool = True) -> list[dict]:
+    """Each setting plain, with SmoothQuant 0.5 (``full``), and as SVDQuant's residual at each rank
+    with smoothing alpha 0.5 and (``full``, W4A4 settings) alpha searched per layer in that setting."""
     from ..quant import calibrate, lowrank
     from ..quant import model as qmodel
-    family = "wan21"
-    model = fixtures.load_model(family, size, outliers=True)
-    reference = _runner(model, family, size, steps)
+    from ..quant.formats import Spec
+    model = subject.model
+    reference = subject.sample(model)
     layers = [p for p, _ in lowrank.select_layers(model, [])]
-    stats = calibrate.calibrate(model, layers, fixtures.make_conditioning(family, size, seed=1),
-                                fixtures.make_conditioning(family, size, seed=2), fixtures.empty_latent(family, size),
-                                steps=2, seed=0, cfg=3.5)
+    stats = calibrate.calibrate(model, layers, **subject.calibration)
     bf16_bytes = 2 * sum(m.weight.numel() for _, m in qmodel.linear_layers(model))
-    variants = {}
-    for fmt in ("w4a4", "w4a8"):
-        for alpha in (0.0, 0.5) if full else (0.0,):
-            res = qmodel.quantize_model(model, plans_for(model, fmt, 64), stats=stats, smooth_alpha=alpha)
-            variants[f"{fmt}" + (" +smooth 0.5" if alpha else "")] = (res, None)
-    for rank in ranks:
-        start = time.perf_counter()
-        branched = lowrank.branch_model(model, layers, rank, 0.5, stats)
-        build = time.perf_counter() - start
-        res = qmodel.quantize_model(branched.model, plans_for(branched.model, "w4a4", 64), stats=stats)
-        variants[f"SVDQuant w4a4 r{rank}"] = (res, build)
     records = []
-    for name, (res, build) in variants.items():
-        out = _runner(res.model, family, size, steps)
+
+    def record(bits, name, res, build=None):
+        out = subject.sample(res.model)
         rows = {r.layer: r for r in res.rows}
         sq = sorted(rows[p].output_sqnr_db for p in layers)
         ffn = sorted(rows[p].output_sqnr_db for p in layers if p.endswith("ffn.2"))
         packed = sum(r.bytes_after if r.format != "keep" else 2 * r.params for r in res.rows)
         records.append(dict(
-            name="svdquant fidelity", model=f"{family} {size} outliers, {steps} steps", baseline="float model",
-            variant=name, psnr_db=measure.psnr(reference, out), ssim=measure.ssim(reference, out),
+            name="svdquant fidelity", model=subject.label, baseline="float model", bits=bits,
+            variant=f"{bits}: {name}", psnr_db=measure.psnr(reference, out), ssim=measure.ssim(reference, out),
             layer_sqnr_db=sq[len(sq) // 2], ffn_down_sqnr_db=ffn[len(ffn) // 2],
             weight_bytes_ratio=bf16_bytes / packed, bound=4 / 16, branch_build_s=build))
+
+    branched = {}
+    for rank in ranks:   # alpha 0.5 does not depend on the setting: one branched model per rank
+        start = time.perf_counter()
+        branched[rank] = (lowrank.branch_model(model, layers, rank, 0.5, stats).model, time.perf_counter() - start)
+    for bits, fmt, group in settings:
+        for alpha in (0.0, 0.5) if full else (0.0,):
+            res = qmodel.quantize_model(model, plans_for(model, fmt, group), stats=stats, smooth_alpha=alpha)
+            record(bits, "plain" + (" + SmoothQuant 0.5" if alpha else ""), res)
+        for rank, (bmodel, build) in branched.items():
+            record(bits, f"SVDQuant r{rank}", qmodel.quantize_model(bmodel, plans_for(bmodel, fmt, group), stats=stats),
+                   build)
+            if full and fmt != "w4a8":   # the search is for W4A4 (where activations limit); it costs ~10x the build
+                start = time.perf_counter()
+                searched = lowrank.branch_model(model, layers, rank, lowrank.AUTO_ALPHA, stats,
+                                                report_spec=Spec(fmt, group)).model
+                build = time.perf_counter() - start
+                record(bits, f"SVDQuant r{rank}, alpha searched",
+                       qmodel.quantize_model(searched, plans_for(searched, fmt, group), stats=stats), build)
+    return records
+
+
+def layer_same_bits(width: int, tokens: int, rank: int = 32) -> list[dict]:
+    """One layer with activation outlier channels, at each quantization setting: plain,
+    SmoothQuant 0.5, and SVDQuant (SmoothQuant 0.5 + rank-``rank`` branch + quantized residual);
+    output SQNR on held-out tokens (the smoothing factors come from other tokens)."""
+    from ..quant import calibrate, lowrank
+    from ..quant.formats import Spec
+    from ..quant.qweight import QuantWeight
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(width, width, generator=g) / width ** 0.5
+    outliers = torch.randperm(width, generator=g)[:8]
+
+    def tokens_(n):
+        x = torch.randn(n, width, generator=g)
+        x[:, outliers] *= 30
+        return x
+    calib, x = tokens_(tokens), tokens_(tokens)
+    smooth = calibrate.smoothing_factors(calib.abs().amax(0), w, 0.5)
+    branch, energy = lowrank.make_branch(w, rank, smooth)
+    ref = x @ w.t()
+    records = []
+    for bits, fmt, group in SAME_BITS:
+        spec = Spec(fmt, group)
+        for name, qw in (("plain", QuantWeight.quantize(w, spec, torch.float32)),
+                         ("plain + SmoothQuant 0.5", QuantWeight.quantize(w, spec, torch.float32, smooth=smooth)),
+                         (f"SVDQuant r{rank}", lowrank.quantize_branched(w, branch, spec, torch.float32))):
+            records.append(dict(name="svdquant layer fidelity", model=f"{width}x{width}, 8 outlier channels x30",
+                                baseline="float layer", bits=bits, variant=f"{bits}: {name}",
+                                sqnr_db=measure.sqnr_db(ref, qw.linear(x, None).float()),
+                                weight_bytes_ratio=width * width * 2 / qw.packed_nbytes(), bound=4 / 16,
+                                branch_energy=energy if qw.rank else None))
     return records
 
 
@@ -168,7 +254,12 @@ def run(quick: bool) -> list[dict]:
     host.import_comfy()
     torch.manual_seed(0)
     records = layer_overhead(512 if quick else 4096, 3 if quick else 5)
+    records += layer_same_bits(512 if quick else 3072, 512 if quick else 2048)
     records += svd_methods(512 if quick else 3072, 1 if quick else 2)
     records.append(projection(quick))
-    records += fidelity("tiny" if quick else "medium", 1 if quick else 6, (32,) if quick else (32, 64), full=not quick)
+    if quick:
+        records += fidelity(fixture_subject("tiny", 1), (32,), SAME_BITS[:1], full=False)
+    else:
+        records += fidelity(fixture_subject("medium", 6), (32, 64))
+        records += fidelity(reference_subject("ref_wan21", 20, 8), (32, 64))
     return records

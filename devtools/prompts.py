@@ -58,7 +58,7 @@ def quantize_step(**inputs) -> tuple[str, dict]:
 
 
 # Widget inputs of AccelSVDLowRankBranch at their schema defaults (tests check they match).
-SVD_DEFAULTS = {"rank": 32, "smooth_alpha": 0.5, "svd": "randomized", "report_format": "w4a4", "group_size": 64,
+SVD_DEFAULTS = {"rank": 32, "smooth_alpha": 0.5, "search_alpha": False, "svd": "randomized", "report_format": "w4a4", "group_size": 64,
                 "calibration_steps": 8, "seed": 0, "cfg": 5.0, "layer_overrides": ""}
 
 

@@ -244,8 +244,23 @@ def _int8_linear(gemm, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     return out.reshape(*x.shape[:-1], wq.shape[0])
 
 
+# CPU row chunks: every fp32/int32 temporary of a chunk stays under this size. Bigger ones are
+# mmap'd fresh by glibc's allocator on every call (its threshold tops out at 32 MiB), and their
+# page faults cost as much as the memory-bound quantizer and epilogue themselves.
+_CHUNK_BYTES = 16 << 20
+
+
 def int8_linear_reference(x, wq, w_scale, bias=None):
-    return _int8_linear(int8_gemm_reference, x, wq, w_scale, bias)
+    K, N = x.shape[-1], wq.shape[0]
+    x2 = x.reshape(-1, K)
+    chunks = max(1, -(-x2.shape[0] * 4 * max(K, N, 1) // _CHUNK_BYTES))  # 1 for an empty input
+    rows = max(64, -(-x2.shape[0] // chunks))  # even chunks: a short last one wastes a GEMM call
+    if x2.shape[0] <= rows:
+        return _int8_linear(int8_gemm_reference, x, wq, w_scale, bias)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    for r0 in range(0, x2.shape[0], rows):
+        out[r0:r0 + rows] = _int8_linear(int8_gemm_reference, x2[r0:r0 + rows], wq, w_scale, bias)
+    return out.reshape(*x.shape[:-1], N)
 
 
 def int8_linear_triton(x, wq, w_scale, bias=None):

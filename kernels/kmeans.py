@@ -16,17 +16,20 @@ can still flip near-ties, which is why tests compare backends by agreement rate 
 code's distance. ``sq_dist`` is always recomputed as ``|x - c[index]|^2`` directly (no
 cancellation), so it is exact on every path.
 
-The reference is also the CPU path, written for speed: one GEMM per block with the bias folded
-in as an extra column (``[x, 1] . [c, -|c|^2/2]``), written into one reused buffer, then
-``amax`` over runs of ``_GROUP`` consecutive codes (codes inside a block are permuted so this is a
-vectorised elementwise max over a middle axis) into a row's group maxima (1/_GROUP of the
-scores). After all blocks, one argmax over a row's group maxima picks the winning group and its
-``_GROUP`` scores are computed again for the final argmax: two ops per block, four per row
-block. The N x K score matrix is never materialised: blocks of ``_BLOCK_N x _BLOCK_K`` stay in
-cache. On several cores, row ranges run in threads (see ``_in_threads``). bench/bench_vq.py
-compares it with faiss: about faiss's time at D=64; at D=16 about 2.4x (medians on a loaded
-2-core machine), where faiss's fused distance + argmin kernel never writes scores and torch's
-sgemm writing them is already slower than faiss's whole search.
+The reference is also the CPU path, written for speed, in two passes. A screen computes half
+squared distances ``[x, |x|^2/2, 1] . [-c, 1, |c|^2/2]`` one GEMM per block, in bfloat16 where the
+CPU multiplies it natively (twice float32's rate, half the bytes; float32 elsewhere), into one
+reused buffer, and reduces runs of ``_GROUP`` consecutive codes to their minimum (codes inside a
+block are permuted so this is a vectorised elementwise min over a middle axis, done on the
+scores' bits as integers: non-negative floats order like their bit patterns, and integer min is
+the fastest reduction). Then, per vector, every group whose screened minimum could hold the
+nearest code once the screen's rounding is bounded (``_screen_slack``: from |x|, max |c| and the
+dtype's unit roundoff) is scored again exactly in float32, usually 1-3 groups; the others provably
+cannot hold it, so the result is the float32 search's. The N x K score matrix is never
+materialised: blocks of ``_BLOCK_N x _BLOCK_K`` stay in cache. On several cores, row ranges run
+in threads (see ``_in_threads``). bench/bench_vq.py compares it with faiss (whose fused float32
+distance + argmin kernel never writes scores): about 1.2-1.35x faiss's time at D=16 and about
+0.6x at D=64 on this 2-core AVX512-BF16 machine.
 
 The Triton kernel keeps a running (max, argmax) per row in registers while it loops over code
 blocks, so it never writes the N x K matrix either (FlashAssign-style tiling).
@@ -42,8 +45,8 @@ import torch
 
 from . import dispatch
 
-# CPU blocking: a 512 x 2048 float32 score block is 4 MiB, the size that measured fastest here.
-_BLOCK_N = 512
+# CPU blocking: a 1024 x 2048 block of bfloat16 screen scores (4 MiB) measured fastest here.
+_BLOCK_N = 1024
 _BLOCK_K = 2048
 _GROUP = 16  # codes reduced per vectorised amax step
 _SEED_ROUNDS = 128  # k-means++ picks one code per round up to this many codes, then several per round
@@ -91,9 +94,17 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
     k = cb.shape[1]
     if k == 0:
         raise ValueError("the codebook is empty")
-    xa = torch.cat([xb.float(), xb.new_ones(b, n, 1, dtype=torch.float32)], -1)
-    aug, blocks = _augmented_blocks(cb.float())
+    xf, cf = xb.float(), cb.float()
+    xa = torch.cat([xf, xf.new_ones(b, n, 1)], -1)
+    screen = _screen_dtype(x.device)
+    aug, blocks = _augmented_blocks(cf, screen)
     groups = aug.shape[1] // _GROUP
+    if groups:
+        half_sq = 0.5 * xf.square().sum(-1, keepdim=True)
+        x_screen = torch.cat([xf, *_hi_lo(half_sq, screen), xf.new_ones(b, n, 2)], -1).to(screen)
+        slack = _screen_slack(xf, cf, screen)
+        ordered = _ORDERED_INT[screen]
+        u = _unit_roundoff(screen)
     best_i = torch.empty(b, n, dtype=torch.long, device=x.device)
     widest = max(block.shape[-1] for _, block in blocks)
     # Rows per block: about _BLOCK_N x _BLOCK_K scores, a block that stays in cache.
@@ -102,25 +113,24 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
     def search(lo: int, hi: int) -> None:
         # Buffers reused by every block: a fresh 4 MiB allocation per block costs more than its GEMM.
         m_max = min(rows, hi - lo)
-        buf = torch.empty(b * m_max * widest, device=x.device)
-        group_max = torch.empty(b, m_max, max(groups, 1), device=x.device)
+        if groups:
+            buf = torch.empty(b * m_max * widest, device=x.device, dtype=screen)
+            group_min = torch.empty(b, m_max, groups, device=x.device, dtype=ordered)
         for n0 in range(lo, hi, rows):
-            xs = xa[:, n0:min(n0 + rows, hi)]
-            m = xs.shape[1]
+            m = min(rows, hi - n0)
+            xs = xa[:, n0:n0 + m]
             if not groups:  # a small codebook: one block, plain argmax
                 best_i[:, n0:n0 + m] = torch.bmm(xs, blocks[0][1]).argmax(-1)
                 continue
-            gm = group_max[:, :m]
+            gmin = group_min[:, :m]
             for g0, block in blocks:
                 kk = block.shape[-1]
-                scores = torch.bmm(xs, block, out=buf[:b * m * kk].view(b, m, kk))
-                torch.amax(scores.view(b, m, _GROUP, kk // _GROUP), 2, out=gm[:, :, g0:g0 + kk // _GROUP])
-            best_group = gm.argmax(-1)  # the first group holding the max: ties go to the lower codes
-            # The winning group's scores again (_GROUP codes per row), then the first max inside it.
-            codes = (best_group[..., None] * _GROUP + torch.arange(_GROUP, device=x.device)).reshape(b, m * _GROUP, 1)
-            chosen = torch.gather(aug, 1, codes.expand(-1, -1, d + 1)).view(b * m, _GROUP, d + 1)
-            in_group = torch.bmm(chosen, xs.reshape(b * m, d + 1, 1)).view(b, m, _GROUP)
-            best_i[:, n0:n0 + m] = best_group * _GROUP + in_group.argmax(-1)
+                dist = torch.bmm(x_screen[:, n0:n0 + m], block, out=buf[:b * m * kk].view(b, m, kk))
+                # Screened half squared distances are >= 0 up to rounding; the bits of a non-negative
+                # float order like the integers they spell, and integer min is the fast reduction.
+                torch.amin(dist.view(ordered).view(b, m, _GROUP, kk // _GROUP), 2,
+                           out=gmin[:, :, g0:g0 + kk // _GROUP])
+            best_i[:, n0:n0 + m] = _refine(xs, aug, gmin, slack[:, n0:n0 + m], screen, u)
 
     threads = torch.get_num_threads()
     if x.device.type == "cpu" and threads > 1 and n >= 2 * rows and b * n * k >= _PARALLEL_MIN_SCORES:
@@ -129,6 +139,88 @@ def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tupl
         with _no_tf32(x.device):
             search(0, n)
     return _unflatten(best_i, x), _unflatten(_exact_sq_dist(xb, cb, best_i), x)
+
+
+def _refine(xs, aug, gmin, slack, screen, u) -> torch.Tensor:
+    """The exact (float32) winner among the groups whose screened minimum could hold it.
+
+    A group's true half distances are all >= its screened minimum less the screen's rounding
+    (or >= 0 when that minimum is negative, which only rounding makes), and the row's best is
+    <= the row's screened minimum plus it: every group whose lower bound is under that is a
+    candidate (usually 1-3 per row), and no other group can hold the nearest code.
+    """
+    b, m, groups = gmin.shape
+    d1 = aug.shape[-1]
+    row_min = gmin.amin(-1).view(screen).float()
+    threshold = (row_min + u * row_min.abs() + 2 * slack) / (1 - u)
+    # rounded up into the screen's dtype, so the integer comparison errs towards more candidates
+    limit = (threshold * (1 + 2 * u)).to(screen).view(gmin.dtype)
+    bi, ri, gi = _candidates(gmin, limit)
+    codes = aug.view(b, groups, _GROUP, d1)[bi, gi]                           # [P, R, D+1]
+    scores = torch.bmm(codes, xs[bi, ri][..., None]).squeeze(-1)             # [P, R]
+    best, pos = scores.max(-1)                                               # first max: lowest code
+    row = bi * m + ri
+    row_best = torch.full((b * m,), float("-inf"), device=xs.device).scatter_reduce_(0, row, best, "amax")
+    code = torch.where(best == row_best[row], gi * _GROUP + pos, torch.iinfo(torch.long).max)
+    out = torch.full((b * m,), torch.iinfo(torch.long).max, dtype=torch.long, device=xs.device)
+    return out.scatter_reduce_(0, row, code, "amin").view(b, m)
+
+
+def _candidates(gmin: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, row, group) of every group whose minimum is <= its row's ``limit``. Runs of _GROUP
+    groups are tested first by their minimum, so the full comparison only touches a few runs."""
+    b, m, groups = gmin.shape
+    runs = groups // _GROUP
+    if runs < 4:
+        return (gmin <= limit[..., None]).nonzero(as_tuple=True)
+    head = gmin[..., :runs * _GROUP].view(b, m, runs, _GROUP)
+    bi, ri, si = (head.amin(-1) <= limit[..., None]).nonzero(as_tuple=True)
+    pi, j = (head[bi, ri, si] <= limit[bi, ri, None]).nonzero(as_tuple=True)
+    found = (bi[pi], ri[pi], si[pi] * _GROUP + j)
+    if runs * _GROUP == groups:
+        return found
+    tb, tr, tg = (gmin[..., runs * _GROUP:] <= limit[..., None]).nonzero(as_tuple=True)
+    return tuple(torch.cat([f, t]) for f, t in zip(found, (tb, tr, tg + runs * _GROUP)))
+
+
+def _screen_dtype(device: torch.device) -> torch.dtype:
+    """The screen's dtype: bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX: about
+    twice float32's GEMM rate and half the bytes), else float32."""
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_native_bf16() else torch.float32
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):   # a private op: absent in some builds
+        return False
+
+
+_ORDERED_INT = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def _hi_lo(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` (float32) as two ``dtype`` parts whose sum is ``t`` to ~u^2 (inf: inf and 0)."""
+    hi = t.to(dtype)
+    return hi, (t - hi.float()).nan_to_num_(0.0).to(dtype)
+
+
+def _screen_slack(x: torch.Tensor, c: torch.Tensor, screen: torch.dtype) -> torch.Tensor:
+    """[B, N]: bound on |screened - float32 half squared distance| of any code for each vector,
+    before the output's own rounding: rounding x and c to the screen's dtype (2u |x_i||c_i| per
+    product, at most 2u |x| max|c|), the squared norms' low parts (u^2 each), and float32
+    accumulation on both sides ((D + 4) 2^-24 of the absolute sum, twice)."""
+    u = _unit_roundoff(screen) if screen != torch.float32 else 0.0
+    acc = 2 * (x.shape[-1] + 4) * _unit_roundoff(torch.float32)
+    norm = c.norm(dim=-1).amax(-1, keepdim=True)                 # [B, 1]
+    x_norm = x.norm(dim=-1)                                      # [B, N]
+    halves = 0.5 * (x_norm.square() + norm.square())
+    return (2 * u + u * u + acc) * x_norm * norm + (u * u + acc) * halves + 1e-30
 
 
 def _in_threads(work: Callable[[int, int], None], n: int, rows: int, threads: int) -> None:
@@ -153,18 +245,23 @@ def _in_threads(work: Callable[[int, int], None], n: int, rows: int, threads: in
         torch.set_num_threads(saved)
 
 
-def _augmented_blocks(c: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """The augmented codes ``[c, -|c|^2/2]`` [B, K', D+1] and their blocks for the GEMMs.
+def _augmented_blocks(c: torch.Tensor, screen: torch.dtype = torch.float32
+                      ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """The augmented codes ``[c, -|c|^2/2]`` [B, K', D+1] (exact scores ``[x, 1] . aug``) and the
+    screen's blocks.
 
     Codebooks of at least ``4 * _GROUP`` codes are padded to a multiple of _GROUP with codes that
-    score -inf (zero vector, bias -inf), K' codes in all. Each block is a [B, D+1, kk] matrix whose
-    codes are permuted: code ``g * R + r`` of the block (R = _GROUP) goes to column ``r * G + g``, so
-    viewing its scores as [.., R, G], ``amax`` over R (a vectorised elementwise max) gives the max
-    of each run of R consecutive codes; blocks are returned with the index of their first group.
-    Smaller codebooks are one block in plain order (and no groups: K' = 0 groups' worth).
+    score -inf (zero vector, bias -inf), K' codes in all. The screen computes half squared distances
+    ``[x, |x|^2/2 (hi, lo), 1, 1] . [-c, 1, 1, |c|^2/2 (hi, lo)]`` in ``screen``'s dtype (norms in two
+    parts, so only the products are rounded). Each block is a [B, D+4, kk] matrix whose codes are
+    permuted: code ``g * R + r`` of the block (R = _GROUP) goes to column ``r * G + g``, so viewing
+    its scores as [.., R, G], a reduction over R (vectorised, elementwise) gives each run of R
+    consecutive codes; blocks are returned with the index of their first group. Smaller codebooks
+    are one float32 block of ``aug`` in plain order (and no groups: K' = 0 groups' worth).
     """
     b, k, d = c.shape
-    aug = torch.cat([c, -0.5 * c.square().sum(-1, keepdim=True)], -1)
+    half_sq = 0.5 * c.square().sum(-1, keepdim=True)
+    aug = torch.cat([c, -half_sq], -1)
     if k < 4 * _GROUP:
         return aug[:, :0], [(0, aug.transpose(1, 2).contiguous())]
     pad = -k % _GROUP
@@ -172,11 +269,15 @@ def _augmented_blocks(c: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, to
         filler = aug.new_zeros(b, pad, d + 1)
         filler[..., -1] = float("-inf")
         aug = torch.cat([aug, filler], 1)
+        half_sq = torch.cat([half_sq, half_sq.new_full((b, pad, 1), float("inf"))], 1)
+    scr = torch.cat([-aug[..., :d].to(screen), aug.new_ones(*aug.shape[:2], 2).to(screen),
+                     *_hi_lo(half_sq, screen)], -1)
+    e = d + 4
     blocks = []
-    for k0 in range(0, aug.shape[1], _BLOCK_K):
-        blk = aug[:, k0:k0 + _BLOCK_K]
+    for k0 in range(0, scr.shape[1], _BLOCK_K):
+        blk = scr[:, k0:k0 + _BLOCK_K]
         g = blk.shape[1] // _GROUP
-        blk = blk.reshape(b, g, _GROUP, d + 1).transpose(1, 2).reshape(b, g * _GROUP, d + 1)
+        blk = blk.reshape(b, g, _GROUP, e).transpose(1, 2).reshape(b, g * _GROUP, e)
         blocks.append((k0 // _GROUP, blk.transpose(1, 2).contiguous()))
     return aug, blocks
 

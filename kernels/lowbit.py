@@ -64,6 +64,23 @@ def e2m1_decode(codes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return e2m1_values(codes.device, dtype)[codes.long()]
 
 
+NVFP4_BLOCK = 16
+
+
+def nvfp4_encode(x: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 codes of ``x [..., K]``: E2M1 codes (uint8 0..15, unpacked) [..., K] and an E4M3
+    scale per block of 16 along K [..., K // 16], so that ``x ~= e2m1(code) * block_scale * outer``.
+    ``outer`` (fp32, > 0, broadcastable against [..., K // 16]) is the second-level scale: one per
+    tensor for weights, one per token for activations; ``amax / (448 * 6)`` makes the largest
+    block scale E4M3's largest value."""
+    *lead, k = x.shape
+    xb = x.float().reshape(*lead, k // NVFP4_BLOCK, NVFP4_BLOCK)
+    block_scale = (xb.abs().amax(dim=-1) / E2M1_MAX / outer).clamp_(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    total = block_scale.float() * outer
+    total = torch.where(total > 0, total, torch.ones_like(total))   # all-zero blocks
+    return e2m1_encode(xb / total[..., None]).reshape(*lead, k), block_scale
+
+
 def e8m0_encode_ceil(scale: torch.Tensor) -> torch.Tensor:
     """The smallest power of two >= ``scale`` as an E8M0 byte (so nothing saturates).
 

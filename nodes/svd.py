@@ -17,7 +17,7 @@ NODE = "SVD Low-Rank Branch"
 
 
 # the formats the report can compare in (vq formats need their own k-means; fp8 is 8-bit)
-REPORT_FORMATS = ("w4a4", "w4a8", "int4", "nvfp4", "mxfp4", "int8")
+REPORT_FORMATS = ("w4a4", "nvfp4_w4a4", "w4a8", "int4", "nvfp4", "mxfp4", "int8")
 
 
 def _plot(rows: list[lowrank.LayerRow], names: tuple[str, str]) -> "torch.Tensor":  # noqa: F821
@@ -44,8 +44,8 @@ class AccelSVDLowRankBranch(io.ComfyNode):
             description=("SVDQuant inside the graph. Before Quantize Model: smooths each attention/MLP linear "
                          "layer with activation statistics (moving activation outliers into the weight), splits "
                          "the smoothed weight by SVD into a 16-bit rank-r branch and a residual, and Quantize "
-                         "Model then quantizes only the residual (use format w4a4 for 4-bit weights and "
-                         "activations). After Quantize Model: fits the branch to each layer's quantization error "
+                         "Model then quantizes only the residual (use format w4a4, or nvfp4_w4a4, for 4-bit weights and "
+                         "activations; w4a8 for 8-bit activations). After Quantize Model: fits the branch to each layer's quantization error "
                          "instead, without requantizing. The input model is untouched. A LoRA loaded after this "
                          "node and Quantize Model joins the branch (no requantization); one applied before is "
                          "merged before the SVD. Outputs a per-layer report and plot."),
@@ -59,6 +59,12 @@ class AccelSVDLowRankBranch(io.ComfyNode):
                                tooltip="SmoothQuant strength (0-1, 0 = off): how much of the activation outliers "
                                        "move into the weight before the SVD. Needs the calibration inputs; "
                                        "ignored after Quantize Model (its smoothing is kept)."),
+                io.Boolean.Input("search_alpha", default=False,
+                                 tooltip="Choose the smoothing strength per layer instead: each alpha of "
+                                         f"{', '.join(map(str, lowrank.ALPHA_GRID))} is tried and the one whose "
+                                         "branched layer (branch + residual in report_format) best reproduces the "
+                                         "calibration outputs is kept. About 7x the branch build time; needs the "
+                                         "calibration inputs; smooth_alpha is then unused."),
                 io.Combo.Input("svd", options=list(lowrank.METHODS), default="randomized",
                                tooltip="randomized: torch.svd_lowrank (rank + 16 directions, 2 power "
                                        "iterations), much faster on wide layers; full: exact SVD."),
@@ -86,7 +92,7 @@ class AccelSVDLowRankBranch(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, rank, smooth_alpha, svd, report_format, group_size, calibration_steps, seed, cfg,
+    def execute(cls, model, rank, smooth_alpha, search_alpha, svd, report_format, group_size, calibration_steps, seed, cfg,
                 layer_overrides, positive=None, negative=None, latent=None) -> io.NodeOutput:
         try:
             overrides = policy.parse_overrides(layer_overrides)
@@ -127,7 +133,8 @@ class AccelSVDLowRankBranch(io.ComfyNode):
         elif smooth_alpha > 0 and not after:
             notices.append("smoothing skipped: it needs the calibration inputs (positive, latent)")
         report_spec = policy.make_spec(report_format, group_size, act_quant=True)
-        result = lowrank.branch_model(model, paths, rank, smooth_alpha, stats, svd, report_spec,
+        alpha = lowrank.AUTO_ALPHA if search_alpha and stats is not None else smooth_alpha
+        result = lowrank.branch_model(model, paths, rank, alpha, stats, svd, report_spec,
                                       progress=progress(len(paths)))
         summary = dict(result.summary)
         if not after:

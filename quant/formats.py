@@ -85,6 +85,7 @@ class WeightFormat:
     description = ""
     weight_bits = 16
     act_bits: int | None = None   # activation bits when activations are quantized
+    act_type = "int"              # "int" or "fp" activations (the report's label: int8, fp8, fp4)
     grouped = False               # takes a group size along K
     fixed_block: int | None = None  # block size fixed by the format (NVFP4 16, MXFP4 32)
     comfy_native: str | None = None  # ComfyUI's name for this layout (its loader reads it)
@@ -168,6 +169,7 @@ class FP8E4M3(WeightFormat):
                    "W8A8 with per-token fp8 activations on GPUs with fp8 matmul, weight-only elsewhere")
     weight_bits = 8
     act_bits = 8
+    act_type = "fp"
     comfy_native = "float8_e4m3fn"
 
     def part_specs(self, shape, spec):
@@ -306,15 +308,9 @@ class NVFP4(WeightFormat):
                 "global_scale": ((), torch.float32)}
 
     def quantize(self, w, spec, generator=None):
-        n, k = w.shape
         gscale = _safe(w.abs().amax() / (lowbit.E4M3_MAX * lowbit.E2M1_MAX))
-        wb = w.reshape(n, k // 16, 16)
-        bscale = (wb.abs().amax(dim=-1) / lowbit.E2M1_MAX / gscale).clamp_(max=lowbit.E4M3_MAX)
-        bscale = bscale.to(torch.float8_e4m3fn)
-        total = bscale.float() * gscale
-        codes = lowbit.e2m1_encode(wb / _safe(total)[..., None])
-        return {"weight": lowbit.pack_int4(codes.reshape(n, k)), "block_scale": bscale,
-                "global_scale": gscale.reshape(())}
+        codes, bscale = lowbit.nvfp4_encode(w, gscale)
+        return {"weight": lowbit.pack_int4(codes), "block_scale": bscale, "global_scale": gscale.reshape(())}
 
     def dequantize(self, parts, shape, spec, dtype):
         return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 16, parts["global_scale"]).to(dtype)
@@ -322,6 +318,35 @@ class NVFP4(WeightFormat):
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
         return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "nvfp4", parts["weight"], parts["block_scale"],
                                          global_scale=parts["global_scale"], block=16, bias=bias)
+
+
+class NVFP4W4A4(NVFP4):
+    """NVFP4 weights and NVFP4 activations (SVDQuant's W4A4 layout for FP4 GPUs, nunchaku's
+    ``nvfp4``): per token an fp32 scale ``max|x~| / (448 * 6)``, an E4M3 scale per 16 and E2M1
+    values, the same encoding as the weights. Only Blackwell GPUs multiply FP4 natively; here the
+    quantized activations are decoded (exactly, in the compute dtype) into the W4A16 matmul and
+    the token scale is applied to its output, so the numbers are those of an FP4 GEMM, not its speed."""
+    name = "nvfp4_w4a4"
+    description = ("NVFP4 weights and NVFP4 activations (fp4 e2m1, fp8 e4m3 scale per 16, fp32 scale per "
+                   "token); emulated through the W4A16 matmul (no FP4 units are used); use after SVD "
+                   "Low-Rank Branch (SVDQuant)")
+    act_bits = 4
+    act_type = "fp"
+
+    def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
+        if not spec.act_quant:   # weight-only layers (modulation): NVFP4's W4A16 path
+            return super().linear(x, parts, shape, spec, bias, inv_smooth)
+        x32 = x.to(torch.float32) if inv_smooth is None else x.to(torch.float32) * inv_smooth
+        amax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg())
+        token_scale = _safe(amax / (lowbit.E4M3_MAX * lowbit.E2M1_MAX))
+        codes, block_scale = lowbit.nvfp4_encode(x32, token_scale)
+        m, k = x32.shape
+        # e2m1 x e4m3 has at most 6 significant bits: exact in bf16 and fp16
+        x_blocks = lowbit.e2m1_decode(codes).reshape(m, k // 16, 16) * block_scale.float()[..., None]
+        y = lowbit_gemm.lowbit_linear(x_blocks.reshape(m, k).to(x.dtype), "nvfp4", parts["weight"],
+                                      parts["block_scale"], global_scale=parts["global_scale"], block=16)
+        y = y.float() * token_scale
+        return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 class MXFP4(WeightFormat):
@@ -349,7 +374,7 @@ class MXFP4(WeightFormat):
         return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
 
 
-FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(), MXFP4())}
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(), NVFP4W4A4(), MXFP4())}
 
 # The vector-quantized formats (vq2, vq3, vq2x8) live in their own module and add themselves here.
 from . import vq_format  # noqa: E402,F401

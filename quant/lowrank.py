@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 BRANCH_DTYPE = torch.bfloat16
 METHODS = ("randomized", "full")
+AUTO_ALPHA = -1.0                       # smooth_alpha that asks for a per-layer search
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass
@@ -266,14 +268,34 @@ def _sqnr(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor | None) -> float:
 
 
 @torch.no_grad()
+def best_smoothing(w: torch.Tensor, act_absmax: torch.Tensor, rows: torch.Tensor, rank: int, method: str, spec,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The SmoothQuant factors, over ``ALPHA_GRID``, whose full SVDQuant layer (branch plus the
+    residual quantized in ``spec``) has the best output SQNR on the calibration ``rows``: the
+    best alpha moves with how much of the outliers the branch absorbs, layer by layer."""
+    if formats.get(spec.format).problem(tuple(w.shape), spec):
+        return calibrate.smoothing_factors(act_absmax, w, 0.5).to(w.device)
+    best, best_db = None, -float("inf")
+    for alpha in ALPHA_GRID:
+        smooth = calibrate.smoothing_factors(act_absmax, w, alpha).to(w.device)
+        branch, _ = make_branch(w, rank, smooth, method)
+        db = _sqnr(w, quantize_branched(w, branch, spec, dtype), rows)
+        if db > best_db:
+            best, best_db = smooth, db
+    return best
+
+
+@torch.no_grad()
 def branch_model(patcher, layers: list[str], rank: int, smooth_alpha: float, stats: dict | None = None,
                  method: str = "randomized", report_spec=None,
                  progress: Callable[[int], None] | None = None) -> Result:
     """Branch ``layers`` of a clone of ``patcher``. A model with quantized layers gets the
     after-quantization fit on those; otherwise the SVDQuant split (Quantize Model packs the
     residual). ``report_spec``: the format the report compares plain and branched quantization
-    in (before order)."""
+    in (before order). ``smooth_alpha`` ``AUTO_ALPHA``: searched per layer (:func:`best_smoothing`,
+    in ``report_spec``, w4a4 g64 without one) on the calibration rows."""
     after = bool(qmodel.quantized_layers(patcher))
+    search_spec = report_spec if report_spec is not None else formats.Spec("w4a4", 64)
     dtype = qmodel.compute_dtype(patcher)
     device = patcher.load_device
     clone = patcher.clone()
@@ -299,7 +321,9 @@ def branch_model(patcher, layers: list[str], rank: int, smooth_alpha: float, sta
             w = qmodel.float_weight(patcher, path, device=device)
             start = time.perf_counter()
             smooth = None
-            if layer_stats is not None and smooth_alpha > 0:
+            if layer_stats is not None and smooth_alpha == AUTO_ALPHA and sample is not None:
+                smooth = best_smoothing(w, layer_stats.absmax, sample, rank, method, search_spec, dtype)
+            elif layer_stats is not None and smooth_alpha > 0:
                 smooth = calibrate.smoothing_factors(layer_stats.absmax, w, smooth_alpha).to(device)
             branch, energy = make_branch(w, rank, smooth, method)
             ms = 1000 * (time.perf_counter() - start)

@@ -157,7 +157,7 @@ def act_label(spec) -> str:
     fmt = formats.get(spec.format)
     if not fmt.quantizes_activations(spec):
         return "float"
-    return "fp8" if spec.format == "fp8_e4m3" else f"int{fmt.act_bits}"
+    return f"{fmt.act_type}{fmt.act_bits}"
 
 
 @torch.no_grad()

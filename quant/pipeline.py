@@ -75,4 +75,7 @@ def hardware_notice(fmt: str, device: torch.device) -> str | None:
                 "weight-only, dequantized to the compute dtype")
     if fmt in ("nvfp4", "mxfp4"):
         return "fp4 weights are dequantized for the matmul (no FP4 units are used)"
+    if fmt == "nvfp4_w4a4":
+        return ("fp4 weights and activations are decoded for the matmul (the fidelity of an FP4 GEMM; "
+                "no FP4 units are used)")
     return None

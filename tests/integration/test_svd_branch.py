@@ -61,12 +61,28 @@ def _rows(report):
     return json.loads(report.split("JSON:\n", 1)[1])["rows"]
 
 
-def test_svdquant_w4a4_beats_plain_w4a4(wan):
+def test_searched_alpha_is_no_worse_than_the_fixed_one_on_every_layer(wan):
+    """alpha 0.5 is on the search grid and the report scores the same calibration rows, so the
+    searched layer is at least as good as the fixed-alpha one, layer by layer."""
+    model, before, _, branched, report, _ = wan
+    searched, searched_report, _ = run_node(model, search_alpha=True)
+    fixed = {r["layer"]: r["sqnr_branched_db"] for r in _rows(report)}
+    rows = _rows(searched_report)
+    assert len(rows) == len(fixed)
+    assert all(r["sqnr_branched_db"] >= fixed[r["layer"]] - 1e-3 for r in rows)
+    assert _module(searched, FFN_DOWN).accel_branch.smooth is not None
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("fmt", ["w4a4", "nvfp4_w4a4", "w4a8"])
+def test_svdquant_beats_plain_quantization_at_the_same_bits(wan, fmt):
+    """The residual in each W4A4 layout (int4 group 64, nvfp4 group 16) and in W4A8."""
     model, before, reference, branched, _, _ = wan
-    svdq = quantize(branched, "w4a4")
-    plain = quantize(model, "w4a4")
+    svdq = quantize(branched, fmt)
+    plain = quantize(model, fmt)
     qw = _module(svdq.model, FFN_DOWN).weight
-    assert qw.rank == 32 and qw.smooth is not None
+    assert qw.spec.format == fmt and qw.rank == 32 and qw.smooth is not None
+    assert next(r.activations for r in svdq.rows if r.layer == FFN_DOWN) == qmodel.act_label(qw.spec) != "float"
     assert "low-rank branch r=32" in next(r.reason for r in svdq.rows if r.layer == FFN_DOWN)
     assert psnr(reference, sample(svdq.model, "wan21")) > psnr(reference, sample(plain.model, "wan21")) + 1
     assert_unchanged(model, before)

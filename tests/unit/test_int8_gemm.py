@@ -125,6 +125,21 @@ def test_int8_linear_is_close_to_the_float_linear():
     assert sqnr_db > 30  # W8A8 on Gaussian data lands near 35 dB
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_chunked_linear_equals_one_pass(monkeypatch, dtype):
+    # Large CPU inputs run in row chunks; every row's result must be the one a single pass gives.
+    x = torch.randn(3, 101, 64).to(dtype)
+    wq, w_scale = quantize_per_channel_int8(torch.randn(48, 64))
+    b = torch.randn(48)
+    whole = gemm.int8_linear_reference(x, wq, w_scale, b)
+    monkeypatch.setattr(gemm, "_CHUNK_BYTES", 64 * 4 * 64)  # 64-row chunks: 5 of them, the last short
+    chunked = gemm.int8_linear_reference(x, wq, w_scale, b)
+    assert chunked.shape == whole.shape == (3, 101, 48) and chunked.dtype == dtype
+    assert torch.equal(chunked, whole)
+    empty = gemm.int8_linear_reference(x[:, :0], wq, w_scale, b)  # no tokens: no chunks, no division by zero
+    assert empty.shape == (3, 0, 48) and empty.dtype == dtype
+
+
 def test_dispatcher_picks_the_reference_on_cpu_tensors(monkeypatch):
     called = []
     monkeypatch.setattr(gemm, "int8_gemm_triton", lambda *a, **k: called.append("triton"))

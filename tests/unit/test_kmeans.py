@@ -249,3 +249,41 @@ def test_bad_arguments_are_refused():
         km.kmeans(x, 2, init="nope")
     with pytest.raises(ValueError, match="D=3"):
         km.nearest_centroid(x, torch.randn(4, 5))
+
+
+def clustered_near_ties(seed: int):
+    """Codes ~10 from the origin and close together, vectors right next to them: a bfloat16
+    screen's rounding (~2^-8 |x| |c|, about 0.8 here) is far larger than the gaps between the
+    nearest codes (~1e-3), which are far larger than float32's rounding (~1e-5)."""
+    g = torch.Generator().manual_seed(seed)
+    c = 4 + 0.05 * torch.randn(300, 6, generator=g)
+    x = c[torch.randint(0, 300, (400,), generator=g)] + 0.02 * torch.randn(400, 6, generator=g)
+    return x, c
+
+
+def agreement_with_truth(x, c, idx):
+    truth_i, truth_d = brute_force(x, c)
+    chosen_d = (x.double() - c.double()[idx]).square().sum(-1)
+    return (idx == truth_i).float().mean().item(), (chosen_d - truth_d).max().item()
+
+
+@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32])
+def test_screen_rounding_never_changes_the_answer(monkeypatch, screen):
+    monkeypatch.setattr(km, "_screen_dtype", lambda device: screen)
+    x, c = clustered_near_ties(1)
+    with dispatch.backend("reference"):
+        idx, _ = km.nearest_centroid(x, c)
+    agreement, worst_excess = agreement_with_truth(x, c, idx)
+    assert agreement >= 0.995 and worst_excess < 1e-4
+
+
+def test_near_tie_case_needs_the_screen_bound(monkeypatch):
+    # Without the rounding bound, the bfloat16 screen alone would pick wrong codes on this data:
+    # the test above is a real test of the bound, not of an easy case.
+    monkeypatch.setattr(km, "_screen_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(km, "_screen_slack", lambda x, c, screen: torch.zeros(x.shape[:2]))
+    x, c = clustered_near_ties(1)
+    with dispatch.backend("reference"):
+        idx, _ = km.nearest_centroid(x, c)
+    agreement, worst_excess = agreement_with_truth(x, c, idx)
+    assert agreement < 0.9 and worst_excess > 1e-3

@@ -92,3 +92,23 @@ def test_select_rows_of_a_branched_weight():
     qw = lowrank.quantize_branched(w, branch, formats.Spec("int8"), torch.float32)
     rows = torch.tensor([0, 5, 17, 95])
     assert torch.allclose(qw.select_rows(rows).dequantize(torch.float32), qw.dequantize(torch.float32)[rows])
+
+
+def test_best_smoothing_picks_the_grid_alpha_with_the_best_layer_output():
+    """The searched factors are one grid alpha's, and no grid alpha gives a better output SQNR
+    of the full layer (branch + 4-bit residual) on the rows, computed here independently."""
+    w, x = outlier_layer(3)
+    absmax = x.abs().amax(0)
+    chosen = lowrank.best_smoothing(w, absmax, x, 16, "full", W4A4, torch.float32)
+
+    def layer_db(smooth):
+        branch, _ = lowrank.make_branch(w, 16, smooth, "full")
+        y = lowrank.quantize_branched(w, branch, W4A4, torch.float32).linear(x, None)
+        return sqnr_db(x @ w.t(), y.float())
+
+    grid = {a: calibrate.smoothing_factors(absmax, w, a) for a in lowrank.ALPHA_GRID}
+    picked = [a for a, s in grid.items() if torch.equal(s, chosen)]
+    assert len(picked) == 1
+    scores = {a: layer_db(s) for a, s in grid.items()}
+    assert scores[picked[0]] >= max(scores.values()) - 1e-6
+    assert scores[picked[0]] > min(scores.values())   # the grid matters on this layer

@@ -48,7 +48,7 @@ def test_smoothed_and_4bit_layers_are_marked_private(tmp_path):
 
 
 @pytest.mark.parametrize("fmt,smooth", [("int8", False), ("int8", True), ("int4", False), ("w4a8", False),
-                                        ("nvfp4", False), ("mxfp4", False), ("fp8_e4m3", False)])
+                                        ("nvfp4", False), ("nvfp4_w4a4", True), ("mxfp4", False), ("fp8_e4m3", False)])
 def test_roundtrip_is_exact(tmp_path, fmt, smooth):
     st = state(fmt, smooth)
     path, _, _ = write(tmp_path, st)

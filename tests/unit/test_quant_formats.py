@@ -191,7 +191,7 @@ def test_problems_are_reported():
         formats.get("int3")
 
 
-@pytest.mark.parametrize("name", ["w4a8", "w4a4"])
+@pytest.mark.parametrize("name", ["w4a8", "w4a4", "nvfp4_w4a4"])
 def test_weight_only_layers_of_activation_quantizing_formats(name):
     # Modulation layers are quantized weight-only (act_quant False): a dequantized matmul, with
     # and without a low-rank branch (w4a4 recursed forever here once).
@@ -205,3 +205,50 @@ def test_weight_only_layers_of_activation_quantizing_formats(name):
     down, up = torch.randn(256, 4, generator=g), torch.randn(4, w.shape[0], generator=g)
     with_branch = fmt.linear_with_branch(x, parts, tuple(w.shape), s, None, None, down, up)
     assert torch.allclose(with_branch, expected + (x @ down) @ up, atol=1e-4)
+
+
+def _nearest_grid(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The nearest of +-E2M1 * scale; a tie goes to the even code (magnitudes 0, 1, 2, 4)."""
+    grid = torch.cat([E2M1, -E2M1[1:]])
+    even = torch.tensor([i % 2 == 0 for i in range(8)] + [i % 2 == 0 for i in range(1, 8)])
+    candidates = grid * scale[..., None]
+    dist = (x[..., None] - candidates).abs()
+    nearest = dist <= dist.min(dim=-1, keepdim=True).values + 1e-6 * scale[..., None]   # ties up to rounding
+    pick = (nearest.float() * 2 + (nearest & even).float()).argmax(dim=-1, keepdim=True)
+    return candidates.gather(-1, pick).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_w4a4_rounds_activations_to_their_own_nvfp4_grid(dtype):
+    """Each token: an fp32 scale amax / (448 * 6), an e4m3 scale per block of 16 and the nearest
+    e2m1 value; the product with the NVFP4 weight is that of the decoded values."""
+    w = weight()
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(8))
+    x[:, 40] *= 30.0                      # an outlier channel
+    x[2] = 0.0                            # an all-zero token
+    x = x.to(dtype)
+    fmt, s = formats.get("nvfp4_w4a4"), spec("nvfp4_w4a4")
+    parts = fmt.quantize(w, s)
+    bias = torch.randn(48)
+    token = (x.float().abs().amax(dim=1) / (448 * 6)).clamp(min=1e-30)
+    xb = x.float().reshape(7, 16, 16)
+    block = (xb.abs().amax(-1) / 6 / token[:, None]).to(torch.float8_e4m3fn).float() * token[:, None]
+    xq = _nearest_grid(xb, block[..., None].expand_as(xb)).reshape(7, 256)
+    expected = xq @ fmt.dequantize(parts, w.shape, s, torch.float32).t() + bias
+    got = fmt.linear(x, parts, tuple(w.shape), s, bias.to(dtype))
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    assert torch.allclose(got[2].float(), bias, rtol=tol, atol=tol)
+    # activations are quantized (not the W4A16 product) and the result still approximates x @ w^T
+    w4a16 = formats.get("nvfp4").linear(x.float(), parts, tuple(w.shape), s, bias)
+    assert not torch.allclose(got.float(), w4a16, atol=1e-3)
+    exact = x.float() @ w.t() + bias
+    assert (got.float() - exact).norm() / exact.norm() < 0.2
+
+
+def test_activation_labels():
+    from comfyui_accel.quant.model import act_label
+    assert act_label(spec("nvfp4_w4a4")) == "fp4" and act_label(spec("w4a4")) == "int4"
+    assert act_label(spec("fp8_e4m3")) == "fp8" and act_label(spec("w4a8")) == "int8"
+    assert act_label(spec("nvfp4")) == "float" and act_label(Spec("nvfp4_w4a4", None, False)) == "float"

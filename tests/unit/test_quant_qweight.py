@@ -71,7 +71,7 @@ def test_flatten_exposes_packed_tensors():
     assert torch.equal(back.dequantize(), qw.dequantize())
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "w4a8", "nvfp4", "mxfp4", "fp8_e4m3"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "w4a8", "nvfp4", "nvfp4_w4a4", "mxfp4", "fp8_e4m3"])
 def test_quantlinear_matches_float_linear_closely(fmt):
     w, qw = make(fmt)
     bias = torch.randn(32)
@@ -153,7 +153,7 @@ def test_deepcopy_of_layer():
     assert torch.equal(layer(x), other(x))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "w4a8", "nvfp4", "mxfp4", "fp8_e4m3"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "w4a8", "nvfp4", "nvfp4_w4a4", "mxfp4", "fp8_e4m3"])
 def test_select_rows_is_those_rows_of_the_layer(fmt):
     smooth = torch.rand(128) + 0.5 if fmt == "int8" else None
     w, qw = make(fmt, n=128, k=128, smooth=smooth)  # N == K: the [K] smoothing factors must not be sliced
