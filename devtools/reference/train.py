@@ -191,7 +191,7 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
     report["compiled"] = compile and spec.family in _COMPILE
     if report["compiled"]:
         base.diffusion_model.compile()
-    start, window = time.perf_counter(), []
+    start, cpu_start, window = time.perf_counter(), time.process_time(), []
     for step in range(steps):
         pixels, captions = batch(name, SEED, step, spec.batch)
         g = data.generator(SEED, f"noise:{step}")
@@ -215,6 +215,10 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
                      opt.param_groups[0]["lr"], elapsed, _load())
             window = []
     report["seconds"] = round(time.perf_counter() - start, 1)
+    # CPU time of the training loop (in-process compilation included, the C++ compiler's
+    # subprocesses not): about what the run takes on an idle core, whatever else the machine was
+    # doing (with one thread the process uses one core at most).
+    report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / spec.filename
     with torch.no_grad():

@@ -79,6 +79,28 @@ def test_a_few_sampling_steps_give_finite_pictures(comfy, models, name):
 
 
 @pytest.mark.parametrize("name", list(ref.MODELS))
+def test_one_sampler_step_makes_the_call_training_makes(comfy, models, name):
+    # One euler step from sigma 1 to 0 returns the model's x0 prediction at sigma 1. Training
+    # (train.flow_matching_loss) calls BaseModel.apply_model on model-space latents with the
+    # embedded captions; KSampler must hand the model the same timestep, latent and conditioning.
+    import comfy.latent_formats
+    import comfy.sample
+    spec = ref.reference_spec(name)
+    model = models[name]
+    latent = ref.empty_latent(name)["samples"]
+    noise = comfy.sample.prepare_noise(latent, 7)
+    out = comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", ref.make_conditioning(name, 1),
+                              ref.make_conditioning(name, ""), latent, disable_pbar=True, seed=7)
+    context, pooled = ref.embed_captions([ref.caption(name, 1)], spec.family_spec.context_dim)
+    extra = {"y": pooled} if spec.family_spec.pooled_dim is not None else {}
+    with torch.no_grad():
+        x0 = model.model.apply_model(noise, torch.ones(1), c_crossattn=context, **extra)
+    fmt = getattr(comfy.latent_formats, spec.family_spec.latent_format)()
+    assert x0.abs().mean() > 0.1
+    assert (fmt.process_in(out) - x0).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(ref.MODELS))
 def test_trained_model_denoises_held_out_data_better_than_untrained(comfy, models, name):
     trained = train.heldout_loss(models[name], name, n=8, rounds=1)
     untrained = train.heldout_loss(train.untrained_model(name), name, n=8, rounds=1)
