@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TEXT_TOKENS = 8
 POOLED_DIM = 768
+REFERENCE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,6 @@ class ReferenceSpec:
     steps: int
     lr: float
     ema: float                   # decay of the weights' moving average that is saved
-    version: int                 # of the recipe (data, latents, training); in the weights' fingerprint
 
     @property
     def filename(self) -> str:
@@ -100,14 +100,14 @@ MODELS: dict[str, ReferenceSpec] = {
         width=data.VIDEO_SIZE, height=data.VIDEO_SIZE, length=data.VIDEO_FRAMES,
         prompts=("red circle moving right", "blue square moving down", "yellow triangle moving left",
                  "green square moving up"),
-        batch=8, steps=2000, lr=1e-3, ema=0.998, version=3),
+        batch=8, steps=2000, lr=1e-3, ema=0.998),
     "ref_flux": ReferenceSpec(
         name="ref_flux", family="flux", model_config="Flux",
         unet_config=_flux_config(192, 3, 1, 2), kind="image",
         width=data.IMAGE_SIZE, height=data.IMAGE_SIZE, length=1,
         prompts=("red circle", "blue square", "yellow triangle", "stripes", "checkerboard", "astronaut photo",
                  "cat photo", "flower photo"),
-        batch=16, steps=2500, lr=1e-3, ema=0.998, version=2),
+        batch=16, steps=2500, lr=1e-3, ema=0.998),
 }
 
 
@@ -203,14 +203,11 @@ def decode(name: str, latent):
 def fingerprint(name: str) -> str:
     """What the weights depend on; stored in the file's metadata."""
     spec = reference_spec(name)
-    recipe = {"version": spec.version, "name": name, "config": spec.unet_config,
-              "kind": spec.kind, "size": [spec.width, spec.height, spec.length], "batch": spec.batch,
-              "steps": spec.steps, "lr": spec.lr, "latent_gain": autoencoder.LATENT_GAIN, "ema": spec.ema,
-              "text_tokens": TEXT_TOKENS}
-    if spec.kind == "video":
-        recipe["video"] = {"motion": data.MOTION, "radius": data.VIDEO_RADIUS, "directions": list(data.DIRECTIONS),
-                           "backgrounds": data.VIDEO_BACKGROUNDS}
-    return json.dumps(recipe, sort_keys=True, default=str)
+    return json.dumps({"version": REFERENCE_VERSION, "name": name, "config": spec.unet_config,
+                       "kind": spec.kind, "size": [spec.width, spec.height, spec.length], "batch": spec.batch,
+                       "steps": spec.steps, "lr": spec.lr, "latent_gain": autoencoder.LATENT_GAIN,
+                       "ema": spec.ema,
+                       "text_tokens": TEXT_TOKENS}, sort_keys=True, default=str)
 
 
 def model_config(name: str):

@@ -28,9 +28,6 @@ COLOURS = {"red": (0.90, 0.12, 0.10), "green": (0.12, 0.78, 0.22), "blue": (0.15
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 TEXTURES = ("stripes", "checkerboard")
-VIDEO_BACKGROUNDS = (0.5, 0.25, 0.25)   # shares of plain, graded and scrolling-stripes backgrounds
-MOTION = (2.0, 3.5)      # pixels a video's shape moves per frame (uniform in this range)
-VIDEO_RADIUS = (0.16, 0.26)   # a video shape's half-size, as a share of the frame side (uniform)
 # caption word -> (package, name): skimage.data.<name>() or sklearn's load_sample_image(<name>)
 PHOTOS = {"astronaut": ("skimage", "astronaut"), "coffee": ("skimage", "coffee"), "cat": ("skimage", "chelsea"),
           "rocket": ("skimage", "rocket"), "temple": ("sklearn", "china.jpg"), "flower": ("sklearn", "flower.jpg")}
@@ -208,13 +205,13 @@ def video_batch(seed: int, index: int, n: int, size: int = VIDEO_SIZE,
     u = (x * torch.cos(theta) + y * torch.sin(theta) + speed * t) / period      # (n, T, H, W)
     s = (torch.sin(2 * math.pi * u) * 2).clamp(-1, 1)[:, None] * 0.5 + 0.5      # (n, 1, T, H, W)
     scrolling = a[:, :, None, None, None] * s + b[:, :, None, None, None] * (1 - s)
-    bg_kind = torch.multinomial(torch.tensor(VIDEO_BACKGROUNDS), n, replacement=True, generator=g)
+    bg_kind = torch.multinomial(torch.tensor([0.5, 0.25, 0.25]), n, replacement=True, generator=g)
     still = torch.where((bg_kind == 0)[:, None, None, None], plain, graded)[:, :, None].expand(-1, -1, frames, -1, -1)
     background = torch.where((bg_kind == 2)[:, None, None, None, None], scrolling, still)
     # One shape moving in a straight line and rotating.
     shape, colour, direction = _pick(g, n, len(SHAPES)), _pick(g, n, len(COLOURS)), _pick(g, n, len(DIRECTIONS))
-    r = _uniform(g, n, size * VIDEO_RADIUS[0], size * VIDEO_RADIUS[1])
-    step = _uniform(g, n, *MOTION)
+    r = _uniform(g, n, size * 0.16, size * 0.26)
+    step = _uniform(g, n, 2.0, 3.5)
     travel = step * (frames - 1)
     vx, vy = torch.tensor(list(DIRECTIONS.values()))[direction].unbind(-1)
     # start so the whole path stays inside the frame

@@ -164,29 +164,13 @@ def _update_ema(ema: list, params: list, decay: float) -> None:
     torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
 
 
-def _save(base, params: list, weights: list, path: Path, name: str) -> None:
-    """Write the model with ``weights`` in place of ``params`` as float16 safetensors."""
-    sd = dict(base.diffusion_model.state_dict())
-    for (key, p), w in zip(base.diffusion_model.named_parameters(), weights):
-        sd[key] = w
-    sd = {k: v.detach().to(torch.float16) for k, v in sd.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fixtures._save_safetensors(sd, tmp, {"accel_reference": fingerprint(name),
-                                         "accel_params": str(sum(p.numel() for p in params))})
-    os.replace(tmp, path)
-
-
 def _load() -> float:
     return os.getloadavg()[0]
 
 
 def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_every: int = 25,
-          compile: bool = True, checkpoint_every: int = 0) -> dict:
-    """Train one reference model; writes ``<out_dir>/<spec.filename>``; returns a report dict.
-
-    ``checkpoint_every``: also write the moving average every that many steps
-    (``<stem>.step<N>.safetensors``), to sample a run before it ends.
-    """
+          compile: bool = True) -> dict:
+    """Train one reference model; writes ``<out_dir>/<spec.filename>``; returns a report dict."""
     spec = reference_spec(name)
     steps = steps or spec.steps
     out_dir = Path(out_dir or spec.path.parent)
@@ -230,9 +214,6 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
             log.info("%s step %d/%d loss %.4f lr %.2e %.0fs (load %.1f)", name, step + 1, steps, mean,
                      opt.param_groups[0]["lr"], elapsed, _load())
             window = []
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _save(base, params, ema, out_dir / f"{Path(spec.filename).stem}.step{step + 1}.safetensors", name)
     report["seconds"] = round(time.perf_counter() - start, 1)
     # CPU time of the training loop (in-process compilation included, the C++ compiler's
     # subprocesses not): about what the run takes on an idle core, whatever else the machine was
@@ -240,7 +221,13 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
     report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / spec.filename
-    _save(base, params, ema, path, name)     # the saved weights are the moving average
+    with torch.no_grad():
+        for p, avg in zip(params, ema):
+            p.copy_(avg)                   # the saved weights are the moving average
+    sd = {k: v.detach().to(torch.float16) for k, v in base.diffusion_model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fixtures._save_safetensors(sd, tmp, {"accel_reference": fingerprint(name), "accel_params": str(report["params"])})
+    os.replace(tmp, path)
     report["path"] = str(path)
     report["bytes"] = path.stat().st_size
     # Measured on the saved file as ComfyUI loads it (float16 weights, stock loader for Wan).
@@ -257,8 +244,6 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="override the spec's number of steps (for trials)")
     parser.add_argument("--out", type=Path, help="folder for the weights (default: the committed weights folder)")
     parser.add_argument("--no-compile", action="store_true", help="train eagerly (no C++ compiler needed)")
-    parser.add_argument("--checkpoint-every", type=int, default=0,
-                        help="also write the weights' moving average every N steps (to sample a run early)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the committed weights were trained with 1; on a machine "
                              "shared with other jobs, more threads wait on each other)")
@@ -269,8 +254,7 @@ def main(argv=None) -> None:
     fixtures._comfy()
     args.report.mkdir(parents=True, exist_ok=True)
     for name in args.model or list(MODELS):
-        report = train(name, args.steps, args.out, compile=not args.no_compile,
-                       checkpoint_every=args.checkpoint_every)
+        report = train(name, args.steps, args.out, compile=not args.no_compile)
         (args.report / f"train_{name}.json").write_text(json.dumps(report, indent=1))
 
 
