@@ -9,7 +9,12 @@ model sampling): ``x_sigma = (1 - sigma) x0 + sigma noise``; the model, called t
 latent space), returns the denoised ``x0``, and the loss is the squared error of the implied
 velocity ``(x_sigma - x0_hat) / sigma`` against ``noise - x0``. Sigmas are drawn the way the
 stock schedulers spend their steps (``t`` uniform, then the model's own shift: 8 for Wan,
-1.15 for Flux), plus a share drawn uniformly so the low-noise end is learnt too.
+1.15 for Flux), plus a share drawn uniformly so the low-noise end is learnt too. For video,
+``ReferenceSpec.frame_noise`` of the clips get one noise level per frame instead ("diffusion
+forcing"): predicting a noisy frame from a cleaner one is what teaches the model motion.
+ComfyUI's Wan takes per-frame timesteps (Wan 2.2 uses them); those clips call the diffusion
+model directly with ``model_sampling.timestep`` per frame, which for equal levels is exactly
+``apply_model``'s call.
 AdamW with a linear warm-up and cosine decay; the saved weights are an exponential moving
 average of the trained ones (``ReferenceSpec.ema``), which samples much cleaner than the
 last step's weights after a short training.
@@ -115,27 +120,54 @@ def _same(t):
     return t
 
 
+def _sigmas(ms, shape, g: torch.Generator) -> torch.Tensor:
+    """Noise levels spaced as the scheduler spends its steps, a share of them uniform."""
+    u = torch.rand(shape, generator=g).clamp(1e-3, 1.0)
+    shifted = ms.sigma(ms.timestep(u))                       # the scheduler's spacing: shift(t), t uniform
+    return torch.where(torch.rand(shape, generator=g) < UNIFORM_SIGMA, u, shifted).float()
+
+
+def denoise(base_model, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
+    """The model's x0 prediction as a sampler gets it; ``sigma`` (B,) or, for video, (B, T) per frame.
+
+    Per-frame levels call the diffusion model with per-frame timesteps, what ``apply_model`` does for
+    Wan (CONST sampling, no extra conditions) except that it reshapes one level per sample.
+    """
+    options = {"optimized_attention_override": _sdpa}
+    if sigma.ndim == 1:
+        return base_model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **extra)
+    timestep = base_model.model_sampling.timestep(sigma).float()
+    velocity = base_model.diffusion_model(x_t, timestep, context=context, transformer_options=options, **extra)
+    return x_t - velocity.float() * sigma.view(*sigma.shape[:1], 1, *sigma.shape[1:], 1, 1)
+
+
 def flow_matching_loss(base_model, name: str, pixels: torch.Tensor, captions: list[str],
-                       g: torch.Generator) -> torch.Tensor:
-    """Rectified-flow loss of a ComfyUI ``BaseModel`` on one batch (noise and sigmas from ``g``)."""
+                       g: torch.Generator, frame_noise: float = 0.0) -> torch.Tensor:
+    """Rectified-flow loss of a ComfyUI ``BaseModel`` on one batch (noise and sigmas from ``g``).
+
+    ``frame_noise``: share of video clips noised with one level per frame.
+    """
     spec = reference_spec(name)
     fam = spec.family_spec
     x0 = autoencoder.to_model_space(pixels)                 # what the model sees after process_in
     n = x0.shape[0]
-    u = torch.rand(n, generator=g).clamp(1e-3, 1.0)
     ms = base_model.model_sampling
-    shifted = ms.sigma(ms.timestep(u))                       # the scheduler's spacing: shift(t), t uniform
-    sigma = torch.where(torch.rand(n, generator=g) < UNIFORM_SIGMA, u, shifted).float()
+    sigma = _sigmas(ms, (n,), g)
     noise = torch.randn(x0.shape, generator=g)
     s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    per_frame = None
+    if frame_noise > 0:
+        frames = x0.shape[2]
+        own = torch.rand(n, generator=g) < frame_noise
+        per_frame = torch.where(own[:, None], _sigmas(ms, (n, frames), g), sigma[:, None].expand(n, frames))
+        s = per_frame.view(n, 1, frames, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     context, pooled = embed_captions(captions, fam.context_dim)
     extra = {"y": pooled} if fam.pooled_dim is not None else {}
-    options = {"optimized_attention_override": _sdpa}
     copies = spec.family in _INPLACE_RESIDUALS and torch.is_grad_enabled()
     with torch.autograd.graph.saved_tensors_hooks(_keep_copy if copies else _same, _same), \
             torch.autocast("cpu", dtype=torch.bfloat16):
-        denoised = base_model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **extra)
+        denoised = denoise(base_model, x_t, sigma if per_frame is None else per_frame, context, **extra)
     v_pred = (x_t - denoised.float()) / s
     return torch.nn.functional.mse_loss(v_pred, noise - x0)
 
@@ -169,8 +201,12 @@ def _load() -> float:
 
 
 def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_every: int = 25,
-          compile: bool = True) -> dict:
-    """Train one reference model; writes ``<out_dir>/<spec.filename>``; returns a report dict."""
+          compile: bool = True, check=None, check_every: int = 500) -> dict:
+    """Train one reference model; writes ``<out_dir>/<spec.filename>``; returns a report dict.
+
+    ``check(step, ema_state_dict)``, if given, is called every ``check_every`` steps (to score
+    samples of the weights that would be saved; it does not change the training).
+    """
     spec = reference_spec(name)
     steps = steps or spec.steps
     out_dir = Path(out_dir or spec.path.parent)
@@ -199,7 +235,7 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, spec.lr)
-        loss = flow_matching_loss(base, name, pixels, captions, g)
+        loss = flow_matching_loss(base, name, pixels, captions, g, spec.frame_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -214,6 +250,9 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
             log.info("%s step %d/%d loss %.4f lr %.2e %.0fs (load %.1f)", name, step + 1, steps, mean,
                      opt.param_groups[0]["lr"], elapsed, _load())
             window = []
+        if check is not None and (step + 1) % check_every == 0:
+            names = [k for k, _ in base.diffusion_model.named_parameters()]
+            check(step + 1, {k: e.detach().clone() for k, e in zip(names, ema)})
     report["seconds"] = round(time.perf_counter() - start, 1)
     # CPU time of the training loop (in-process compilation included, the C++ compiler's
     # subprocesses not): about what the run takes on an idle core, whatever else the machine was
