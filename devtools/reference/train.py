@@ -1,6 +1,6 @@
 """Train the reference models with rectified flow, deterministically, on the CPU.
 
-    python -m comfyui_accel.devtools.reference.train                 # both models
+    python -m comfyui_accel.devtools.reference.train                 # both models, one core each
     python -m comfyui_accel.devtools.reference.train --model ref_flux --steps 200 --out /tmp/w
 
 The objective is the one ComfyUI's samplers assume for these families (``CONST``
@@ -201,12 +201,8 @@ def _load() -> float:
 
 
 def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_every: int = 25,
-          compile: bool = True, check=None, check_every: int = 500) -> dict:
-    """Train one reference model; writes ``<out_dir>/<spec.filename>``; returns a report dict.
-
-    ``check(step, ema_state_dict)``, if given, is called every ``check_every`` steps (to score
-    samples of the weights that would be saved; it does not change the training).
-    """
+          compile: bool = True) -> dict:
+    """Train one reference model; writes ``<out_dir>/<spec.filename>``; returns a report dict."""
     spec = reference_spec(name)
     steps = steps or spec.steps
     out_dir = Path(out_dir or spec.path.parent)
@@ -250,9 +246,6 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
             log.info("%s step %d/%d loss %.4f lr %.2e %.0fs (load %.1f)", name, step + 1, steps, mean,
                      opt.param_groups[0]["lr"], elapsed, _load())
             window = []
-        if check is not None and (step + 1) % check_every == 0:
-            names = [k for k, _ in base.diffusion_model.named_parameters()]
-            check(step + 1, {k: e.detach().clone() for k, e in zip(names, ema)})
     report["seconds"] = round(time.perf_counter() - start, 1)
     # CPU time of the training loop (in-process compilation included, the C++ compiler's
     # subprocesses not): about what the run takes on an idle core, whatever else the machine was
@@ -277,6 +270,14 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
     return report
 
 
+def _train_and_report(name: str, args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    fixtures._comfy()
+    report = train(name, args.steps, args.out, compile=not args.no_compile)
+    (args.report / f"train_{name}.json").write_text(json.dumps(report, indent=1))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", choices=list(MODELS), help="model(s) to train (default: all)")
@@ -284,17 +285,24 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="folder for the weights (default: the committed weights folder)")
     parser.add_argument("--no-compile", action="store_true", help="train eagerly (no C++ compiler needed)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the committed weights were trained with 1; on a machine "
-                             "shared with other jobs, more threads wait on each other)")
+                        help="torch threads per model (default 1: the committed weights were trained with 1; "
+                             "more threads per process mostly wait on each other at these sizes)")
+    parser.add_argument("--jobs", type=int, default=min(len(MODELS), os.cpu_count() or 1),
+                        help="models trained at the same time, one process each (default: one per core)")
     parser.add_argument("--report", type=Path, default=Path("out/reference"), help="folder for the JSON reports")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    fixtures._comfy()
     args.report.mkdir(parents=True, exist_ok=True)
-    for name in args.model or list(MODELS):
-        report = train(name, args.steps, args.out, compile=not args.no_compile)
-        (args.report / f"train_{name}.json").write_text(json.dumps(report, indent=1))
+    names = args.model or list(MODELS)
+    if args.jobs <= 1 or len(names) == 1:
+        for name in names:
+            _train_and_report(name, args)
+        return
+    # Both models at once, one core each: about as long as the longer one (ref_wan21, ~16 min).
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in [pool.submit(_train_and_report, name, args) for name in names]:
+            done.result()
 
 
 if __name__ == "__main__":

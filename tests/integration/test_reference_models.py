@@ -102,7 +102,7 @@ def test_one_sampler_step_makes_the_call_training_makes(comfy, models, name):
 
 
 def test_per_frame_noise_levels_reach_each_frame(comfy, models):
-    # Training noises half the Wan clips with one level per frame (train.denoise with (B, T) sigmas).
+    # Training noises most Wan clips with one level per frame (train.denoise with (B, T) sigmas).
     # Equal levels must be exactly the sampler's apply_model call, and a frame's own level must
     # act on that frame: a clean first frame changes the first frame's prediction most.
     base = models["ref_wan21"].model
