@@ -10,7 +10,7 @@ name       architecture                                  loaded by
 ========== ============================================ ===========================
 ref_wan21  Wan 2.1 t2v (``WAN21_T2V``): dim 256 (2 heads   ``UNETLoader`` from the file
            of 128), 3 layers, ffn 384; 4-frame 32x32       (stock detection)
-           videos of moving shapes
+           videos of shapes moving right
 ref_flux   Flux (``supported_models.Flux``, no guidance     in-process
            embedding): hidden 192 (3 heads of 64), 1        (``AccelTestFluxLoader``)
            double + 2 single blocks; 32x32 images
@@ -67,6 +67,7 @@ class ReferenceSpec:
     steps: int
     lr: float
     ema: float                   # decay of the weights' moving average that is saved
+    frame_noise: float = 0.0     # share of video clips noised per frame (train.flow_matching_loss)
 
     @property
     def filename(self) -> str:
@@ -98,9 +99,9 @@ MODELS: dict[str, ReferenceSpec] = {
         name="ref_wan21", family="wan21", model_config="WAN21_T2V",
         unet_config=fixtures._wan(256, 3, 384), kind="video",
         width=data.VIDEO_SIZE, height=data.VIDEO_SIZE, length=data.VIDEO_FRAMES,
-        prompts=("red circle moving right", "blue square moving down", "yellow triangle moving left",
-                 "green square moving up"),
-        batch=8, steps=2000, lr=1e-3, ema=0.998),
+        prompts=("red circle moving right", "blue square moving right", "yellow triangle moving right",
+                 "green square moving right"),
+        batch=8, steps=5000, lr=1e-3, ema=0.998, frame_noise=0.75),
     "ref_flux": ReferenceSpec(
         name="ref_flux", family="flux", model_config="Flux",
         unet_config=_flux_config(192, 3, 1, 2), kind="image",
@@ -206,8 +207,10 @@ def fingerprint(name: str) -> str:
     return json.dumps({"version": REFERENCE_VERSION, "name": name, "config": spec.unet_config,
                        "kind": spec.kind, "size": [spec.width, spec.height, spec.length], "batch": spec.batch,
                        "steps": spec.steps, "lr": spec.lr, "latent_gain": autoencoder.LATENT_GAIN,
-                       "ema": spec.ema,
-                       "text_tokens": TEXT_TOKENS}, sort_keys=True, default=str)
+                       "ema": spec.ema, "text_tokens": TEXT_TOKENS,
+                       **({"video": {"directions": data.VIDEO_DIRECTIONS, "step": data.VIDEO_STEP,
+                                     "frame_noise": spec.frame_noise}} if spec.kind == "video" else {})},
+                      sort_keys=True, default=str)
 
 
 def model_config(name: str):

@@ -4,7 +4,8 @@ Images (32x32): one coloured shape on a plain or graded background ("red circle"
 procedural texture ("stripes", "checkerboard"), or a crop of one of the sample photographs
 that scikit-image and scikit-learn ship ("astronaut photo").
 Videos (4 frames of 32x32): one coloured shape moving in a straight line, rotating, on a
-plain, graded or scrolling-stripes background ("red square moving left").
+plain, graded or scrolling-stripes background ("red square moving right"). The clips move in
+``VIDEO_DIRECTIONS`` only, at ``VIDEO_STEP`` pixels per frame (see there).
 
 Every batch is a pure function of ``(seed, index)``: one ``torch.Generator`` per batch,
 vectorised rendering, no global random state. Pixels are ``float32`` in [0, 1]; captions
@@ -27,6 +28,12 @@ COLOURS = {"red": (0.90, 0.12, 0.10), "green": (0.12, 0.78, 0.22), "blue": (0.15
            "yellow": (0.96, 0.85, 0.12)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+# What the video clips do. One direction, one latent token (4 pixels) per frame: the Wan
+# reference has only relative (rotary) positions, so motion is an attention offset it must learn,
+# and in its 20-minute budget it learnt one whole-token offset but never used the direction word
+# to choose between four (docs/reference_models.md, rounds 3-4).
+VIDEO_DIRECTIONS = ("right",)
+VIDEO_STEP = 4.0
 TEXTURES = ("stripes", "checkerboard")
 # caption word -> (package, name): skimage.data.<name>() or sklearn's load_sample_image(<name>)
 PHOTOS = {"astronaut": ("skimage", "astronaut"), "coffee": ("skimage", "coffee"), "cat": ("skimage", "chelsea"),
@@ -209,9 +216,12 @@ def video_batch(seed: int, index: int, n: int, size: int = VIDEO_SIZE,
     still = torch.where((bg_kind == 0)[:, None, None, None], plain, graded)[:, :, None].expand(-1, -1, frames, -1, -1)
     background = torch.where((bg_kind == 2)[:, None, None, None, None], scrolling, still)
     # One shape moving in a straight line and rotating.
-    shape, colour, direction = _pick(g, n, len(SHAPES)), _pick(g, n, len(COLOURS)), _pick(g, n, len(DIRECTIONS))
+    names = list(DIRECTIONS)
+    moves = torch.tensor([names.index(d) for d in VIDEO_DIRECTIONS])
+    shape, colour = _pick(g, n, len(SHAPES)), _pick(g, n, len(COLOURS))
+    direction = moves[_pick(g, n, len(moves))]
     r = _uniform(g, n, size * 0.16, size * 0.26)
-    step = _uniform(g, n, 2.0, 3.5)
+    step = torch.full((n,), VIDEO_STEP)
     travel = step * (frames - 1)
     vx, vy = torch.tensor(list(DIRECTIONS.values()))[direction].unbind(-1)
     # start so the whole path stays inside the frame
@@ -227,6 +237,5 @@ def video_batch(seed: int, index: int, n: int, size: int = VIDEO_SIZE,
     alpha = _shape_alpha(view(shape), view(x0) + view(vx * step) * t, view(y0) + view(vy * step) * t, view(r),
                          view(angle0) + view(spin) * t, size)[:, None]          # (n, 1, T, H, W)
     pixels = background * (1 - alpha) + _named(g, colour)[:, :, None, None, None] * alpha
-    names = list(DIRECTIONS)
     captions = [f"{list(COLOURS)[colour[i]]} {SHAPES[shape[i]]} moving {names[direction[i]]}" for i in range(n)]
     return pixels.contiguous(), captions

@@ -1,6 +1,6 @@
 """Train the reference models with rectified flow, deterministically, on the CPU.
 
-    python -m comfyui_accel.devtools.reference.train                 # both models
+    python -m comfyui_accel.devtools.reference.train                 # both models, one core each
     python -m comfyui_accel.devtools.reference.train --model ref_flux --steps 200 --out /tmp/w
 
 The objective is the one ComfyUI's samplers assume for these families (``CONST``
@@ -9,7 +9,12 @@ model sampling): ``x_sigma = (1 - sigma) x0 + sigma noise``; the model, called t
 latent space), returns the denoised ``x0``, and the loss is the squared error of the implied
 velocity ``(x_sigma - x0_hat) / sigma`` against ``noise - x0``. Sigmas are drawn the way the
 stock schedulers spend their steps (``t`` uniform, then the model's own shift: 8 for Wan,
-1.15 for Flux), plus a share drawn uniformly so the low-noise end is learnt too.
+1.15 for Flux), plus a share drawn uniformly so the low-noise end is learnt too. For video,
+``ReferenceSpec.frame_noise`` of the clips get one noise level per frame instead ("diffusion
+forcing"): predicting a noisy frame from a cleaner one is what teaches the model motion.
+ComfyUI's Wan takes per-frame timesteps (Wan 2.2 uses them); those clips call the diffusion
+model directly with ``model_sampling.timestep`` per frame, which for equal levels is exactly
+``apply_model``'s call.
 AdamW with a linear warm-up and cosine decay; the saved weights are an exponential moving
 average of the trained ones (``ReferenceSpec.ema``), which samples much cleaner than the
 last step's weights after a short training.
@@ -115,27 +120,54 @@ def _same(t):
     return t
 
 
+def _sigmas(ms, shape, g: torch.Generator) -> torch.Tensor:
+    """Noise levels spaced as the scheduler spends its steps, a share of them uniform."""
+    u = torch.rand(shape, generator=g).clamp(1e-3, 1.0)
+    shifted = ms.sigma(ms.timestep(u))                       # the scheduler's spacing: shift(t), t uniform
+    return torch.where(torch.rand(shape, generator=g) < UNIFORM_SIGMA, u, shifted).float()
+
+
+def denoise(base_model, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
+    """The model's x0 prediction as a sampler gets it; ``sigma`` (B,) or, for video, (B, T) per frame.
+
+    Per-frame levels call the diffusion model with per-frame timesteps, what ``apply_model`` does for
+    Wan (CONST sampling, no extra conditions) except that it reshapes one level per sample.
+    """
+    options = {"optimized_attention_override": _sdpa}
+    if sigma.ndim == 1:
+        return base_model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **extra)
+    timestep = base_model.model_sampling.timestep(sigma).float()
+    velocity = base_model.diffusion_model(x_t, timestep, context=context, transformer_options=options, **extra)
+    return x_t - velocity.float() * sigma.view(*sigma.shape[:1], 1, *sigma.shape[1:], 1, 1)
+
+
 def flow_matching_loss(base_model, name: str, pixels: torch.Tensor, captions: list[str],
-                       g: torch.Generator) -> torch.Tensor:
-    """Rectified-flow loss of a ComfyUI ``BaseModel`` on one batch (noise and sigmas from ``g``)."""
+                       g: torch.Generator, frame_noise: float = 0.0) -> torch.Tensor:
+    """Rectified-flow loss of a ComfyUI ``BaseModel`` on one batch (noise and sigmas from ``g``).
+
+    ``frame_noise``: share of video clips noised with one level per frame.
+    """
     spec = reference_spec(name)
     fam = spec.family_spec
     x0 = autoencoder.to_model_space(pixels)                 # what the model sees after process_in
     n = x0.shape[0]
-    u = torch.rand(n, generator=g).clamp(1e-3, 1.0)
     ms = base_model.model_sampling
-    shifted = ms.sigma(ms.timestep(u))                       # the scheduler's spacing: shift(t), t uniform
-    sigma = torch.where(torch.rand(n, generator=g) < UNIFORM_SIGMA, u, shifted).float()
+    sigma = _sigmas(ms, (n,), g)
     noise = torch.randn(x0.shape, generator=g)
     s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    per_frame = None
+    if frame_noise > 0:
+        frames = x0.shape[2]
+        own = torch.rand(n, generator=g) < frame_noise
+        per_frame = torch.where(own[:, None], _sigmas(ms, (n, frames), g), sigma[:, None].expand(n, frames))
+        s = per_frame.view(n, 1, frames, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     context, pooled = embed_captions(captions, fam.context_dim)
     extra = {"y": pooled} if fam.pooled_dim is not None else {}
-    options = {"optimized_attention_override": _sdpa}
     copies = spec.family in _INPLACE_RESIDUALS and torch.is_grad_enabled()
     with torch.autograd.graph.saved_tensors_hooks(_keep_copy if copies else _same, _same), \
             torch.autocast("cpu", dtype=torch.bfloat16):
-        denoised = base_model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **extra)
+        denoised = denoise(base_model, x_t, sigma if per_frame is None else per_frame, context, **extra)
     v_pred = (x_t - denoised.float()) / s
     return torch.nn.functional.mse_loss(v_pred, noise - x0)
 
@@ -199,7 +231,7 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, spec.lr)
-        loss = flow_matching_loss(base, name, pixels, captions, g)
+        loss = flow_matching_loss(base, name, pixels, captions, g, spec.frame_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -238,6 +270,14 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None, log_
     return report
 
 
+def _train_and_report(name: str, args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    fixtures._comfy()
+    report = train(name, args.steps, args.out, compile=not args.no_compile)
+    (args.report / f"train_{name}.json").write_text(json.dumps(report, indent=1))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", choices=list(MODELS), help="model(s) to train (default: all)")
@@ -245,17 +285,24 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="folder for the weights (default: the committed weights folder)")
     parser.add_argument("--no-compile", action="store_true", help="train eagerly (no C++ compiler needed)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the committed weights were trained with 1; on a machine "
-                             "shared with other jobs, more threads wait on each other)")
+                        help="torch threads per model (default 1: the committed weights were trained with 1; "
+                             "more threads per process mostly wait on each other at these sizes)")
+    parser.add_argument("--jobs", type=int, default=min(len(MODELS), os.cpu_count() or 1),
+                        help="models trained at the same time, one process each (default: one per core)")
     parser.add_argument("--report", type=Path, default=Path("out/reference"), help="folder for the JSON reports")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    fixtures._comfy()
     args.report.mkdir(parents=True, exist_ok=True)
-    for name in args.model or list(MODELS):
-        report = train(name, args.steps, args.out, compile=not args.no_compile)
-        (args.report / f"train_{name}.json").write_text(json.dumps(report, indent=1))
+    names = args.model or list(MODELS)
+    if args.jobs <= 1 or len(names) == 1:
+        for name in names:
+            _train_and_report(name, args)
+        return
+    # Both models at once, one core each: about as long as the longer one (ref_wan21, ~16 min).
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in [pool.submit(_train_and_report, name, args) for name in names]:
+            done.result()
 
 
 if __name__ == "__main__":
