@@ -83,7 +83,7 @@ class AccelTestReferencePrompt(io.ComfyNode):
             display_name="Test Reference Prompt",
             category=CATEGORY,
             description=("CONDITIONING for a trained reference model from a caption such as \"red circle\" "
-                         "or \"blue square moving left\"; an empty caption is the negative prompt (test only)."),
+                         "or \"blue square moving right\"; an empty caption is the negative prompt (test only)."),
             inputs=[
                 io.Combo.Input("model", options=REFERENCE_NAMES, default=REFERENCE_NAMES[0]),
                 io.String.Input("caption", default="red circle moving right",
