@@ -127,6 +127,13 @@ def _sigmas(ms, shape, g: torch.Generator) -> torch.Tensor:
     return torch.where(torch.rand(shape, generator=g) < UNIFORM_SIGMA, u, shifted).float()
 
 
+def _broadcast(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Noise levels, one per sample (B,) or per frame (B, T), shaped against (B, C, [T,] H, W) latents."""
+    if sigma.ndim == 1:
+        return sigma.view(-1, *[1] * (ndim - 1))
+    return sigma.view(sigma.shape[0], 1, sigma.shape[1], 1, 1)
+
+
 def denoise(base_model, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
     """The model's x0 prediction as a sampler gets it; ``sigma`` (B,) or, for video, (B, T) per frame.
 
@@ -138,7 +145,7 @@ def denoise(base_model, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.T
         return base_model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **extra)
     timestep = base_model.model_sampling.timestep(sigma).float()
     velocity = base_model.diffusion_model(x_t, timestep, context=context, transformer_options=options, **extra)
-    return x_t - velocity.float() * sigma.view(*sigma.shape[:1], 1, *sigma.shape[1:], 1, 1)
+    return x_t - velocity.float() * _broadcast(sigma, x_t.ndim)
 
 
 def flow_matching_loss(base_model, name: str, pixels: torch.Tensor, captions: list[str],
@@ -154,20 +161,17 @@ def flow_matching_loss(base_model, name: str, pixels: torch.Tensor, captions: li
     ms = base_model.model_sampling
     sigma = _sigmas(ms, (n,), g)
     noise = torch.randn(x0.shape, generator=g)
-    s = sigma.view(-1, *[1] * (x0.ndim - 1))
-    per_frame = None
-    if frame_noise > 0:
-        frames = x0.shape[2]
+    if frame_noise > 0:                                      # these clips get one level per frame
         own = torch.rand(n, generator=g) < frame_noise
-        per_frame = torch.where(own[:, None], _sigmas(ms, (n, frames), g), sigma[:, None].expand(n, frames))
-        s = per_frame.view(n, 1, frames, 1, 1)
+        sigma = torch.where(own[:, None], _sigmas(ms, (n, x0.shape[2]), g), sigma[:, None])
+    s = _broadcast(sigma, x0.ndim)
     x_t = (1 - s) * x0 + s * noise
     context, pooled = embed_captions(captions, fam.context_dim)
     extra = {"y": pooled} if fam.pooled_dim is not None else {}
     copies = spec.family in _INPLACE_RESIDUALS and torch.is_grad_enabled()
     with torch.autograd.graph.saved_tensors_hooks(_keep_copy if copies else _same, _same), \
             torch.autocast("cpu", dtype=torch.bfloat16):
-        denoised = denoise(base_model, x_t, sigma if per_frame is None else per_frame, context, **extra)
+        denoised = denoise(base_model, x_t, sigma, context, **extra)
     v_pred = (x_t - denoised.float()) / s
     return torch.nn.functional.mse_loss(v_pred, noise - x0)
 
