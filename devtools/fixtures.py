@@ -432,11 +432,17 @@ def _comfy():
     import_comfy()
 
 
-def _model_config(family: str, size: str):
+def model_config(config_name: str, unet_config: dict):
+    """The ``comfy.supported_models`` config ``config_name`` for ``unet_config``, with the fields
+    this host requires and the config lacks filled in as its detection would (``compat``)."""
     _comfy()
     import comfy.supported_models
-    spec = family_spec(family)
-    return getattr(comfy.supported_models, spec.model_config)(dict(size_spec(family, size).unet_config))
+    from ..compat import complete_unet_config
+    return getattr(comfy.supported_models, config_name)(complete_unet_config(unet_config))
+
+
+def _model_config(family: str, size: str):
+    return model_config(family_spec(family).model_config, size_spec(family, size).unet_config)
 
 
 def _shapes(family: str, size: str) -> dict:

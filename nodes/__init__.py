@@ -4,8 +4,3 @@ ComfyUI's API is imported lazily so that ComfyUI-free helpers in this package
 (plots, report formatting) import and test without ComfyUI.
 """
 from __future__ import annotations
-
-
-async def comfy_entrypoint():
-    from .registry import AccelExtension
-    return AccelExtension()

@@ -227,10 +227,10 @@ class AccelCacheCalibrate(io.ComfyNode):
                                        "choice). 'auto' = modulated where the model has it."),
             ],
             outputs=[
-                PROFILE.Output("profile", tooltip="Connect to TeaCache's profile input."),
-                io.Latent.Output("latent", tooltip="The uncached result of the calibration run (a reference)."),
-                io.String.Output("report", tooltip="The fit, the threshold and the replayed schedule (text + JSON)."),
-                io.Image.Output("plot", tooltip="Measured output change against signal change, and the fit."),
+                PROFILE.Output("profile", display_name="profile", tooltip="Connect to TeaCache's profile input."),
+                io.Latent.Output("latent", display_name="latent", tooltip="The uncached result of the calibration run (a reference)."),
+                io.String.Output("report", display_name="report", tooltip="The fit, the threshold and the replayed schedule (text + JSON)."),
+                io.Image.Output("plot", display_name="plot", tooltip="Measured output change against signal change, and the fit."),
             ],
         )
 
@@ -304,8 +304,8 @@ class AccelCacheReport(io.ComfyNode):
                                                   "this node run after sampling."),
             ],
             outputs=[
-                io.String.Output("report", tooltip="The run's report as text, with the JSON at the end."),
-                io.Image.Output("plot", tooltip="Per step: computed or reused, accumulated signal and threshold."),
+                io.String.Output("report", display_name="report", tooltip="The run's report as text, with the JSON at the end."),
+                io.Image.Output("plot", display_name="plot", tooltip="Per step: computed or reused, accumulated signal and threshold."),
             ],
             is_output_node=True,
         )

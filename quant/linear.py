@@ -14,14 +14,17 @@ quantization reaches it (see ``comfy/model_patcher.py``):
   backed-up ``QuantWeight``, scales and all, because they are one object.
 - low VRAM: ModelPatcher sets ``comfy_cast_weights`` and puts a ``LowVramPatch`` in
   ``weight_function``; ``forward`` then moves the packed weight to the input's device and
-  runs those functions on it (``convert_weight`` dequantizes, ``set_weight`` repacks), so
-  the result equals the full-load path's.
+  runs those functions on it. On 0.3.75 the patch itself calls ``convert_weight``
+  (dequantize) and ``set_weight`` (repack); newer hosts hand it a float weight and use what
+  it returns, so there ``forward`` dequantizes before and repacks after (see ``compat``).
+  Either way the result equals the full-load path's.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .. import compat
 from .qweight import QuantWeight
 
 
@@ -46,11 +49,23 @@ class QuantLinear(torch.nn.Module):
             bias = bias.to(device=x.device, dtype=x.dtype)
             for f in self.bias_function:
                 bias = f(bias)
-        for f in self.weight_function:
-            weight = f(weight)
+        if self.weight_function:
+            weight = self._patched(weight)
         if isinstance(weight, QuantWeight):
             return weight.linear(x, bias)
         return F.linear(x, weight.to(x.dtype), bias)
+
+    def _patched(self, weight):
+        """The weight with the low-VRAM patches (a LoRA) applied, packed as the full load packs it."""
+        if compat.lowvram_patch_converts():
+            for f in self.weight_function:
+                weight = f(weight)
+            return weight
+        weight, key = self.convert_weight(weight), None
+        for f in self.weight_function:
+            weight, key = f(weight), key or getattr(f, "key", None)
+        seed = None if key is None else compat.string_to_seed(key)
+        return self.set_weight(weight, seed=seed, return_weight=True)
 
     # ComfyUI's weight protocol (get_key_weight looks these up by name).
     def convert_weight(self, weight, inplace=False, **kwargs):

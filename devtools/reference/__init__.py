@@ -214,10 +214,8 @@ def fingerprint(name: str) -> str:
 
 
 def model_config(name: str):
-    fixtures._comfy()
-    import comfy.supported_models
     spec = reference_spec(name)
-    return getattr(comfy.supported_models, spec.model_config)(dict(spec.unet_config))
+    return fixtures.model_config(spec.model_config, spec.unet_config)
 
 
 def load_weights(name: str, path: Path | None = None) -> dict:

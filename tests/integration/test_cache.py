@@ -60,9 +60,9 @@ def fixture_model(family: str, seed: int = 0):
     if family not in BUILT:
         return fixtures.load_model(family, "tiny", seed=seed)
     import comfy.model_patcher
-    import comfy.supported_models
+    from comfyui_accel.devtools import fixtures
     config_name, unet_config, *_ = BUILT[family]
-    config = getattr(comfy.supported_models, config_name)(dict(unet_config))
+    config = fixtures.model_config(config_name, unet_config)
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
     shapes = {k: tuple(v.shape) for k, v in base.diffusion_model.state_dict().items()}

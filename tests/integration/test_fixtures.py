@@ -42,15 +42,21 @@ def test_file_loads_through_the_stock_loader(comfy, models_dir, family):
 
 
 @pytest.mark.parametrize("family", IN_PROCESS_FAMILIES)
-def test_stock_detection_refuses_the_small_in_process_families(comfy, family):
-    # Documents why these are built in-process: detection fixes their width.
+def test_in_process_families_are_what_stock_detection_builds_where_it_accepts_them(comfy, family):
+    # Why these are built in-process: 0.3.75's detection fixes their width (flux, lumina2: the
+    # class refuses the shapes; sdxl: no config matches). Newer detection derives Flux's heads
+    # from the width and accepts the tiny file; then it must build the very model we build.
     import comfy.sd
     sd = fx.state_dict(family, "tiny")
-    try:  # flux, lumina2: the class refuses the shapes; sdxl: no config matches (None)
-        model = comfy.sd.load_diffusion_model_state_dict(sd)
+    try:
+        model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
     except Exception:
         model = None
-    assert model is None
+    if model is not None:
+        ours = fx.load_model(family, "tiny").model
+        assert type(model.model) is type(ours) and model.model.diffusion_model.params == ours.diffusion_model.params
+        theirs = model.model.diffusion_model.state_dict()
+        assert set(theirs) == set(sd) and all(torch.equal(theirs[k], sd[k]) for k in sd)
     assert fx.write_fixture(family, "tiny", "/nonexistent").path is None
 
 

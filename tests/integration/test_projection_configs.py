@@ -10,8 +10,7 @@ from comfyui_accel.devtools import fixtures as fx
 
 
 def _meta_params(comfy, model_config_name: str, config: dict) -> int:
-    import comfy.supported_models
-    model_config = getattr(comfy.supported_models, model_config_name)(dict(config))
+    model_config = fx.model_config(model_config_name, config)
     model_config.set_inference_dtype(torch.bfloat16, None)
     model = model_config.get_model({}, device=torch.device("meta"))
     return sum(v.numel() for v in model.diffusion_model.state_dict().values())
@@ -37,7 +36,8 @@ def _random(module):
 def test_flops_equal_a_flux_forward(comfy):
     import comfy.ops
     from comfy.ldm.flux.model import Flux
-    config = fx._flux(128, 1, 2)
+    from comfyui_accel.compat import complete_unet_config
+    config = complete_unet_config(fx._flux(128, 1, 2))
     config.pop("image_model")
     model = _random(Flux(operations=comfy.ops.disable_weight_init, **config))
     x, context, y = torch.randn(1, 16, 8, 8), torch.randn(1, 4, 4096), torch.randn(1, 768)
