@@ -1,5 +1,8 @@
 # ComfyUI-Accel developer commands. Each target sets up what it needs first.
-VENV ?= .venv
+# One environment per host ComfyUI, because hosts pin different frontend and kernel packages:
+# .venv for the bundled 0.3.75, .venv-comfyui-<version> for a COMFYUI_PATH tree.
+HOST_VERSION := $(if $(COMFYUI_PATH),$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' "$(COMFYUI_PATH)/comfyui_version.py" 2>/dev/null))
+VENV ?= $(if $(COMFYUI_PATH),.venv-comfyui-$(or $(HOST_VERSION),unknown),.venv)
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/.host/pkgroot
 export PYTHONUNBUFFERED := 1

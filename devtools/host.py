@@ -56,6 +56,35 @@ def comfyui_version(path: Path | None = None) -> str:
     return "unknown"
 
 
+def missing_requirements(root: Path) -> list[str]:
+    """The packages ComfyUI at ``root`` requires (its requirements.txt up to the non-essential
+    part) that this Python environment lacks."""
+    import importlib.metadata
+    import re
+    path = root / "requirements.txt"
+    missing = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        if line.strip().lower().startswith("#non essential"):
+            break
+        name = re.match(r"\s*([A-Za-z0-9_.\-]+)", line.split("#", 1)[0])
+        if not name:
+            continue
+        try:
+            importlib.metadata.version(name.group(1))
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name.group(1))
+    return missing
+
+
+def check_requirements(root: Path) -> None:
+    """Raise a one-sentence HostError when this environment lacks a package the host needs."""
+    missing = missing_requirements(root)
+    if missing:
+        fix = "make setup" if not os.environ.get("COMFYUI_PATH") else f"COMFYUI_PATH={root} make setup"
+        raise HostError(f"ComfyUI {comfyui_version(root)} at {root} needs {', '.join(missing)}, which the "
+                        f"environment {sys.prefix} lacks; run `{fix}` to install its requirements there.")
+
+
 _imported = False
 
 
@@ -69,6 +98,7 @@ def import_comfy() -> Path:
     root = comfyui_dir()
     if _imported:
         return root
+    check_requirements(root)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     import comfy.options
@@ -160,6 +190,7 @@ class ComfyServer:
             raise HostError(f"port {self.port} on 127.0.0.1 is already in use; stop what runs there "
                             "or choose another port (PORT=8190 make serve).")
         root = self.comfy_root or comfyui_dir()
+        check_requirements(root)
         self._prepare()
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"

