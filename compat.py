@@ -84,6 +84,34 @@ def lowvram_patch_converts() -> bool:
     return bool(calls)
 
 
+def loader_functions(module, param: str) -> list:
+    """The functions the loader that placed ``module`` asks it to run on its ``param``
+    (``"weight"`` or ``"bias"``) before use, in the order ComfyUI's own layers run them.
+
+    The low-VRAM loader (every host) puts a ``LowVramPatch`` and any weight wrappers in
+    ``<param>_function``. The dynamic-VRAM loader (0.33+) puts the ``LowVramPatch`` in
+    ``<param>_lowvram_function`` and runs it first (wrappers stay in ``<param>_function``); it
+    sets that attribute at each of its loads, but no loader clears it, so it counts only while
+    no plain load holds the layer (a plain load marks each layer ``comfy_patched_weights`` or
+    ``prev_comfy_cast_weights`` until it is undone)."""
+    functions = list(getattr(module, param + "_function", None) or ())
+    dynamic = getattr(module, param + "_lowvram_function", None)
+    held_by_plain_load = getattr(module, "comfy_patched_weights", False) or hasattr(module, "prev_comfy_cast_weights")
+    if dynamic is not None and not held_by_plain_load:
+        functions.insert(0, dynamic)
+    return functions
+
+
+# What ComfyUI's loaders leave on a layer for the load that placed it; a copy of the layer
+# starts without them. 0.3.75: the plain loader's marks. 0.33+: the dynamic loader's LoRA
+# patches, seed key and pin state, and on GPUs its VRAM-arena slot (``_v``), the residency
+# signature and staged views of that slot, the prefetch state and pinned host copies (``_pins``):
+# a copy sharing those would compute with the original's staged weights.
+LOADER_MODULE_STATE = ("comfy_patched_weights", "prev_comfy_cast_weights",
+                       "weight_lowvram_function", "bias_lowvram_function", "seed_key", "_pin_state",
+                       "_v", "_v_signature", "_v_weight", "_v_bias", "_v_block", "_prefetch", "_pins")
+
+
 # Fields newer hosts' parameter dataclasses require, with the value their detection gives the
 # models these classes first described (Flux.1, Chroma, HunyuanVideo 1.0): the class's module,
 # its name, and the fields.
