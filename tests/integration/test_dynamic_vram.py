@@ -73,36 +73,39 @@ def layer(model, path):
     return model.get_model_object("diffusion_model." + path)
 
 
-@pytest.mark.parametrize("name,fmt", [("wan21", "int8"), ("sdxl", "int4"), ("small-layer wan", "int4")])
-def test_quantized_model_matches_the_plain_loader(both, name, fmt):
+CASES = [("wan21", "int8"), ("sdxl", "int4"), ("small-layer wan", "int4"), ("wan21", "svdquant w4a4")]
+
+
+def quantized_pair(both, name, fmt):
+    """(family, plain fixture, plain quantized, dynamic quantized, quantized layer paths)."""
     plain, dynamic = both(name)
-    family = family_of(name)
     q_plain, q_dyn = quantizer(name, fmt)(plain), quantizer(name, fmt)(dynamic)
     assert q_dyn.model.is_dynamic() and not q_plain.model.is_dynamic()
-    assert torch.equal(sample(q_dyn.model, family), sample(q_plain.model, family))
+    return family_of(name), plain, q_plain.model, q_dyn.model, quantized_paths(q_plain, fmt.split()[-1])
+
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_quantized_model_matches_the_plain_loader(both, name, fmt):
+    family, _, q_plain, q_dyn, paths = quantized_pair(both, name, fmt)
+    assert torch.equal(sample(q_dyn, family), sample(q_plain, family))
     # the dynamic loader placed every quantized layer: streamed (weight left on the offload
     # device, patches hung on it) or, for layers of 16 KB and less, patched at load time (backed up)
-    paths = quantized_paths(q_dyn, fmt)
-    placed = [p for p in paths if getattr(layer(q_dyn.model, p), "seed_key", None) == "diffusion_model." + p]
+    placed = [p for p in paths if getattr(layer(q_dyn, p), "seed_key", None) == "diffusion_model." + p]
     assert placed == paths
-    force_loaded = [p for p in paths if f"diffusion_model.{p}.weight" in q_dyn.model.backup]
+    force_loaded = [p for p in paths if f"diffusion_model.{p}.weight" in q_dyn.backup]
     if name == "small-layer wan":  # the at-load path, which must not repack what it does not patch
         assert force_loaded and len(force_loaded) < len(paths)
     else:
         assert not force_loaded
 
 
-@pytest.mark.parametrize("name,fmt", [("wan21", "int8"), ("sdxl", "int4"), ("small-layer wan", "int4"),
-                                      ("wan21", "svdquant w4a4")])
+@pytest.mark.parametrize("name,fmt", CASES)
 def test_lora_after_quantization_matches_the_plain_loader(both, name, fmt):
-    plain, dynamic = both(name)
-    family = family_of(name)
-    q_plain, q_dyn = quantizer(name, fmt)(plain), quantizer(name, fmt)(dynamic)
-    paths = quantized_paths(q_plain, fmt.split()[-1])
+    family, plain, q_plain, q_dyn, paths = quantized_pair(both, name, fmt)
     lora = lora_for(plain, paths, scale=0.5)
-    expected = sample(with_lora(q_plain.model, lora), family)
-    assert not torch.allclose(expected, sample(q_plain.model, family), atol=1e-2)  # the LoRA shows
-    out = sample(with_lora(q_dyn.model, lora), family)
+    expected = sample(with_lora(q_plain, lora), family)
+    assert not torch.allclose(expected, sample(q_plain, family), atol=1e-2)  # the LoRA shows
+    out = sample(with_lora(q_dyn, lora), family)
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
 
 
