@@ -1,24 +1,79 @@
 """Where the ComfyUI versions the pack supports differ, and how the pack meets each difference.
 
-Supported: ComfyUI 0.3.75 (the newest on the package index) up to today's releases (0.33 is
-tested; upstream 0.38.1 read through its source). Every difference is found by a feature check
-on the running host, never by its version string, so a host that back-ports or drops a feature
-gets the right branch. ComfyUI is imported inside the functions only.
+Supported: ComfyUI 0.3.75 (the newest on the package index) up to today's releases (0.3.75 and
+0.33.0 are tested; newer upstream source, to 0.38.1, was read). Every difference is found by a
+feature check on the running host, never by its version string, so a host that back-ports or
+drops a feature gets the right branch. ComfyUI is imported inside the functions only.
 
-What changes, API by API (0.3.75 -> 0.33 -> 0.38.1), and what the pack does about it:
+What changes, API by API (0.3.75 -> 0.33 -> newer upstream), and what the pack does about it.
+"Newer" is what the code index holds of Comfy-Org/ComfyUI: one stored version per file, each
+from its own commit, none confirmed to be the 0.38.1 tag (comfyui_version.py 0.38.1 is commit
+20ca544e; model_patcher.py was read at 08d0e510, wan/model.py at 0c9a69ae, attention.py at
+05080f60, comfy_api/latest/__init__.py at 168efe45, all newer than 0.33).
 
-- ``LowVramPatch`` (low-VRAM loading with a LoRA): on 0.3.75 the patch dequantizes the layer's
-  weight through the layer's ``convert_weight``, adds the LoRA and repacks it through
-  ``set_weight``. From 0.33 on it only adds the LoRA to whatever weight it is handed (core's
-  ops dequantize their own ``QuantizedTensor`` first) and ``convert_func``/``set_func`` are
-  unused ("TODO: remove" upstream). ``lowvram_patch_converts`` tells which; ``QuantLinear``
-  dequantizes and repacks around the patches itself where the host does not.
-- ``string_to_seed`` moved from ``comfy.model_patcher`` to ``comfy.utils`` (0.33; 0.38 warns
-  at each call of the old name): ``string_to_seed`` here takes whichever exists.
+- Weight loading, plain loader (``ModelPatcher.load``, ``patch_weight_to_device``,
+  ``get_key_weight``, the ``convert_weight``/``set_weight`` layer protocol): unchanged in shape.
+  0.33 merges a LoRA in ``lora_compute_dtype`` (fp16 on most GPUs, fp32 on the CPU) instead of
+  fp32 and adds ``return_weight``/``force_cast``; newer upstream also patches a shape-changing
+  LoRA in place in low-VRAM mode. ``QuantLinear`` is unaffected (its shape never changes);
+  ``packed_like`` keeps a weight handed back unchanged in its packed form.
+- ``LowVramPatch``: on 0.3.75 the patch dequantizes the layer's weight through the layer's
+  ``convert_weight``, adds the LoRA and repacks it through ``set_weight``. From 0.33 on it only
+  adds the LoRA to whatever weight it is handed and ``convert_func``/``set_func`` are unused
+  ("TODO: remove" upstream; still so in newer upstream). ``lowvram_patch_converts`` tells which;
+  ``QuantLinear`` dequantizes and repacks around the patches itself where the host does not.
+- Dynamic VRAM (0.33+: ``ModelPatcherDynamic``, comfy-aimdo; what main.py makes every loader
+  build on NVIDIA and recent AMD GPUs unless ``--disable-dynamic-vram``, ``--highvram``,
+  ``--gpu-only`` or ``--novram``; never with ``--cpu``): weights stay on the
+  offload device and are streamed per layer. A LoRA goes to ``<param>_lowvram_function`` instead
+  of ``<param>_function`` (``loader_functions``); layers of 16 KB or less, and layers whose LoRA
+  changes their shape, are patched at load time through ``patch_weight_to_device(force_cast=True)``
+  (convert, then set, also with no patch); ``force_patch_weights`` is refused by an assertion, so
+  Save Quantized Model bakes patches itself (``checkpoint.computed_state``); a layer gets a slot in
+  the VRAM arena and, once cast, pinned host copies, which a copy of the layer must not share
+  (``LOADER_MODULE_STATE``). Unchanged in newer upstream apart from a fast-disk pin pool.
+- ``string_to_seed`` moved from ``comfy.model_patcher`` to ``comfy.utils`` (0.33; the old name
+  logs a warning at each call from 0.33 on): ``string_to_seed`` here takes whichever exists.
 - Model parameter dataclasses gained required fields after 0.3.75 (``FluxParams.txt_ids_dims``,
   ``ChromaParams.txt_ids_dims`` and ``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``); the
   stock loader's detection fills them from the checkpoint. Only the test fixtures, which build
   small models from a config instead of a file, need them: ``complete_unet_config``.
+- Object patches and wrappers (``clone``, ``add_object_patch``, ``get_model_object``,
+  ``add_wrapper_with_key``/``remove_wrappers_with_key``, ``WrappersMP.OUTER_SAMPLE``,
+  ``CALC_COND_BATCH``, ``APPLY_MODEL``, ``CFGGuider.outer_sample``'s arguments): same in 0.33;
+  ``clone`` gains ``disable_dynamic``/``model_override`` (the sampler's plain-loader delegate for
+  hooked conditioning shares our layers: ``loader_functions`` ignores a stale dynamic patch there).
+  Newer upstream adds "config" weight patches that become object patches of a
+  ``ConfigurableModule``; Quantize Model leaves any layer another node object-patched as it is.
+- ``patches_replace["dit"]``: the argument dicts our block hook passes on are unchanged (Wan in
+  newer upstream: ``img, txt, vec, pe, transformer_options`` / ``original_block``). 0.33's
+  Qwen-Image block ``_modulate`` takes a ``timestep_zero_index`` (edit models with a zero-timestep
+  reference, ``ref_latents_method="index_timestep_zero"``, which doubles the timestep batch) that
+  the replacement arguments do not carry. NOT MET YET (read, not run): ``cache.adapters``'s Qwen
+  signal passes the doubled ``vec`` without the index, which broadcasts to a wrong signal at batch
+  1 and fails at batch 2 (cond and uncond batched); the main-image token count is
+  ``img.shape[1] - sum(transformer_options["reference_image_num_tokens"])``.
+  Flux's ``apply_mod`` slices the modulation differently (same values); the UNet's
+  ``forward_timestep_embed`` now checks its per-class patches before dispatching, which our block
+  containers' plain probe modules never match.
+- Attention override (``transformer_options["optimized_attention_override"]``, called as
+  ``override(func, q, k, v, heads, ...)``): 0.33 lets a model pass q, k, v in
+  ``AttentionTensorContainer`` (MiniMax); an override without ``container_function`` receives
+  the unpacked tensors, as ours does. Newer upstream pops a per-layer ``preferred_attention``
+  before calling the override, so the dense path we chain is the default backend, not that
+  layer's preference (comfy-kitchen int8 attention from a checkpoint). GQA calls
+  (``enable_gqa``) stay dense in our override on every host.
+- V3 node API (``comfy_api.latest``: ``io``, ``ui``, ``ComfyExtension``): still exported in newer
+  upstream (through ``_io_public``/``_ui_public``, plus a new ``sdk``); outputs' display names
+  default to their ids from 0.33, so our nodes name them. ``io.DynamicCombo``
+  (``COMFY_DYNAMICCOMBO_V3``, 0.33+) is used by stock nodes only (SaveVideo's ``format``); our
+  nodes declare none; ``devtools/workflows.py`` converts the stock nodes that do.
+- ``comfy/quant_ops.py`` layouts (``_quantization_metadata`` v1.0, ``int8_tensorwise`` with a
+  per-row ``weight_scale`` [N, 1], ``float8_e4m3fn`` with a scalar ``weight_scale``): the same
+  names and parameters in 0.33 and newer upstream (0.33 adds ``convrot_w4a4`` and
+  ``asym_w4a8_int8``, which the pack does not write). ``load_diffusion_model_state_dict`` gains
+  ``disable_dynamic`` and skips ``convert_old_quants`` when given ``custom_operations`` (our
+  loader's case: our files need no conversion).
 """
 from __future__ import annotations
 
@@ -82,6 +137,34 @@ def lowvram_patch_converts() -> bool:
 
     LowVramPatch("probe.weight", {"probe.weight": []}, convert, None)(torch.zeros(1))
     return bool(calls)
+
+
+def loader_functions(module, param: str) -> list:
+    """The functions the loader that placed ``module`` asks it to run on its ``param``
+    (``"weight"`` or ``"bias"``) before use, in the order ComfyUI's own layers run them.
+
+    The low-VRAM loader (every host) puts a ``LowVramPatch`` and any weight wrappers in
+    ``<param>_function``. The dynamic-VRAM loader (0.33+) puts the ``LowVramPatch`` in
+    ``<param>_lowvram_function`` and runs it first (wrappers stay in ``<param>_function``); it
+    sets that attribute at each of its loads, but no loader clears it, so it counts only while
+    no plain load holds the layer (a plain load marks each layer ``comfy_patched_weights`` or
+    ``prev_comfy_cast_weights`` until it is undone)."""
+    functions = list(getattr(module, param + "_function", None) or ())
+    dynamic = getattr(module, param + "_lowvram_function", None)
+    held_by_plain_load = getattr(module, "comfy_patched_weights", False) or hasattr(module, "prev_comfy_cast_weights")
+    if dynamic is not None and not held_by_plain_load:
+        functions.insert(0, dynamic)
+    return functions
+
+
+# What ComfyUI's loaders leave on a layer for the load that placed it; a copy of the layer
+# starts without them. 0.3.75: the plain loader's marks. 0.33+: the dynamic loader's LoRA
+# patches, seed key and pin state, and on GPUs its VRAM-arena slot (``_v``), the residency
+# signature and staged views of that slot, the prefetch state and pinned host copies (``_pins``):
+# a copy sharing those would compute with the original's staged weights.
+LOADER_MODULE_STATE = ("comfy_patched_weights", "prev_comfy_cast_weights",
+                       "weight_lowvram_function", "bias_lowvram_function", "seed_key", "_pin_state",
+                       "_v", "_v_signature", "_v_weight", "_v_bias", "_v_block", "_prefetch", "_pins")
 
 
 # Fields newer hosts' parameter dataclasses require, with the value their detection gives the

@@ -108,9 +108,23 @@ def import_comfy() -> Path:
     if not torch.cuda.is_available():
         # comfy.model_management raises at import on a machine with no GPU otherwise.
         comfy.cli_args.args.cpu = True
+    _load_aimdo()
     import comfy.model_management  # noqa: F401
     _imported = True
     return root
+
+
+def _load_aimdo() -> None:
+    """Load comfy-aimdo's library before ComfyUI imports the package, as ComfyUI's main.py does
+    on GPUs (hosts from 0.33 have it): its host buffers bind the library when first imported, and
+    the dynamic-VRAM patcher needs them, also on the CPU (devtools.dynamic_vram). Nothing else
+    changes: ComfyUI turns dynamic VRAM on only in main.py. A host without the package (0.3.75)
+    has no dynamic VRAM."""
+    try:
+        import comfy_aimdo.control
+    except ImportError:
+        return
+    comfy_aimdo.control.init()
 
 
 def free_port() -> int:

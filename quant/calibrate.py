@@ -26,9 +26,9 @@ from typing import Callable
 
 import torch
 
+from .. import compat
+
 _observer_classes: dict[type, type] = {}
-# Per-module state ModelPatcher leaves on modules it loaded; a copy must start clean.
-_LOAD_STATE = ("comfy_patched_weights", "prev_comfy_cast_weights")
 
 
 class Recorder:
@@ -103,7 +103,7 @@ def module_copy(module: torch.nn.Module, params: dict[str, torch.Tensor], cls: t
     obs = object.__new__(cls or type(module))
     state = {}
     for key, value in module.__dict__.items():
-        if key in _LOAD_STATE:
+        if key in compat.LOADER_MODULE_STATE:  # the loader's state for the original
             continue
         state[key] = value.copy() if isinstance(value, (dict, list)) else value
     obs.__dict__.update(state)

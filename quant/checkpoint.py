@@ -246,13 +246,42 @@ def model_config(patcher) -> dict:
     return json.loads(json.dumps(config, default=str))
 
 
+def computed_state(patcher) -> dict[str, torch.Tensor]:
+    """The diffusion model's tensors as ``patcher`` computes with them: its own layers (object
+    patches) and clean weights (the backup where a loaded clone patched them in place), with its
+    weight patches (a LoRA) applied as ComfyUI's full load applies them (our layers repack through
+    ``set_weight``, float weights are rounded stochastically, both seeded by the key). Nothing is
+    loaded: 0.33's dynamic-VRAM loader refuses ``force_patch_weights``, the old way to bake them."""
+    import comfy.float
+    import comfy.lora
+    from .. import compat
+    from .linear import packed_like
+    device = patcher.load_device
+    out = {}
+    for key in patcher.model.diffusion_model.state_dict():
+        path, _, name = key.rpartition(".")
+        full = "diffusion_model." + key
+        module = patcher.get_model_object("diffusion_model." + path) if path else patcher.model.diffusion_model
+        clean = patcher.backup[full].weight if full in patcher.backup else getattr(module, name)
+        if full not in patcher.patches:
+            out[key] = clean
+            continue
+        w = clean.to(device=device, dtype=torch.float32, copy=True)
+        convert = getattr(module, "convert_" + name, None)
+        if convert is not None:
+            w = convert(w, inplace=True)
+        w = comfy.lora.calculate_weight(patcher.patches[full], w, full)
+        seed = compat.string_to_seed(full)
+        if isinstance(clean, QuantWeight):
+            out[key] = packed_like(clean, w, seed)
+        else:
+            out[key] = comfy.float.stochastic_rounding(w, clean.dtype, seed=seed)
+    return out
+
+
 def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.dtype | None = None) -> dict:
-    """Write the model as ``patcher`` computes it (its LoRA patches baked in, the way ComfyUI's
-    own ModelSave does it: load with ``force_patch_weights``, then read the state dict)."""
-    import comfy.model_management
-    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
-    state = patcher.model.diffusion_model.state_dict()
-    tensors, metadata = state_to_save(state, other_dtype)
+    """Write the model as ``patcher`` computes it, its LoRA patches baked in (``computed_state``)."""
+    tensors, metadata = state_to_save(computed_state(patcher), other_dtype)
     if META_KEY not in metadata:
         raise CheckpointError("the model has no quantized layers")
     config = model_config(patcher)

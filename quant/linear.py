@@ -8,16 +8,19 @@ It speaks ComfyUI's weight protocol so a LoRA loaded with the stock LoraLoader a
 quantization reaches it (see ``comfy/model_patcher.py``):
 
 - full load: ``patch_weight_to_device`` backs up ``weight`` (a ``QuantWeight``), turns it
-  into float32 (dequantization), adds the patches with ``comfy.lora.calculate_weight`` and
-  calls ``set_weight``, which packs the result in the same format with stochastic rounding
-  seeded by the key (ComfyUI's choice for its own fp8 weights). Unpatching restores the
-  backed-up ``QuantWeight``, scales and all, because they are one object.
-- low VRAM: ModelPatcher sets ``comfy_cast_weights`` and puts a ``LowVramPatch`` in
-  ``weight_function``; ``forward`` then moves the packed weight to the input's device and
-  runs those functions on it. On 0.3.75 the patch itself calls ``convert_weight``
-  (dequantize) and ``set_weight`` (repack); newer hosts hand it a float weight and use what
-  it returns, so there ``forward`` dequantizes before and repacks after (see ``compat``).
-  Either way the result equals the full-load path's.
+  into a float tensor (dequantization), adds the patches with ``comfy.lora.calculate_weight``
+  and calls ``set_weight``, which packs the result in the same format with stochastic
+  rounding seeded by the key (ComfyUI's choice for its own fp8 weights). Unpatching restores
+  the backed-up ``QuantWeight``, scales and all, because they are one object. A weight handed
+  back unchanged (0.33's dynamic loader runs this path on small layers with no patch at all)
+  keeps its packed form: repacking is not lossless for every format.
+- streamed (low-VRAM mode, and 0.33's dynamic-VRAM loader): the weight stays on the offload
+  device and the loader hangs the LoRA on the layer as a function (``compat.loader_functions``
+  says where each loader puts it); ``forward`` moves the packed weight to the input's device,
+  dequantizes, applies them and repacks (0.3.75's patch does the dequantizing and repacking
+  itself, see ``compat.lowvram_patch_converts``), so the result equals the full load's. The
+  patched weight is kept, packed, on the weight's own device until the loader hands over
+  other functions, so a LoRA costs one repack per load, not one per step.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from .qweight import QuantWeight
 class QuantLinear(torch.nn.Module):
     comfy_cast_weights = False
     baked_patches = None  # weight patches (a LoRA) merged in when this layer was quantized
+    _streamed = None  # (functions, source weight, patched weight): the last streamed patch, kept
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -42,42 +46,49 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if weight.device != x.device:
-            weight = weight.retarget(device=x.device)
         bias = self.bias
         if bias is not None:
             bias = bias.to(device=x.device, dtype=x.dtype)
-            for f in self.bias_function:
+            for f in compat.loader_functions(self, "bias"):
                 bias = f(bias)
-        if self.weight_function:
-            weight = self._patched(weight)
+        if weight.device != x.device:
+            weight = weight.retarget(device=x.device)
+        functions = compat.loader_functions(self, "weight")
+        if functions:
+            weight = self._patched(weight, functions)
+        else:
+            self._streamed = None
         if isinstance(weight, QuantWeight):
             return weight.linear(x, bias)
         return F.linear(x, weight.to(x.dtype), bias)
 
-    def _patched(self, weight):
-        """The weight with the low-VRAM patches (a LoRA) applied, packed as the full load packs it."""
+    def _patched(self, weight, functions):
+        """``weight`` (this layer's, on the input's device) with the streamed patches (a LoRA)
+        applied, packed as the full load packs it. Kept, on the stored weight's device, while the
+        loader hands over the same patch objects for the same stored weight."""
+        source, last = self.weight, self._streamed
+        if (last is not None and last[1] is source and len(last[0]) == len(functions)
+                and all(a is b for a, b in zip(last[0], functions))):
+            return _moved(last[2], weight.device)
         if compat.lowvram_patch_converts():
-            for f in self.weight_function:
+            for f in functions:
                 weight = f(weight)
-            return weight
-        weight, key = self.convert_weight(weight), None
-        for f in self.weight_function:
-            weight, key = f(weight), key or getattr(f, "key", None)
-        seed = None if key is None else compat.string_to_seed(key)
-        return self.set_weight(weight, seed=seed, return_weight=True)
+        else:
+            weight, key = self.convert_weight(weight), None
+            for f in functions:
+                weight, key = f(weight), key or getattr(f, "key", None)
+            weight = self.set_weight(weight, seed=None if key is None else compat.string_to_seed(key),
+                                     return_weight=True)
+        if _fixed_for_the_load(functions):
+            self._streamed = (tuple(functions), source, _moved(weight, source.device))
+        return weight
 
     # ComfyUI's weight protocol (get_key_weight looks these up by name).
     def convert_weight(self, weight, inplace=False, **kwargs):
         return weight.dequantize(torch.float32) if isinstance(weight, QuantWeight) else weight
 
     def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-        if self.weight.branch is not None:
-            # a LoRA on a layer with a low-rank branch: its factors join the branch, no requantization
-            from .lowrank import absorb_patch
-            new = absorb_patch(self.weight, weight, seed=seed)
-        else:
-            new = self.weight.requantize(weight, seed=seed)
+        new = packed_like(self.weight, weight, seed)
         if return_weight:
             return new
         self.weight = torch.nn.Parameter(new, requires_grad=False)
@@ -96,3 +107,31 @@ class QuantLinear(torch.nn.Module):
         w = self.weight
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={w.spec.format}, bits={w.bits_per_weight():.2f}")
+
+
+def _fixed_for_the_load(functions) -> bool:
+    """True where every function is ComfyUI's ``LowVramPatch`` (fixed patches for one load;
+    the loaders make new ones at each load). Weight wrappers, such as the adapters the training
+    node fits, change between calls."""
+    from comfy.model_patcher import LowVramPatch
+    return all(isinstance(f, LowVramPatch) for f in functions)
+
+
+def _moved(weight: torch.Tensor, device) -> torch.Tensor:
+    return weight.retarget(device=device) if isinstance(weight, QuantWeight) else weight.to(device)
+
+
+def packed_like(template: QuantWeight, weight: torch.Tensor, seed: int | None = None) -> QuantWeight:
+    """``weight`` (a float tensor: ``template``'s weight plus patches) packed the way ``template``
+    is, on ``weight``'s device: ``template`` itself when nothing was added, the patch's factors
+    joining the low-rank branch where there is one, else requantized with stochastic rounding."""
+    if isinstance(weight, QuantWeight):
+        return weight
+    current = template.retarget(device=weight.device)
+    if torch.equal(weight, current.dequantize(weight.dtype)):
+        return current
+    if template.branch is not None:
+        # a LoRA on a layer with a low-rank branch: its factors join the branch, no requantization
+        from .lowrank import absorb_patch
+        return absorb_patch(current, weight, seed=seed)
+    return current.requantize(weight, seed=seed)

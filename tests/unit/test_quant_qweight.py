@@ -116,7 +116,19 @@ def test_set_weight_and_convert_weight_roundtrip_like_modelpatcher():
     assert torch.equal(layer.weight.dequantize(), qw.dequantize())
 
 
-def test_weight_function_path_equals_full_load_path():
+@pytest.mark.parametrize("fmt", ["w4a8", "vq2"])
+def test_set_weight_of_an_unchanged_weight_keeps_it_packed(fmt):
+    # ComfyUI 0.33's dynamic loader runs patch_weight_to_device on small layers that have no
+    # patch (convert, then set); repacking these formats is not lossless, so nothing may be repacked
+    w, qw = make(fmt)
+    assert not torch.equal(qw.requantize(qw.dequantize(torch.float32), seed=3).dequantize(), qw.dequantize())
+    layer = QuantLinear(qw.clone(), None)
+    layer.set_weight(layer.convert_weight(layer.weight.to(torch.float32, copy=True), inplace=True), seed=3)
+    assert torch.equal(layer.weight.dequantize(), qw.dequantize())
+
+
+def test_weight_function_path_equals_full_load_path(comfy):
+    # the layer asks ComfyUI which loader protocol it speaks (compat), so ComfyUI is imported
     w, qw = make()
     delta = torch.randn_like(w) * 0.05
     full = QuantLinear(qw.clone(), None)
