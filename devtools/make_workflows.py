@@ -6,7 +6,10 @@ Workflows are built in code so ids, links and layout stay consistent: nodes are 
 columns from left to right (model -> our nodes -> sampler -> decode -> save), stacked without
 overlap, with a Note at the top left saying what the workflow does, what it needs and what to
 expect. Widget values are laid out from the server's ``/object_info`` exactly as the frontend
-reads them (``workflows.widget_slots``), defaults filled in for what a workflow leaves out.
+reads them (``workflows.widgets``), defaults filled in for what a workflow leaves out.
+
+One file serves every supported ComfyUI (0.3.75 to 0.33): the generator writes the same bytes on
+each (``Node.finish`` says how), and each frontend fills in what a newer ComfyUI added.
 
 A workflow whose nodes are not all registered on this checkout is skipped (it waits for its
 node family). ``--screenshots`` also renders each workflow in the real frontend (headless
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .host import PACK_ROOT, ComfyServer
-from .workflows import WIDGET_TYPES, WORKFLOWS_DIR, input_spec, widget_slots
+from .workflows import WORKFLOWS_DIR, Widget, input_spec, is_widget, widgets as node_widgets
 
 log = logging.getLogger("comfyui_accel.make_workflows")
 SCREENSHOT_DIR = PACK_ROOT / "docs" / "workflows"
@@ -61,13 +64,17 @@ class Node:
     column: int
     title: str | None = None
     width: int = 320
-    height: int = 0
-    values: list = field(default_factory=list)
+    min_height: int = 0
+    widgets: list = field(default_factory=list)      # [Widget, value] in widgets_values order
+    given: set = field(default_factory=set)          # the inputs the workflow sets (the rest: defaults)
     inputs: list = field(default_factory=list)       # socket inputs: {"name", "type", "link", ...}
     outputs: list = field(default_factory=list)      # {"name", "type", "links"}
     color: tuple | None = None
     properties: dict = field(default_factory=dict)
+    multiline: set = field(default_factory=set)      # the inputs shown as multiline text boxes
     pos: tuple = (0, 0)
+    values: list | None = None                       # widgets_values as written (Note: its text)
+    height: int = 0
 
     def slot(self, name_or_index) -> int:
         if isinstance(name_or_index, int):
@@ -76,6 +83,33 @@ class Node:
             if out["name"] == name_or_index:
                 return i
         raise KeyError(f"{self.type} has no output {name_or_index!r}")
+
+    def set_value(self, name: str, value) -> None:
+        index = next(i for i, (w, _) in enumerate(self.widgets) if w.name == name)
+        self.widgets[index][1] = value
+        self.given.add(name)
+
+    def finish(self) -> None:
+        """What the file holds, the same whichever supported ComfyUI writes it.
+
+        A newer ComfyUI adds inputs as optional ones (so that older prompts still run) and its
+        preview and save nodes gained pass-through outputs; both frontends (1.32, 1.49) give a
+        widget the file has no value for its default, and a node the output slots of its
+        definition that the file leaves out. So the file stops after the last value that is not
+        an optional input the workflow leaves unset, and after the last output slot it links.
+        """
+        if self.values is not None:        # a Note or PrimitiveNode: values and size as made
+            self.height = self.min_height
+            return
+        kept = list(self.widgets)
+        while kept and kept[-1][0].optional and kept[-1][0].owner not in self.given:
+            kept.pop()
+        self.values = [value for _, value in kept]
+        boxes = sum(1 for w, _ in self.widgets[:len(self.values)] if w.name in self.multiline)
+        linked = [i for i, out in enumerate(self.outputs) if out["links"]]
+        self.outputs = self.outputs[:linked[-1] + 1] if linked else []
+        rows = max(len(self.inputs), len(self.outputs))
+        self.height = max(self.min_height, rows * SLOT_H + len(self.values) * WIDGET_H + boxes * 90 + 16)
 
 
 class Graph:
@@ -92,34 +126,31 @@ class Graph:
             node_height: int = 0, **values) -> Node:
         """A node with widget ``values`` by input name (defaults for the rest), in ``column``."""
         info = self.info[node_type]
-        node = Node(len(self.nodes) + 1, node_type, column, title, node_width, color=color,
+        node = Node(len(self.nodes) + 1, node_type, column, title, node_width, node_height, color=color,
                     properties={"Node name for S&R": node_type})
-        order = info.get("input_order") or {}
-        names = [n for section in ("required", "optional") for n in order.get(section, [])]
-        unknown = set(values) - set(names)
+
+        def choose(widget: Widget):
+            if widget.name is None:          # control_after_generate: keep seeds as written
+                return "fixed"
+            value = values.get(widget.name, widget.default)
+            if value is None:
+                raise KeyError(f"{node_type}.{widget.name} has no default; give a value")
+            return value
+
+        node.widgets = [[w, v] for w, v in node_widgets(info, choose)]
+        node.given = set(values)
+        unknown = node.given - {w.name for w, _ in node.widgets}
         if unknown:
-            raise KeyError(f"{node_type} has no input(s) {sorted(unknown)}")
-        multiline = 0
-        for name in names:
-            kind, opts = input_spec(info, name)
-            if kind not in WIDGET_TYPES or opts.get("forceInput"):
-                optional = name in order.get("optional", [])
-                node.inputs.append({"name": name, "type": kind, "link": None, **({"shape": 7} if optional else {})})
-            elif kind == "STRING" and opts.get("multiline"):
-                multiline += 1
-        for slot in widget_slots(info):
-            if slot is None:                     # control_after_generate: keep seeds as written
-                node.values.append("fixed")
-                continue
-            _, opts = input_spec(info, slot)
-            if slot in values:
-                node.values.append(values[slot])
-            elif "default" in opts:
-                node.values.append(opts["default"])
-            elif opts.get("options"):
-                node.values.append(opts["options"][0])
-            else:
-                raise KeyError(f"{node_type}.{slot} has no default; give a value")
+            raise KeyError(f"{node_type} has no widget input(s) {sorted(unknown)}")
+        order = info.get("input_order") or {}
+        for section in ("required", "optional"):
+            for name in order.get(section, []):
+                kind, opts = input_spec(info, name)
+                if not is_widget(kind, opts):
+                    node.inputs.append({"name": name, "type": kind, "link": None,
+                                        **({"shape": 7} if section == "optional" else {})})
+                elif kind == "STRING" and opts.get("multiline"):
+                    node.multiline.add(name)
         for name in values:
             model = MODELS.get(values[name]) if isinstance(values[name], str) else None
             if model:
@@ -127,9 +158,6 @@ class Graph:
                     {"name": values[name], "url": model[1], "directory": model[0]})
         node.outputs = [{"name": name, "type": kind, "links": []}
                         for kind, name in zip(info["output"], info.get("output_name") or info["output"])]
-        n_widgets = sum(1 for s in widget_slots(info))
-        rows = max(len(node.inputs), len(node.outputs))
-        node.height = max(node_height, rows * SLOT_H + n_widgets * WIDGET_H + multiline * 90 + 16)
         self.nodes.append(node)
         return node
 
@@ -149,8 +177,7 @@ class Graph:
         node.outputs = [{"name": kind, "type": kind, "links": [], "widget": {"name": targets[0][1]}}]
         self.nodes.append(node)
         for target, name in targets:
-            slots = widget_slots(self.info[target.type])
-            target.values[slots.index(name)] = value
+            target.set_value(name, value)
             target.inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": None})
             self.connect(node, 0, target, name)
         return node
@@ -183,6 +210,8 @@ class Graph:
             x += max(n.width for n in members) + COL_GAP
 
     def to_json(self) -> dict:
+        for n in self.nodes:
+            n.finish()
         self._layout()
         order = _execution_order(self.nodes, self.links)
         nodes = []
