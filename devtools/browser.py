@@ -229,6 +229,7 @@ class Frontend:
 
     def screenshot(self, path: Path) -> None:
         self.close_dialogs()
+        self._dismiss_error_overlay()
         self.page.evaluate("() => document.querySelectorAll('.p-toast-message').forEach(e => e.remove())")
         self.page.evaluate("() => { window.app.canvas.ds.scale = 1; window.app.graph.setDirtyCanvas(true, true); }")
         self.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")

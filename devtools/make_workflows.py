@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .host import PACK_ROOT, ComfyServer
-from .workflows import WORKFLOWS_DIR, Widget, input_spec, is_widget, widgets as node_widgets
+from .workflows import WORKFLOWS_DIR, Widget, input_spec, is_widget, write_fixture_image
+from .workflows import widgets as node_widgets
 
 log = logging.getLogger("comfyui_accel.make_workflows")
 SCREENSHOT_DIR = PACK_ROOT / "docs" / "workflows"
@@ -67,6 +68,7 @@ class Node:
     min_height: int = 0
     widgets: list = field(default_factory=list)      # [Widget, value] in widgets_values order
     given: set = field(default_factory=set)          # the inputs the workflow sets (the rest: defaults)
+    from_comfyui: bool = True                        # one of ComfyUI's own nodes (else a custom pack's: ours)
     inputs: list = field(default_factory=list)       # socket inputs: {"name", "type", "link", ...}
     outputs: list = field(default_factory=list)      # {"name", "type", "links"}
     color: tuple | None = None
@@ -92,17 +94,19 @@ class Node:
     def finish(self) -> None:
         """What the file holds, the same whichever supported ComfyUI writes it.
 
-        A newer ComfyUI adds inputs as optional ones (so that older prompts still run) and its
-        preview and save nodes gained pass-through outputs; both frontends (1.32, 1.49) give a
-        widget the file has no value for its default, and a node the output slots of its
-        definition that the file leaves out. So the file stops after the last value that is not
-        an optional input the workflow leaves unset, and after the last output slot it links.
+        A newer ComfyUI adds inputs to its nodes as optional ones (so that older prompts still
+        run: CreateVideo's bit_depth, SaveVideo's codec in 0.33) and its preview and save nodes
+        gained pass-through outputs; both frontends (1.32, 1.49) give a widget the file has no
+        value for its default, and a node the output slots of its definition that the file leaves
+        out. So a ComfyUI node's values stop after the last one that is not an optional input the
+        workflow leaves unset (our nodes, the same on every host, keep all of theirs), and every
+        node's output slots after the last one the workflow links.
         """
         if self.values is not None:        # a Note or PrimitiveNode: values and size as made
             self.height = self.min_height
             return
         kept = list(self.widgets)
-        while kept and kept[-1][0].optional and kept[-1][0].owner not in self.given:
+        while self.from_comfyui and kept and kept[-1][0].optional and kept[-1][0].owner not in self.given:
             kept.pop()
         self.values = [value for _, value in kept]
         boxes = sum(1 for w, _ in self.widgets[:len(self.values)] if w.name in self.multiline)
@@ -139,6 +143,7 @@ class Graph:
 
         node.widgets = [[w, v] for w, v in node_widgets(info, choose)]
         node.given = set(values)
+        node.from_comfyui = not info.get("python_module", "").startswith("custom_nodes.")
         unknown = node.given - {w.name for w, _ in node.widgets}
         if unknown:
             raise KeyError(f"{node_type} has no widget input(s) {sorted(unknown)}")
@@ -744,6 +749,22 @@ def build_all(object_info: dict, out_dir: Path = WORKFLOWS_DIR) -> tuple[list[Pa
     return written, skipped
 
 
+def _stand_in_files(server: ComfyServer) -> None:
+    """Stand-ins for the files the workflows name, so that the loaders offer them and the frontend
+    marks no node as missing its model (1.49 outlines such nodes in red and shows an error
+    overlay). Nothing runs: the model files stay empty; the input image is a real picture, which
+    Load Image previews."""
+    models = {f"{directory}/{name}" for name, (directory, _) in MODELS.items()}
+    models.add(f"diffusion_models/{QUANTIZED_WAN}")
+    for relative in models:
+        (server.models_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (server.models_dir / relative).touch()
+    tokens = server.output_dir / VQ_TOKEN_FILE.removesuffix(" [output]")
+    tokens.parent.mkdir(parents=True, exist_ok=True)
+    tokens.touch()
+    write_fixture_image(server.base / "input" / VQ_IMAGE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--screenshots", action="store_true", help=f"also render each into {SCREENSHOT_DIR}/")
@@ -751,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = ComfyServer(fixture_nodes=False)
     try:
+        if args.screenshots:
+            _stand_in_files(server)
         server.start()
         written, skipped = build_all(server.object_info())
         for path in written:

@@ -409,7 +409,7 @@ def map_to_fixtures(prompt: dict, object_info: dict, models_dir, size: str = "ti
         elif cls == "LoadImage" and inputs["image"] in missing:
             if input_dir is None:
                 raise WorkflowError(f"node {node_id} loads {inputs['image']}, which is missing; no input folder given")
-            _write_fixture_image(Path(input_dir) / inputs["image"])
+            write_fixture_image(Path(input_dir) / inputs["image"])
             notes.append(f"{node_id} LoadImage {inputs['image']} -> a smooth random {FIXTURE_IMAGE_SIDE}px image")
         elif cls == "VAELoader":
             notes.append(f"{node_id} VAELoader {inputs['vae_name']} -> {vae_name} (random-weight tiny autoencoder)")
@@ -445,7 +445,7 @@ def map_to_fixtures(prompt: dict, object_info: dict, models_dir, size: str = "ti
     return Mapping(prompt, family, missing, notes)
 
 
-def _write_fixture_image(path: Path) -> None:
+def write_fixture_image(path: Path) -> None:
     import numpy as np
     from PIL import Image
     from .vq_fixtures import smooth_images

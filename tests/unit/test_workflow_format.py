@@ -33,8 +33,12 @@ HOST_0_3_75 = {
                     "output": ["VIDEO"], "output_name": ["VIDEO"]},
     "PreviewAny": {"input": {"required": {"source": ["*"]}}, "input_order": {"required": ["source"]},
                    "output": [], "output_name": [], "output_node": True},
-    "AccelReportStub": {"input": {"required": {"seed": ["INT", {"default": 0}]}},
-                        "input_order": {"required": ["seed"]}, "output": ["STRING"], "output_name": ["report"]},
+    # One of ours: the same on every host, so its optional values are written too.
+    "AccelReportStub": {"input": {"required": {"seed": ["INT", {"default": 0}]},
+                                  "optional": {"scale": ["INT", {"default": 8}]}},
+                        "input_order": {"required": ["seed"], "optional": ["scale"]},
+                        "output": ["STRING", "IMAGE"], "output_name": ["report", "plot"],
+                        "python_module": "custom_nodes.ComfyUI-Accel"},
 }
 HOST_0_33 = {
     "SaveVideo": {"input": {"required": {"video": ["VIDEO"], "filename_prefix": ["STRING", {"default": "video/ComfyUI"}],
@@ -92,7 +96,8 @@ def test_the_generator_writes_one_file_for_both_hosts():
     assert nodes["CreateVideo"]["widgets_values"] == [16.0]
     assert nodes["SaveVideo"]["widgets_values"] == ["video/x", "auto", "auto"]
     assert nodes["SaveVideo"]["outputs"] == [] and nodes["PreviewAny"]["outputs"] == []
-    assert nodes["AccelReportStub"]["widgets_values"] == [3, "fixed"]
+    assert nodes["AccelReportStub"]["widgets_values"] == [3, "fixed", 8]
+    assert [o["name"] for o in nodes["AccelReportStub"]["outputs"]] == ["report"]    # "plot" is not linked
     # ...and each host reads it as its frontend does.
     assert workflows.widget_inputs(HOST_0_33["SaveVideo"], nodes["SaveVideo"]["widgets_values"]) == {
         "filename_prefix": "video/x", "format": "auto", "format.codec": "auto", "codec": "auto"}
