@@ -130,8 +130,9 @@ class Frontend:
                                      "(it is in requirements-dev.txt)") from None
         executable = chromium_path()
         # First-run behaviour off: the templates browser opens for a new user (Escape also closes
-        # it). For screenshots: no missing-models dialog, minimap or fps counter, and full detail
-        # at any zoom. The missing-nodes dialog always stays on.
+        # it). For screenshots: no missing-models dialog (1.32; 1.49 ignores the setting, so the
+        # screenshot server gets stand-in files), minimap or fps counter, and full detail at any
+        # zoom. Missing node types are always reported.
         self._setting("Comfy.TutorialCompleted", True)
         if self.for_screenshots:
             for key, value in (("Comfy.Workflow.ShowMissingModelsWarning", False), ("Comfy.Minimap.Visible", False),
