@@ -6,7 +6,10 @@ Workflows are built in code so ids, links and layout stay consistent: nodes are 
 columns from left to right (model -> our nodes -> sampler -> decode -> save), stacked without
 overlap, with a Note at the top left saying what the workflow does, what it needs and what to
 expect. Widget values are laid out from the server's ``/object_info`` exactly as the frontend
-reads them (``workflows.widget_slots``), defaults filled in for what a workflow leaves out.
+reads them (``workflows.widgets``), defaults filled in for what a workflow leaves out.
+
+One file serves every supported ComfyUI (0.3.75 to 0.33): the generator writes the same bytes on
+each (``Node.finish`` says how), and each frontend fills in what a newer ComfyUI added.
 
 A workflow whose nodes are not all registered on this checkout is skipped (it waits for its
 node family). ``--screenshots`` also renders each workflow in the real frontend (headless
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .host import PACK_ROOT, ComfyServer
-from .workflows import WIDGET_TYPES, WORKFLOWS_DIR, input_spec, widget_slots
+from .workflows import WORKFLOWS_DIR, Widget, input_spec, is_widget, write_fixture_image
+from .workflows import widgets as node_widgets
 
 log = logging.getLogger("comfyui_accel.make_workflows")
 SCREENSHOT_DIR = PACK_ROOT / "docs" / "workflows"
@@ -61,13 +65,18 @@ class Node:
     column: int
     title: str | None = None
     width: int = 320
-    height: int = 0
-    values: list = field(default_factory=list)
+    min_height: int = 0
+    widgets: list = field(default_factory=list)      # [Widget, value] in widgets_values order
+    given: set = field(default_factory=set)          # the inputs the workflow sets (the rest: defaults)
+    from_comfyui: bool = True                        # one of ComfyUI's own nodes (else a custom pack's: ours)
     inputs: list = field(default_factory=list)       # socket inputs: {"name", "type", "link", ...}
     outputs: list = field(default_factory=list)      # {"name", "type", "links"}
     color: tuple | None = None
     properties: dict = field(default_factory=dict)
+    multiline: set = field(default_factory=set)      # the inputs shown as multiline text boxes
     pos: tuple = (0, 0)
+    values: list | None = None                       # widgets_values as written (Note: its text)
+    height: int = 0
 
     def slot(self, name_or_index) -> int:
         if isinstance(name_or_index, int):
@@ -76,6 +85,35 @@ class Node:
             if out["name"] == name_or_index:
                 return i
         raise KeyError(f"{self.type} has no output {name_or_index!r}")
+
+    def set_value(self, name: str, value) -> None:
+        index = next(i for i, (w, _) in enumerate(self.widgets) if w.name == name)
+        self.widgets[index][1] = value
+        self.given.add(name)
+
+    def finish(self) -> None:
+        """What the file holds, the same whichever supported ComfyUI writes it.
+
+        A newer ComfyUI adds inputs to its nodes as optional ones (so that older prompts still
+        run: CreateVideo's bit_depth, SaveVideo's codec in 0.33) and its preview and save nodes
+        gained pass-through outputs; both frontends (1.32, 1.49) give a widget the file has no
+        value for its default, and a node the output slots of its definition that the file leaves
+        out. So a ComfyUI node's values stop after the last one that is not an optional input the
+        workflow leaves unset (our nodes, the same on every host, keep all of theirs), and every
+        node's output slots after the last one the workflow links.
+        """
+        if self.values is not None:        # a Note or PrimitiveNode: values and size as made
+            self.height = self.min_height
+            return
+        kept = list(self.widgets)
+        while self.from_comfyui and kept and kept[-1][0].optional and kept[-1][0].owner not in self.given:
+            kept.pop()
+        self.values = [value for _, value in kept]
+        boxes = sum(1 for w, _ in self.widgets[:len(self.values)] if w.name in self.multiline)
+        linked = [i for i, out in enumerate(self.outputs) if out["links"]]
+        self.outputs = self.outputs[:linked[-1] + 1] if linked else []
+        rows = max(len(self.inputs), len(self.outputs))
+        self.height = max(self.min_height, rows * SLOT_H + len(self.values) * WIDGET_H + boxes * 90 + 16)
 
 
 class Graph:
@@ -92,34 +130,32 @@ class Graph:
             node_height: int = 0, **values) -> Node:
         """A node with widget ``values`` by input name (defaults for the rest), in ``column``."""
         info = self.info[node_type]
-        node = Node(len(self.nodes) + 1, node_type, column, title, node_width, color=color,
+        node = Node(len(self.nodes) + 1, node_type, column, title, node_width, node_height, color=color,
                     properties={"Node name for S&R": node_type})
-        order = info.get("input_order") or {}
-        names = [n for section in ("required", "optional") for n in order.get(section, [])]
-        unknown = set(values) - set(names)
+
+        def choose(widget: Widget):
+            if widget.name is None:          # control_after_generate: keep seeds as written
+                return "fixed"
+            value = values.get(widget.name, widget.default)
+            if value is None:
+                raise KeyError(f"{node_type}.{widget.name} has no default; give a value")
+            return value
+
+        node.widgets = [[w, v] for w, v in node_widgets(info, choose)]
+        node.given = set(values)
+        node.from_comfyui = not info.get("python_module", "").startswith("custom_nodes.")
+        unknown = node.given - {w.name for w, _ in node.widgets}
         if unknown:
-            raise KeyError(f"{node_type} has no input(s) {sorted(unknown)}")
-        multiline = 0
-        for name in names:
-            kind, opts = input_spec(info, name)
-            if kind not in WIDGET_TYPES or opts.get("forceInput"):
-                optional = name in order.get("optional", [])
-                node.inputs.append({"name": name, "type": kind, "link": None, **({"shape": 7} if optional else {})})
-            elif kind == "STRING" and opts.get("multiline"):
-                multiline += 1
-        for slot in widget_slots(info):
-            if slot is None:                     # control_after_generate: keep seeds as written
-                node.values.append("fixed")
-                continue
-            _, opts = input_spec(info, slot)
-            if slot in values:
-                node.values.append(values[slot])
-            elif "default" in opts:
-                node.values.append(opts["default"])
-            elif opts.get("options"):
-                node.values.append(opts["options"][0])
-            else:
-                raise KeyError(f"{node_type}.{slot} has no default; give a value")
+            raise KeyError(f"{node_type} has no widget input(s) {sorted(unknown)}")
+        order = info.get("input_order") or {}
+        for section in ("required", "optional"):
+            for name in order.get(section, []):
+                kind, opts = input_spec(info, name)
+                if not is_widget(kind, opts):
+                    node.inputs.append({"name": name, "type": kind, "link": None,
+                                        **({"shape": 7} if section == "optional" else {})})
+                elif kind == "STRING" and opts.get("multiline"):
+                    node.multiline.add(name)
         for name in values:
             model = MODELS.get(values[name]) if isinstance(values[name], str) else None
             if model:
@@ -127,9 +163,6 @@ class Graph:
                     {"name": values[name], "url": model[1], "directory": model[0]})
         node.outputs = [{"name": name, "type": kind, "links": []}
                         for kind, name in zip(info["output"], info.get("output_name") or info["output"])]
-        n_widgets = sum(1 for s in widget_slots(info))
-        rows = max(len(node.inputs), len(node.outputs))
-        node.height = max(node_height, rows * SLOT_H + n_widgets * WIDGET_H + multiline * 90 + 16)
         self.nodes.append(node)
         return node
 
@@ -149,8 +182,7 @@ class Graph:
         node.outputs = [{"name": kind, "type": kind, "links": [], "widget": {"name": targets[0][1]}}]
         self.nodes.append(node)
         for target, name in targets:
-            slots = widget_slots(self.info[target.type])
-            target.values[slots.index(name)] = value
+            target.set_value(name, value)
             target.inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": None})
             self.connect(node, 0, target, name)
         return node
@@ -183,6 +215,8 @@ class Graph:
             x += max(n.width for n in members) + COL_GAP
 
     def to_json(self) -> dict:
+        for n in self.nodes:
+            n.finish()
         self._layout()
         order = _execution_order(self.nodes, self.links)
         nodes = []
@@ -715,6 +749,22 @@ def build_all(object_info: dict, out_dir: Path = WORKFLOWS_DIR) -> tuple[list[Pa
     return written, skipped
 
 
+def _stand_in_files(server: ComfyServer) -> None:
+    """Stand-ins for the files the workflows name, so that the loaders offer them and the frontend
+    marks no node as missing its model (1.49 outlines such nodes in red and shows an error
+    overlay). Nothing runs: the model files stay empty; the input image is a real picture, which
+    Load Image previews."""
+    models = {f"{directory}/{name}" for name, (directory, _) in MODELS.items()}
+    models.add(f"diffusion_models/{QUANTIZED_WAN}")
+    for relative in models:
+        (server.models_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (server.models_dir / relative).touch()
+    tokens = server.output_dir / VQ_TOKEN_FILE.removesuffix(" [output]")
+    tokens.parent.mkdir(parents=True, exist_ok=True)
+    tokens.touch()
+    write_fixture_image(server.base / "input" / VQ_IMAGE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--screenshots", action="store_true", help=f"also render each into {SCREENSHOT_DIR}/")
@@ -722,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = ComfyServer(fixture_nodes=False)
     try:
+        if args.screenshots:
+            _stand_in_files(server)
         server.start()
         written, skipped = build_all(server.object_info())
         for path in written:

@@ -27,7 +27,9 @@ from . import fixtures
 PACK_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = PACK_ROOT / "example_workflows"
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# V3's DynamicCombo: a combo whose chosen option brings its own inputs (SaveVideo's format on 0.33).
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
 # Frontend-only nodes: never sent to the server.
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -46,44 +48,136 @@ def example_workflows() -> list[Path]:
     return sorted(WORKFLOWS_DIR.glob("*.json"))
 
 
+def comfyui_templates() -> dict[str, Path]:
+    """ComfyUI's own workflow templates, installed with it: template id -> its JSON file.
+
+    Where the files live moved (0.3.75: in the media bundles; 0.33: in
+    ``comfyui_workflow_templates_json``); the templates package's own resolver knows which
+    layout is installed. Empty when the package is not installed.
+    """
+    try:
+        import comfyui_workflow_templates_core as core
+    except ImportError:
+        return {}
+    found = {}
+    for entry in core.iter_templates():
+        name = f"{entry.template_id}.json"
+        if any(asset.filename == name for asset in entry.assets):
+            try:
+                found[entry.template_id] = Path(core.get_asset_path(entry.template_id, name))
+            except FileNotFoundError:      # its bundle is not installed
+                continue
+    return found
+
+
 # --- UI format -> API prompt ---------------------------------------------------------------
 
+def _kind(spec: list) -> tuple[str, dict]:
+    """(type, options) of an input spec in /object_info form; type "COMBO" for a list of choices."""
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
+    if isinstance(kind, list):
+        return "COMBO", {**opts, "options": kind}
+    return kind, opts
+
+
 def input_spec(node_info: dict, name: str) -> tuple[str, dict]:
-    """(type, options) of one input in /object_info form; type "COMBO" for a list of choices."""
+    """(type, options) of one top-level input of a node; type "COMBO" for a list of choices."""
     for section in ("required", "optional"):
         spec = node_info["input"].get(section, {}).get(name)
         if spec is not None:
-            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
-            if isinstance(kind, list):
-                return "COMBO", {**opts, "options": kind}
-            return kind, opts
+            return _kind(spec)
     raise KeyError(name)
 
 
-def widget_slots(node_info: dict) -> list[str | None]:
-    """The frontend's widget order: one entry per value in ``widgets_values``.
+def is_widget(kind: str, opts: dict) -> bool:
+    return kind in WIDGET_TYPES and not opts.get("forceInput")
 
-    Each widget input of the node (required then optional, in ``input_order``) is one value;
-    an input with ``control_after_generate`` (by default any INT named seed or noise_seed) is
-    followed by its control value ("fixed", "randomize"...), an upload combo by its upload
-    button's value (``None`` entries).
+
+@dataclasses.dataclass(frozen=True)
+class Widget:
+    """One value in a node's ``widgets_values``."""
+    name: str | None        # the input it sets; None for a frontend-only control or upload widget
+    owner: str              # the node's input it belongs to: its own, the one a control or upload widget
+                            # follows, or the DynamicCombo whose option brought it
+    optional: bool          # its input is optional, or it belongs to an optional one
+    default: object         # what the frontend shows when a workflow gives no value
+    kind: str = ""          # the input's type ("INT", "COMBO", DYNAMIC_COMBO...); "" for a control or upload
+    choices: tuple = ()     # a combo's choices, a DynamicCombo's option keys
+
+
+def _choices(kind: str, opts: dict) -> tuple:
+    if kind == DYNAMIC_COMBO:
+        return tuple(option["key"] for option in opts.get("options", []))
+    return tuple(opts.get("options") or ()) if kind == "COMBO" else ()
+
+
+def _default(kind: str, opts: dict, choices: tuple):
+    """The frontend's default for a widget (ComfyUI_frontend's widget constructors)."""
+    if kind == DYNAMIC_COMBO:            # a plain combo of the option keys, no default of its own
+        return choices[0] if choices else None
+    if kind == "COMBO":
+        return opts.get("default") or (choices[0] if choices else None)
+    return opts.get("default", {"INT": 0, "FLOAT": 0, "STRING": "", "BOOLEAN": False}.get(kind))
+
+
+def widgets(node_info: dict, choose) -> list[tuple[Widget, object]]:
+    """A node's widgets in the frontend's ``widgets_values`` order, each with ``choose(widget)``'s value.
+
+    Each widget input (required then optional, in ``input_order``) is one value; an INT with
+    ``control_after_generate`` (by default one named seed or noise_seed) is followed by its
+    control value ("fixed", "randomize"...), an upload combo by its upload button's value. A
+    DynamicCombo is followed by the widgets of the option its value picks, named
+    ``<combo>.<input>`` (nested ones likewise): the frontend inserts them right after the combo
+    when its value is set, so the values that follow in a file fill them.
     """
-    order = node_info.get("input_order") or {s: list(node_info["input"].get(s, {})) for s in ("required", "optional")}
-    slots: list[str | None] = []
-    for section in ("required", "optional"):
-        for name in order.get(section, []):
-            kind, opts = input_spec(node_info, name)
-            if kind not in WIDGET_TYPES or opts.get("forceInput"):
+    out: list[tuple[Widget, object]] = []
+
+    def walk(entries, owner=None, within_optional=False):
+        for name, spec, optional in entries:
+            kind, opts = _kind(spec)
+            if not is_widget(kind, opts):
                 continue
-            slots.append(name)
+            optional = optional or within_optional
+            choices = _choices(kind, opts)
+            widget = Widget(name, owner or name, optional, _default(kind, opts, choices), kind, choices)
+            value = choose(widget)
+            out.append((widget, value))
+            if kind == DYNAMIC_COMBO:
+                picked = next((o["inputs"] for o in opts.get("options", []) if o["key"] == value), None) or {}
+                walk([(f"{name}.{sub}", sub_spec, section == "optional")
+                      for section in ("required", "optional") for sub, sub_spec in (picked.get(section) or {}).items()],
+                     owner or name, optional)
+                continue
             # The frontend gives an INT a control widget when asked, and by default when it is
             # called seed or noise_seed (it does so for other packs' nodes too).
             default_control = kind == "INT" and name in ("seed", "noise_seed")
-            if opts.get("control_after_generate", default_control):
-                slots.append(None)
-            if any(opts.get(flag) for flag in UPLOAD_FLAGS):
-                slots.append(None)
-    return slots
+            extras = int(bool(opts.get("control_after_generate", default_control)))
+            extras += int(any(opts.get(flag) for flag in UPLOAD_FLAGS))
+            for _ in range(extras):
+                extra = Widget(None, owner or name, optional, None)
+                out.append((extra, choose(extra)))
+
+    order = node_info.get("input_order") or {s: list(node_info["input"].get(s, {})) for s in ("required", "optional")}
+    walk([(name, node_info["input"][section][name], section == "optional")
+          for section in ("required", "optional") for name in order.get(section, [])])
+    return out
+
+
+def widget_inputs(node_info: dict, values: list) -> dict:
+    """Input name -> value of each widget, for a node the frontend loads with ``widgets_values``.
+
+    As both frontends (1.32 and 1.49) do: values are taken in order; a widget past the end of the
+    list keeps its default (a file written for an older ComfyUI lacks the inputs added since);
+    values past the last widget are ignored (a file written for a newer ComfyUI).
+    """
+    remaining = iter(values)
+    missing = object()
+
+    def positional(widget: Widget):
+        value = next(remaining, missing)
+        return widget.default if value is missing else value
+
+    return {w.name: v for w, v in widgets(node_info, positional) if w.name is not None}
 
 
 def _links(workflow: dict) -> dict[int, tuple[int, int, int, int]]:
@@ -141,13 +235,9 @@ def to_api(workflow: dict, object_info: dict) -> dict:
         inputs: dict = {}
         values = node.get("widgets_values") or []
         if isinstance(values, dict):
-            inputs.update({k: v for k, v in values.items() if k in _input_names(info)})
+            inputs.update({k: v for k, v in values.items() if k in input_names(info)})
         else:
-            slots = widget_slots(info)
-            if len(values) < len(slots):
-                raise WorkflowError(f"node {node['id']} ({node['type']}) has {len(values)} widget values; "
-                                    f"this ComfyUI expects {len(slots)} ({', '.join(s or '(control)' for s in slots)})")
-            inputs.update({name: value for name, value in zip(slots, values) if name is not None})
+            inputs.update(widget_inputs(info, values))
         for inp in node.get("inputs", []):
             src = source(inp.get("link"))
             if src is None:
@@ -158,8 +248,22 @@ def to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def _input_names(node_info: dict) -> set:
-    return {name for section in ("required", "optional") for name in node_info["input"].get(section, {})}
+def input_names(node_info: dict) -> set:
+    """Every input a prompt may give the node: its own, and each DynamicCombo option's inputs
+    under their prompt names (``format.codec``, nested ones likewise)."""
+    names = set()
+
+    def walk(inputs: dict, prefix: str) -> None:
+        for section in ("required", "optional"):
+            for name, spec in (inputs.get(section) or {}).items():
+                names.add(prefix + name)
+                kind, opts = _kind(spec)
+                if kind == DYNAMIC_COMBO:
+                    for option in opts.get("options", []):
+                        walk(option.get("inputs") or {}, f"{prefix}{name}.")
+
+    walk(node_info["input"], "")
+    return names
 
 
 # --- standard model files -> fixtures ------------------------------------------------------
@@ -305,7 +409,7 @@ def map_to_fixtures(prompt: dict, object_info: dict, models_dir, size: str = "ti
         elif cls == "LoadImage" and inputs["image"] in missing:
             if input_dir is None:
                 raise WorkflowError(f"node {node_id} loads {inputs['image']}, which is missing; no input folder given")
-            _write_fixture_image(Path(input_dir) / inputs["image"])
+            write_fixture_image(Path(input_dir) / inputs["image"])
             notes.append(f"{node_id} LoadImage {inputs['image']} -> a smooth random {FIXTURE_IMAGE_SIDE}px image")
         elif cls == "VAELoader":
             notes.append(f"{node_id} VAELoader {inputs['vae_name']} -> {vae_name} (random-weight tiny autoencoder)")
@@ -341,7 +445,7 @@ def map_to_fixtures(prompt: dict, object_info: dict, models_dir, size: str = "ti
     return Mapping(prompt, family, missing, notes)
 
 
-def _write_fixture_image(path: Path) -> None:
+def write_fixture_image(path: Path) -> None:
     import numpy as np
     from PIL import Image
     from .vq_fixtures import smooth_images

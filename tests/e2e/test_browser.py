@@ -7,9 +7,7 @@ without them this fails with what to install, it does not skip.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
@@ -30,8 +28,7 @@ def _known_inputs(prompt: dict, object_info: dict) -> dict:
     PreviewAny's text box, which the server ignores)."""
     out = {}
     for node_id, node in prompt.items():
-        spec = object_info[node["class_type"]]["input"]
-        names = {n for section in ("required", "optional") for n in spec.get(section, {})}
+        names = workflows.input_names(object_info[node["class_type"]])
         out[node_id] = {**node, "inputs": {k: v for k, v in node["inputs"].items() if k in names}}
     return out
 
@@ -78,26 +75,23 @@ def test_every_workflow_loads_cleanly_and_converts_like_the_frontend(frontend, c
 
 
 def test_a_missing_node_type_is_caught(frontend):
-    """The check above can fail: a workflow naming a node nobody registered shows the dialog."""
+    """The check above can fail: a workflow naming a node nobody registered makes the frontend say
+    so (1.32: the "missing nodes" dialog; 1.49: the error overlay, whose Errors tab lists it)."""
     wf = workflows.load(workflows.example_workflows()[0])
     wf["nodes"][1]["type"] = "AccelNoSuchNode"
-    problems = frontend.load(wf).problems()
+    result = frontend.load(wf)
     frontend.close_dialogs()
-    assert any("missing nodes" in p.lower() for p in problems), problems
-    assert any("AccelNoSuchNode" in p for p in problems), problems
+    assert "AccelNoSuchNode" in result.missing_nodes_shown(), (result.dialogs, result.overlay, result.error_groups)
+    assert any("missing nodes shown" in p and "AccelNoSuchNode" in p for p in result.problems()), result.problems()
 
 
 @pytest.mark.parametrize("template", ["sdxl_simple_example", "text_to_video_wan"])
 def test_converter_matches_the_frontend_on_comfyui_templates(frontend, comfy_server, template):
-    """ComfyUI's own templates: primitive nodes, converted widgets, notes, seeds with controls."""
-    found = None
-    for package in ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates_media_video"):
-        spec = importlib.util.find_spec(package)
-        candidate = spec and os.path.join(os.path.dirname(spec.origin), "templates", template + ".json")
-        if candidate and os.path.isfile(candidate):
-            found = candidate
-    assert found, f"ComfyUI's template {template} is not installed"
-    wf = workflows.load(found)
+    """ComfyUI's own templates: primitive nodes, converted widgets, notes, seeds with controls,
+    and (0.33) SaveVideo's DynamicCombo format."""
+    path = workflows.comfyui_templates().get(template)
+    assert path, f"ComfyUI's template {template} is not installed (it comes with ComfyUI's requirements)"
+    wf = workflows.load(path)
     object_info = comfy_server.object_info()
     frontend.load(wf)
     frontend.close_dialogs()
@@ -114,3 +108,41 @@ def test_a_workflow_queued_from_the_page_runs(frontend, comfy_server):
     assert entry["status"]["status_str"] == "success"
     outputs = entry["outputs"]
     assert set(workflows.output_nodes(mapping.prompt, object_info)) <= set(outputs)
+
+
+def test_converter_matches_the_frontend_on_every_dynamic_combo(frontend, comfy_server):
+    """Every node of this ComfyUI with a DynamicCombo input (0.33: SaveVideo, image and audio savers,
+    API nodes...), each combo set to another option than its first (nested ones too, so the values
+    after it fill that option's inputs), loads to the prompt our converter makes."""
+    object_info = comfy_server.object_info()
+    # The widget kinds this frontend draws; a node with one the converter does not know is left out.
+    frontend_widgets = set(frontend.page.evaluate("() => Object.keys(window.app.widgets)"))
+    unknown_widgets = frontend_widgets - workflows.WIDGET_TYPES
+
+    def kinds(spec_inputs: dict):
+        for section in ("required", "optional"):
+            for spec in (spec_inputs.get(section) or {}).values():
+                kind, opts = workflows._kind(spec)
+                yield kind
+                if kind == workflows.DYNAMIC_COMBO:
+                    for option in opts.get("options", []):
+                        yield from kinds(option.get("inputs") or {})
+
+    types = sorted(t for t, info in object_info.items()
+                   if workflows.DYNAMIC_COMBO in set(kinds(info["input"])) and not set(kinds(info["input"])) & unknown_widgets)
+    if not types:
+        pytest.skip("this ComfyUI has no DynamicCombo input (COMFY_DYNAMICCOMBO_V3 came after 0.3.75)")
+    for pick in (1, -1):      # the second option, the last one
+        def choose(widget):
+            if widget.kind == workflows.DYNAMIC_COMBO and len(widget.choices) > 1:
+                return widget.choices[pick]
+            return "fixed" if widget.name is None else widget.default
+        nodes = [{"id": i, "type": t, "pos": [0, 200 * i], "size": [300, 100], "flags": {}, "order": i, "mode": 0,
+                  "inputs": [], "outputs": [], "properties": {},
+                  "widgets_values": [v for _, v in workflows.widgets(object_info[t], choose)]}
+                 for i, t in enumerate(types, 1)]
+        wf = {"last_node_id": len(nodes), "last_link_id": 0, "nodes": nodes, "links": [], "groups": [],
+              "config": {}, "extra": {}, "version": 0.4}
+        frontend.load(wf)
+        problems = _compare(f"option {pick}", frontend.graph_to_prompt(), workflows.to_api(wf, object_info), object_info)
+        assert not problems, "\n".join(problems)

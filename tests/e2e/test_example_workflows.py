@@ -2,10 +2,7 @@
 and each one converted to an API prompt and run through the real server on the fixture models."""
 from __future__ import annotations
 
-import glob
-import importlib.util
 import json
-import os
 
 import pytest
 
@@ -58,19 +55,14 @@ def test_workflow_explains_itself(path):
 def _template_models() -> dict[str, str]:
     """Model file name -> folder, from ComfyUI's own workflow templates (installed with ComfyUI)."""
     models = {}
-    for spec_name in ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates_media_video",
-                      "comfyui_workflow_templates_media_other"):
-        spec = importlib.util.find_spec(spec_name)
-        if spec is None:
+    for path in workflows.comfyui_templates().values():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
             continue
-        for path in glob.glob(os.path.join(os.path.dirname(spec.origin), "templates", "*.json")):
-            try:
-                data = json.loads(open(path, encoding="utf-8").read())
-            except ValueError:
-                continue
-            for node in data.get("nodes", []) if isinstance(data, dict) else []:
-                for m in (node.get("properties") or {}).get("models") or []:
-                    models.setdefault(m["name"], m.get("directory"))
+        for node in data.get("nodes", []) if isinstance(data, dict) else []:
+            for m in (node.get("properties") or {}).get("models") or []:
+                models.setdefault(m["name"], m.get("directory"))
     return models
 
 
