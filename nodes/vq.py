@@ -442,8 +442,8 @@ class AccelVQLoadTokens(AccelNode):
         path = folder_file(node, "token_file", name, [root], "a token file in input/ or output/vq_tokens/")
         try:
             tokens, stored = tk.load_tokens(path, codebook, progress=lambda *_: check_interrupt())
-        except tk.CodebookMismatch as e:
-            fail(node, "codebook", str(e))
+        except tk.CodebookMismatch as e:   # the connected codebook, or the file's own one
+            fail(node, "codebook" if codebook is not None else "token_file", str(e))
         except tk.VQFileError as e:
             fail(node, "token_file", str(e))
         if codebook is not None:
