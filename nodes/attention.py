@@ -31,7 +31,8 @@ class AccelSparseAttention(AccelNode):
                 "queries attends only to the key blocks a policy keeps; text tokens stay dense. Returns a "
                 "patched copy of the model (the input model is unchanged). Works with any attention backend "
                 "and chains an attention override that is already installed. The report of each run is "
-                "logged, saved as JSON in the output folder and shown by the Sparse Attention Report node."),
+                "logged, shown by the Sparse Attention Report node and, with save_report, saved as JSON in "
+                "the output folder."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (Wan, HunyuanVideo, LTX-Video, "
                                                 "Flux and other transformer models)."),
@@ -109,7 +110,8 @@ class AccelSparseAttentionReport(AccelNode):
             display_name="Sparse Attention Report",
             category="accel/attention",
             description=(
-                "The report of the last sampling run of a model patched by Sparse Attention: per layer and head "
+                "The report of the sampling run that made the connected LATENT with a model patched by Sparse "
+                "Attention: per layer and head "
                 "the density kept, the pattern svg chose and the relative error against exact attention on "
                 "sampled rows, as text/JSON and heat maps (density, then error; layers down, heads across)."),
             inputs=[
