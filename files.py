@@ -156,10 +156,11 @@ def json_bytes(value) -> bytes:
 # ---------------------------------------------------------------- reading user-named files
 
 
-def inside(root: str | Path, name: str) -> Path | None:
+def inside(root: str | Path, name: str, allowed: list[str | Path] | None = None) -> Path | None:
     """``root/name`` with ``..`` and symbolic links resolved, if it stays inside ``root`` (also
-    resolved); None if it leaves it or the name is unusable. Touches nothing outside ``root``
-    for a name that is absolute or climbs out: those are refused before any file system call."""
+    resolved) or, when given, one of the ``allowed`` folders (a link from one of ComfyUI's folders
+    into another); None if it leaves them or the name is unusable. A name that is absolute or
+    climbs out is refused before any file system call."""
     try:
         check_name(name)
     except FileNameError:
@@ -169,9 +170,12 @@ def inside(root: str | Path, name: str) -> Path | None:
         return None
     base = os.path.realpath(root)
     full = os.path.realpath(os.path.join(base, rel))
-    if os.path.commonpath([base, full]) != base or full == base:
+    if full == base:
         return None
-    return Path(full)
+    for folder in [base, *(os.path.realpath(a) for a in allowed or ())]:
+        if os.path.commonpath([folder, full]) == folder and full != folder:
+            return Path(full)
+    return None
 
 
 # ---------------------------------------------------------------- folder listings

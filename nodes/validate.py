@@ -161,15 +161,28 @@ def _check_object(node: str, name: str, io_type: str, value) -> None:
 # ---------------------------------------------------------------- file names
 
 
+def comfy_folders() -> list[str]:
+    """ComfyUI's input, output and models folders (extra model paths included): where a file
+    the pack opens may be, also at the end of a symbolic link."""
+    import folder_paths
+    folders = {folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.models_dir}
+    for kind, (paths, _) in folder_paths.folder_names_and_paths.items():
+        if kind != "custom_nodes":
+            folders.update(paths)
+    return sorted(folders)
+
+
 def folder_file(node: str, name: str, value: str, roots: list[str], what: str) -> Path:
     """The file ``value`` names in one of ``roots``, resolved (``..`` and symbolic links) and kept
-    inside that root, before anything opens it. A missing file and one outside the roots get the
+    inside ComfyUI's folders, before anything opens it. A missing file and one outside get the
     same message, so the answer says nothing about files elsewhere."""
+    allowed = comfy_folders()
     for root in roots:
-        path = files.inside(root, value)
+        path = files.inside(root, value, allowed)
         if path is not None and path.is_file():
             return path
-    fail(node, name, f"is {_shown(value)}, which is not {what}; choose one of the files the list offers")
+    fail(node, name, f"is {_shown(value)}, which is not {what}; choose one of the files the list offers (a "
+                     "symbolic link to a file outside ComfyUI's input, output and models folders is not followed)")
 
 
 def annotated_file(value: str) -> tuple[str, str]:

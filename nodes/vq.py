@@ -20,7 +20,7 @@ from ..vq import tokens as tk
 from ..vq.codebook import Codebook
 from .common import check_interrupt, fail, progress, report_text
 from .plots import bar_plot
-from .validate import AccelNode, annotated_file, custom_type, folder_file, output_folder
+from .validate import AccelNode, annotated_file, comfy_folders, custom_type, folder_file, output_folder
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def _token_files() -> list[str]:
 def _token_path(value: str) -> Path | None:
     """The token file a combo value names, inside input/ or output/, or None."""
     name, root = annotated_file(value)
-    path = files.inside(root, name)
+    path = files.inside(root, name, comfy_folders())
     return path if path is not None and path.is_file() else None
 
 
@@ -468,7 +468,7 @@ def _codebook_by_name(tokens: tk.Tokens) -> Codebook | None:
     import folder_paths
     _register_folder()
     for root in folder_paths.get_folder_paths(CODEBOOK_FOLDER):
-        path = files.inside(root, tokens.codebook_name)
+        path = files.inside(root, tokens.codebook_name, comfy_folders())
         if path is not None and path.is_file():
             break
     else:

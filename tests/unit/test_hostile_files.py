@@ -219,6 +219,9 @@ def test_names_are_kept_inside_their_folder(tmp_path):
     for name in ("../outside.vqt", str(outside), "link.vqt", "linkdir/outside.vqt", "sub/../../outside.vqt",
                  "a\x00.vqt", "x" * 300, "", ".", "C:/x.vqt"):
         assert files.inside(root, name) is None, name
+    # a link into another allowed folder is followed; ".." never, even towards an allowed folder
+    assert files.inside(root, "link.vqt", [tmp_path]) == outside.resolve()
+    assert files.inside(root, "../outside.vqt", [tmp_path]) is None
 
 
 def test_listings_are_cached_and_follow_changes(tmp_path):
