@@ -15,6 +15,10 @@ What changes, API by API (0.3.75 -> 0.33 -> 0.38.1), and what the pack does abou
   dequantizes and repacks around the patches itself where the host does not.
 - ``string_to_seed`` moved from ``comfy.model_patcher`` to ``comfy.utils`` (0.33; 0.38 warns
   at each call of the old name): ``string_to_seed`` here takes whichever exists.
+- V3 combo values: 0.33 refuses a value outside a combo's options when the prompt is queued;
+  0.3.75 passes any value to the node. No host refuses NaN in a FLOAT or checks a value that
+  arrives through a link. The pack does not branch on this: ``nodes/validate.py`` checks every
+  input of every node against its schema on every host, before the node runs.
 - Model parameter dataclasses gained required fields after 0.3.75 (``FluxParams.txt_ids_dims``,
   ``ChromaParams.txt_ids_dims`` and ``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``); the
   stock loader's detection fills them from the checkpoint. Only the test fixtures, which build

@@ -84,6 +84,7 @@ class Harness:
         self.outside = root / "outside"
         self.server = ComfyServer(base_dir=root / "comfy")
         self.base = self.server.base
+        self.info = None   # the tiny Wan fixture, once written
 
     # --- HTTP -----------------------------------------------------------------------------
 

@@ -82,7 +82,6 @@ def token_file(tmp_path, meta_changes=None, tensors_changes=None, embed=True):
     latent = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(1))
     data, _ = tk.tokens_bytes(tk.encode_latent(book, latent, pixels=30 * 40), embed_codebook=embed)
     tensors = safetensors.torch.load(data)
-    meta = safetensors.safe_open  # noqa: F841 (the metadata is read back below)
     path = tmp_path / "t.vqt"
     path.write_bytes(data)
     with safetensors.safe_open(str(path), framework="pt") as f:
