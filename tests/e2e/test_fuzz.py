@@ -18,7 +18,7 @@ Every case asserts:
 
 Cases run in batches; the sentinel and good-prompt checks run after each batch, so a failure
 names the batch. The counts (cases, crashes, hangs, unclear errors, reads/writes outside, leaks)
-are logged and asserted at the end; a summary line goes to the pytest output.
+are asserted at the end and written to ``out/fuzz_summary.txt``.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ BATCH = 25
 MIN_CASES = 150
 RSS_GROWTH_LIMIT = 1 << 30   # a prompt that decoded a crafted count would allocate GBs
 AGO = 3 * 86400              # sentinel access times: this long before their modification times
+SUMMARY_FILE = Path(__file__).resolve().parents[2] / "out" / "fuzz_summary.txt"   # the counts of the last run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,5 +730,6 @@ def test_hostile_prompts_and_files_end_in_clear_errors(harness):
                f"validation); slowest case {slowest[0]:.2f} s ({slowest[1]}); server RSS "
                f"{rss_growth / 2 ** 20:+.0f} MB; {time.monotonic() - started:.0f} s")
     log.warning("%s", summary)
-    print("\n" + summary)
+    SUMMARY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY_FILE.write_text(summary + "\n" + "\n".join(problems) + "\n")
     assert not problems, summary + "\n" + "\n".join(problems[:40])
