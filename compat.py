@@ -34,6 +34,10 @@ from its own commit, none confirmed to be the 0.38.1 tag (comfyui_version.py 0.3
   (``LOADER_MODULE_STATE``). Unchanged in newer upstream apart from a fast-disk pin pool.
 - ``string_to_seed`` moved from ``comfy.model_patcher`` to ``comfy.utils`` (0.33; the old name
   logs a warning at each call from 0.33 on): ``string_to_seed`` here takes whichever exists.
+- V3 combo values: 0.33 refuses a value outside a combo's options when the prompt is queued;
+  0.3.75 passes any value to the node. No host refuses NaN in a FLOAT or checks a value that
+  arrives through a link. The pack does not branch on this: ``nodes/validate.py`` checks every
+  input of every node against its schema on every host, before the node runs.
 - Model parameter dataclasses gained required fields after 0.3.75 (``FluxParams.txt_ids_dims``,
   ``ChromaParams.txt_ids_dims`` and ``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``); the
   stock loader's detection fills them from the checkpoint. Only the test fixtures, which build

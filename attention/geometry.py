@@ -9,11 +9,42 @@ and a block may span two tiles.
 """
 from __future__ import annotations
 
+import collections
 import functools
 
 import torch
 
 from .layout import TokenGrid
+
+CACHE_BYTES = 64 << 20   # per cached function: the orders of the grids in use, on the CPU
+
+
+def tensor_cache(max_bytes: int = CACHE_BYTES):
+    """Cache a function of hashable arguments that returns CPU tensors (or a tuple of them),
+    least recently used first out, bounded by the bytes it holds (a count bound alone lets a
+    few large video grids pin hundreds of MB). A result over the bound is not kept."""
+    def wrap(fn):
+        store: collections.OrderedDict = collections.OrderedDict()
+        sizes: dict = {}
+
+        @functools.wraps(fn)
+        def cached(*args):
+            if args in store:
+                store.move_to_end(args)
+                return store[args]
+            value = fn(*args)
+            size = sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
+            if size <= max_bytes:
+                store[args], sizes[args] = value, size
+                while sum(sizes.values()) > max_bytes:
+                    old, _ = store.popitem(last=False)
+                    del sizes[old]
+            return value
+
+        cached.cache_clear = lambda: (store.clear(), sizes.clear())
+        cached.cache_bytes = lambda: sum(sizes.values())
+        return cached
+    return wrap
 
 
 def tile_shape(grid: TokenGrid, block_size: int) -> tuple[int, int, int]:
@@ -26,7 +57,7 @@ def tile_shape(grid: TokenGrid, block_size: int) -> tuple[int, int, int]:
     return depth, rows, max(1, area // rows)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache()
 def _coords(frames: int, height: int, width: int) -> torch.Tensor:
     t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
     return torch.stack([t, h, w], -1).reshape(-1, 3)
@@ -37,7 +68,7 @@ def grid_coords(grid: TokenGrid) -> torch.Tensor:
     return _coords(grid.frames, grid.height, grid.width)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache()
 def _tile_order(frames: int, height: int, width: int, block_size: int) -> torch.Tensor:
     grid = TokenGrid(frames, height, width)
     tt, th, tw = tile_shape(grid, block_size)

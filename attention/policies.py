@@ -20,7 +20,6 @@ densely by the caller. ``density`` is the fraction of the S x S block pairs to k
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -118,7 +117,7 @@ def radial(p: Problem) -> Plan:
     return _static(order, score, p.keep, p.q.device)
 
 
-@functools.lru_cache(maxsize=16)
+@geometry.tensor_cache()
 def _svg_candidates(grid: TokenGrid, block_size: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Orders [2, G] and lists [2, S, keep] of the spatial and the temporal pattern."""
     spatial_order = geometry.raster_order(grid)

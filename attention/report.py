@@ -6,10 +6,11 @@ node layer prints it, plots it and the patch saves it as JSON.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
+
+from .. import files
 
 REPORT_PREFIX = "accel_sparse_attention_"
 
@@ -109,17 +110,7 @@ def matrices(report: dict) -> tuple[list[list[float]], list[list[float]], list[i
 
 
 def save(report: dict, folder: str | Path) -> Path:
-    """Write the report as a new numbered JSON file in ``folder`` (never over an existing file)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.stem[len(REPORT_PREFIX):]) for p in folder.glob(f"{REPORT_PREFIX}*.json")
-             if p.stem[len(REPORT_PREFIX):].isdigit()]
-    number = max(taken, default=0) + 1
-    while True:
-        path = folder / f"{REPORT_PREFIX}{number:05d}.json"
-        try:
-            with open(path, "x") as f:  # "x": fail rather than overwrite
-                json.dump(report, f, indent=1, default=str)
-            return path
-        except FileExistsError:
-            number += 1
+    """Write the report as a new numbered JSON file in ``folder`` (atomic, strict JSON, never over
+    an existing file)."""
+    report = {k: v for k, v in report.items() if k != "fingerprint"}
+    return files.write_new(folder, REPORT_PREFIX.rstrip("_"), ".json", files.json_bytes(report))

@@ -31,6 +31,7 @@ from ..kernels.block_sparse_attention import block_sparse_attention
 from . import policies
 from .layout import ModelFacts, model_facts
 from .policies import Plan, Problem
+from ..reports import RunHistory
 from .report import RunReport, save
 
 log = logging.getLogger(__name__)
@@ -155,12 +156,16 @@ class SparseAttention:
         self.report_dir = report_dir
         self.key = f"accel_sparse_attention_{uuid.uuid4().hex[:12]}"
         self.run: SparseRun | None = None
-        self.last_report: dict | None = None
+        self.history = RunHistory()   # bounded; each report found by the latent its run made
         self.last_report_path = None
         self._logged: set[str] = set()
 
     def __deepcopy__(self, memo):
         return self
+
+    @property
+    def last_report(self) -> dict | None:
+        return self.history.latest()
 
     # --- notices --------------------------------------------------------------------------
 
@@ -188,11 +193,13 @@ class SparseAttention:
             self._notice(run, "another node replaced the attention override after this one without chaining "
                               "it; attention stays dense for this run")
         self.run = run
+        output = None
         try:
-            return executor(*args, **kwargs)
+            output = executor(*args, **kwargs)
+            return output
         finally:
             self.run = None
-            self._finish(run)
+            self._finish(run, output)
 
     def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         run = self.run
@@ -214,7 +221,7 @@ class SparseAttention:
             if fwd.calls:
                 run.layer_counts[facts.family] = fwd.calls
 
-    def _finish(self, run: SparseRun) -> None:
+    def _finish(self, run: SparseRun, output) -> None:
         c = self.config
         settings = {"policy": c.policy, "density_requested": c.density, "block_size": c.block_size,
                     "top_p": c.top_p, "dense_steps": c.dense_steps, "dense_first_layers": c.dense_first_layers,
@@ -224,7 +231,7 @@ class SparseAttention:
             self._notice(run, "no self-attention call over the latent grid reached the override: this model's "
                               "attention cannot be patched this way, so it ran unchanged (dense)")
         report = run.report.build(settings, run.notices)
-        self.last_report = report
+        self.history.add(report, output)
         s = report["summary"]
         if self.report_dir:
             try:

@@ -35,6 +35,7 @@ from collections import defaultdict
 
 import torch
 
+from ..reports import RunHistory
 from . import rules
 from .adapters import BlockAdapter
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 KEY = "comfyui_accel.cache"          # wrapper key and transformer_options entry of the setup
 RUN_KEY = "comfyui_accel.cache_run"  # transformer_options entry of the live run
-MAX_REPORTS = 32
 
 _current_call: contextvars.ContextVar = contextvars.ContextVar("comfyui_accel_cache_call", default=None)
 
@@ -84,32 +84,18 @@ class CacheSetup:
         self.adapter = adapter
         self.keys = keys
         self.family = family
-        self.reports: list[dict] = []
+        self.history = RunHistory()   # bounded; each report found by the latent its run made
 
     def __deepcopy__(self, memo):
         return self
 
-    def add_report(self, report: dict) -> None:
-        self.reports.append(report)
-        del self.reports[:-MAX_REPORTS]
+    @property
+    def reports(self) -> list[dict]:
+        return self.history.reports
 
     def find_report(self, latent: torch.Tensor | None) -> dict | None:
-        """The report of the run that produced ``latent``, else the newest one."""
-        if latent is not None:
-            fp = fingerprint(latent)
-            for report in reversed(self.reports):
-                if _same_fingerprint(report.get("fingerprint"), fp):
-                    return report
-        return self.reports[-1] if self.reports else None
-
-
-def fingerprint(latent: torch.Tensor) -> list:
-    t = latent.detach()
-    return [list(t.shape), float(t.double().abs().sum())]
-
-
-def _same_fingerprint(a, b) -> bool:
-    return bool(a) and a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-6, abs_tol=1e-9)
+        """The report of the run that produced ``latent``, or None."""
+        return self.history.find(latent)
 
 
 # --- installing on a clone ---------------------------------------------------------------
@@ -551,7 +537,7 @@ class Run:
 
     def finish(self, status: str, output) -> dict:
         report = self.report(status, output)
-        self.setup.add_report(report)
+        self.setup.history.add(report, output)
         (log.warning if report["warnings"] else log.info)("%s", report["log_line"])
         for st in self.streams.values():
             st.forecaster.reset()
@@ -600,8 +586,7 @@ class Run:
             + (f" [{status}]" if status not in ("ok", "off") else "")
             + "".join(f"; WARNING: {w}" for w in warnings if w != self.note))
         return {"summary": summary, "streams": streams, "rows": rows, "points": self.points,
-                "warnings": warnings, "log_line": line,
-                "fingerprint": fingerprint(output) if isinstance(output, torch.Tensor) else None}
+                "warnings": warnings, "log_line": line}
 
 
 def _decider(streams: list) -> int:

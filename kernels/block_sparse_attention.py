@@ -268,7 +268,16 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, block_size: in
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size: int, scale: float | None = None,
                            return_lse: bool = False):
     """Attention of every query block to its listed key blocks (see the module notes)."""
-    route = dispatch.pick(q, k, v, supported=triton_supported(q, block_size))
-    if route == "triton":
-        return block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, block_size, scale, return_lse)
-    return block_sparse_attention_gather(q, k, v, kv_indices, kv_counts, block_size, scale, return_lse)
+    args = (q, k, v, kv_indices, kv_counts, block_size, scale, return_lse)
+    if dispatch.pick(q, k, v, supported=triton_supported(q, block_size)) == "triton":
+        return dispatch.run("block_sparse_attention", block_sparse_attention_triton, block_sparse_attention_gather,
+                            args, _check_slice)
+    return block_sparse_attention_gather(*args)
+
+
+def _check_slice(args: tuple) -> tuple:
+    """The first-use check's slice: one batch item and head, the first two query blocks, all keys."""
+    q, k, v, idx, cnt, block_size = args[:6]
+    blocks = min(2, idx.shape[2])
+    return (q[:1, :1, :blocks * block_size], k[:1, :1], v[:1, :1], idx[:1, :1, :blocks], cnt[:1, :1, :blocks],
+            *args[5:])

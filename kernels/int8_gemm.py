@@ -90,13 +90,17 @@ def int8_matmul_int32(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     try:
         return torch._int_mm(xq, wq.t())
     except (RuntimeError, NotImplementedError) as e:
-        _warn_once(f"torch._int_mm failed on {xq.device.type} ({e}); computing the int8 GEMM on the CPU")
+        _warn_once(xq.device.type, f"torch._int_mm failed on {xq.device.type} ({e}); computing the int8 GEMM on the CPU")
         return int8_matmul_int32(xq.cpu(), wq.cpu()).to(xq.device)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    log.warning(message)
+_warned: set[str] = set()   # device types; a handful at most
+
+
+def _warn_once(device_type: str, message: str) -> None:
+    if device_type not in _warned:
+        _warned.add(device_type)
+        log.warning(message)
 
 
 def int8_gemm_reference(
@@ -233,9 +237,11 @@ def int8_gemm(
         xq.dim() == 2 and xq.dtype == torch.int8 and x_scale.numel() == xq.shape[0]
         and _triton_supports(xq.shape[0], xq.shape[1], wq, w_scale, bias, out_dtype, xq.device)
     )
+    args = (xq, x_scale, wq, w_scale, bias, out_dtype)
     if dispatch.pick(xq, wq, supported=supported) == "triton":
-        return int8_gemm_triton(xq, x_scale, wq, w_scale, bias, out_dtype)
-    return int8_gemm_reference(xq, x_scale, wq, w_scale, bias, out_dtype)
+        return dispatch.run("int8_gemm", int8_gemm_triton, int8_gemm_reference, args,
+                            lambda a: (dispatch.first_rows(a[0]), dispatch.first_rows(a[1]), *a[2:]))
+    return int8_gemm_reference(*args)
 
 
 def _int8_linear(gemm, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -276,6 +282,8 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     K = x.shape[-1] if x.dim() else 0
     rows = x.numel() // K if K else 0
     supported = x.dtype in _OUT_DTYPES and _triton_supports(rows, K, wq, w_scale, bias, x.dtype, x.device)
+    args = (x, wq, w_scale, bias, inv_smooth)
     if dispatch.pick(x, wq, supported=supported) == "triton":
-        return int8_linear_triton(x, wq, w_scale, bias, inv_smooth)
-    return int8_linear_reference(x, wq, w_scale, bias, inv_smooth)
+        return dispatch.run("int8_linear", int8_linear_triton, int8_linear_reference, args,
+                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
+    return int8_linear_reference(*args)

@@ -331,6 +331,9 @@ def _triton_blocks(d: int) -> tuple[int, int, int]:
     return 128, 64, block_d
 
 
+_CHECK_VECTORS = 256   # vectors in the first-use check's slice
+
+
 def _supported(*tensors: torch.Tensor) -> bool:
     return all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in tensors)
 
@@ -342,7 +345,10 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Te
     Returns int64 indices [..., N] and float32 squared distances [..., N].
     """
     if dispatch.pick(x, centroids, supported=_supported(x, centroids)) == "triton":
-        return nearest_centroid_triton(x, centroids)
+        # Near-ties may pick another code on either path: the check compares the distances.
+        return dispatch.run("nearest_centroid", nearest_centroid_triton, nearest_centroid_reference, (x, centroids),
+                            lambda a: (a[0][..., :_CHECK_VECTORS, :], a[1]),
+                            lambda got, want: dispatch.difference(got[1], want[1]))
     return nearest_centroid_reference(x, centroids)
 
 
@@ -403,7 +409,9 @@ def centroid_sums(x: torch.Tensor, indices: torch.Tensor, k: int,
     """
     tensors = (x, indices) if weights is None else (x, indices, weights)
     if dispatch.pick(*tensors, supported=_supported(x)) == "triton":
-        return centroid_sums_triton(x, indices, k, weights)
+        n = _CHECK_VECTORS
+        return dispatch.run("centroid_sums", centroid_sums_triton, centroid_sums_reference, (x, indices, k, weights),
+                            lambda a: (a[0][..., :n, :], a[1][..., :n], a[2], None if a[3] is None else a[3][..., :n]))
     return centroid_sums_reference(x, indices, k, weights)
 
 

@@ -343,9 +343,11 @@ def lowbit_linear(x: torch.Tensor, code: str, packed: torch.Tensor, scale: torch
                   block: int = 64, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ decode(packed).T + bias`` in ``x.dtype``; see the module docstring."""
     supported = code in CODES and x.dtype in _FLOAT_DTYPES and _supported(x, packed, block)
+    args = (x, code, packed, scale, zero, global_scale, block, bias)
     if dispatch.pick(x, packed, supported=supported) == "triton":
-        return lowbit_linear_triton(x, code, packed, scale, zero, global_scale, block, bias)
-    return lowbit_linear_reference(x, code, packed, scale, zero, global_scale, block, bias)
+        return dispatch.run("lowbit_linear", lowbit_linear_triton, lowbit_linear_reference, args,
+                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
+    return lowbit_linear_reference(*args)
 
 
 def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -355,9 +357,11 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                  and weight.dtype in (torch.int8, torch.float8_e4m3fn) and x.shape[1] == weight.shape[1]
                  and scale.numel() in (1, weight.shape[0])
                  and not (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0)))
+    args = (x, weight, scale, bias)
     if dispatch.pick(x, weight, supported=supported) == "triton":
-        return w8a16_linear_triton(x, weight, scale, bias)
-    return w8a16_linear_reference(x, weight, scale, bias)
+        return dispatch.run("w8a16_linear", w8a16_linear_triton, w8a16_linear_reference, args,
+                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
+    return w8a16_linear_reference(*args)
 
 
 def w4a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, group_scale: torch.Tensor,
@@ -368,6 +372,9 @@ def w4a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, gro
     the int8 part exact in int32."""
     supported = (xq.dtype == torch.int8 and out_dtype in _FLOAT_DTYPES and _supported(xq, packed, block)
                  and (lora_act is None or lora_act.shape[1] <= 256))
+    args = (xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up)
     if dispatch.pick(xq, packed, supported=supported) == "triton":
-        return w4a8_gemm_triton(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up)
-    return w4a8_gemm_reference(xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up)
+        rows = dispatch.first_rows
+        return dispatch.run("w4a8_gemm", w4a8_gemm_triton, w4a8_gemm_reference, args,
+                            lambda a: (rows(a[0]), rows(a[1]), *a[2:8], rows(a[8]), a[9]))
+    return w4a8_gemm_reference(*args)

@@ -12,13 +12,14 @@ from ..attention.report import matrices
 from ..attention.sparse import BLOCK_SIZES, SparseConfig, apply_sparse_attention, find_patches
 from .common import fail, report_text
 from .plots import heatmap
+from .validate import AccelNode
 
 log = logging.getLogger(__name__)
 
 REPORT_FOLDER = "accel_sparse_attention"
 
 
-class AccelSparseAttention(io.ComfyNode):
+class AccelSparseAttention(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -30,7 +31,8 @@ class AccelSparseAttention(io.ComfyNode):
                 "queries attends only to the key blocks a policy keeps; text tokens stay dense. Returns a "
                 "patched copy of the model (the input model is unchanged). Works with any attention backend "
                 "and chains an attention override that is already installed. The report of each run is "
-                "logged, saved as JSON in the output folder and shown by the Sparse Attention Report node."),
+                "logged, shown by the Sparse Attention Report node and, with save_report, saved as JSON in "
+                "the output folder."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (Wan, HunyuanVideo, LTX-Video, "
                                                 "Flux and other transformer models)."),
@@ -73,9 +75,10 @@ class AccelSparseAttention(io.ComfyNode):
                              tooltip="Query rows per call computed exactly to measure the error against "
                                      "dense attention for the report, and for svg to pick each head's "
                                      "pattern (svg needs at least 1). 0 turns the error measurement off."),
-                io.Boolean.Input("save_report", default=True,
-                                 tooltip=f"Save each run's report as a new JSON file in the output folder "
-                                         f"under {REPORT_FOLDER}/ (never overwrites a file)."),
+                io.Boolean.Input("save_report", default=False,
+                                 tooltip=f"Also save each run's report as a new JSON file in the output folder "
+                                         f"under {REPORT_FOLDER}/ (never overwrites a file). The Sparse "
+                                         f"Attention Report node shows it either way."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
@@ -99,7 +102,7 @@ class AccelSparseAttention(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-class AccelSparseAttentionReport(io.ComfyNode):
+class AccelSparseAttentionReport(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -107,7 +110,8 @@ class AccelSparseAttentionReport(io.ComfyNode):
             display_name="Sparse Attention Report",
             category="accel/attention",
             description=(
-                "The report of the last sampling run of a model patched by Sparse Attention: per layer and head "
+                "The report of the sampling run that made the connected LATENT with a model patched by Sparse "
+                "Attention: per layer and head "
                 "the density kept, the pattern svg chose and the relative error against exact attention on "
                 "sampled rows, as text/JSON and heat maps (density, then error; layers down, heads across)."),
             inputs=[
@@ -125,10 +129,10 @@ class AccelSparseAttentionReport(io.ComfyNode):
         if not patches:
             fail("Sparse Attention Report", "model", "carries no Sparse Attention patch: connect the MODEL output "
                                                       "of a Sparse Attention node")
-        report = patches[0].last_report
+        report = patches[0].history.find(latent["samples"])
         if report is None:
-            fail("Sparse Attention Report", "latent", "comes from no sampling run with this model yet: connect "
-                                                       "the LATENT output of the sampler that used it")
+            fail("Sparse Attention Report", "latent", "comes from no sampling run with this model that is still "
+                                                       "kept: connect the LATENT output of the sampler that used it")
         summary = dict(report["summary"])
         if patches[0].last_report_path:
             summary["saved_as"] = str(patches[0].last_report_path)

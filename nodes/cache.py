@@ -6,21 +6,24 @@ cache did is only known after sampling: each run logs one line, and the Cache Re
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import torch
 from comfy_api.latest import io, ui
 
+from .. import files
 from ..cache import adapters, engine
 from ..cache.presets import PRESETS
 from ..cache.profile import CacheProfile, from_recording
 from .common import fail, progress, report_text
 from .plots import line_plot
+from .validate import AccelNode, custom_type
 
 log = logging.getLogger(__name__)
 
-PROFILE = io.Custom("ACCEL_CACHE_PROFILE")
+PROFILE = custom_type("ACCEL_CACHE_PROFILE", CacheProfile, "a cache profile from Cache Calibrate")
 PROFILE_FOLDER = "accel_cache"
 CACHE_DEVICES = {"model device": None, "cpu": "cpu"}
 SHORT_SCHEDULE = {"skip caching": False, "cache anyway": True}
@@ -45,7 +48,7 @@ def _no_hook_message(dm) -> str:
             f"'model output', which works on every model.")
 
 
-class AccelTeaCache(io.ComfyNode):
+class AccelTeaCache(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -89,7 +92,7 @@ class AccelTeaCache(io.ComfyNode):
     @classmethod
     def execute(cls, model, threshold, start, end, coefficients, cache_device, short_schedule,
                 profile: CacheProfile | None = None) -> io.NodeOutput:
-        node = "AccelTeaCache"
+        node = "TeaCache"
         _check_window(node, start, end)
         dm = _diffusion_model(model)
         adapter = adapters.find_adapter(dm)
@@ -114,14 +117,14 @@ class AccelTeaCache(io.ComfyNode):
             coeffs, signal, recommended, warmup, source = (preset.coefficients, preset.signal, preset.threshold,
                                                            preset.warmup_steps, name)
         settings = engine.Settings(
-            node=node, method="teacache", target="blocks", start=start, end=end, warmup_steps=warmup,
+            node="AccelTeaCache", method="teacache", target="blocks", start=start, end=end, warmup_steps=warmup,
             force_short=SHORT_SCHEDULE[short_schedule], cache_device=CACHE_DEVICES[cache_device],
             signal=signal, coefficients=tuple(coeffs), threshold=recommended if threshold < 0 else threshold,
             preset=source)
         return io.NodeOutput(engine.install(model, settings, adapter, adapter.family))
 
 
-class AccelTaylorSeer(io.ComfyNode):
+class AccelTaylorSeer(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -164,7 +167,7 @@ class AccelTaylorSeer(io.ComfyNode):
     @classmethod
     def execute(cls, model, interval, order, warmup_steps, end, forecast, cache_device,
                 short_schedule) -> io.NodeOutput:
-        node = "AccelTaylorSeer"
+        node = "TaylorSeer"
         _check_window(node, 0.0, end)
         dm = _diffusion_model(model)
         adapter = adapters.find_adapter(dm)
@@ -173,14 +176,14 @@ class AccelTaylorSeer(io.ComfyNode):
             fail(node, "forecast", f"'block residual' needs ComfyUI's transformer block hook, which this "
                                    f"{adapters.describe(dm)} model does not have; choose 'model output'.")
         settings = engine.Settings(
-            node=node, method="taylorseer", target=target, end=end, warmup_steps=warmup_steps,
+            node="AccelTaylorSeer", method="taylorseer", target=target, end=end, warmup_steps=warmup_steps,
             force_short=SHORT_SCHEDULE[short_schedule], cache_device=CACHE_DEVICES[cache_device],
             interval=interval, order=order)
         family = adapter.family if adapter else type(dm).__name__
         return io.NodeOutput(engine.install(model, settings, adapter if target == "blocks" else None, family))
 
 
-class AccelCacheCalibrate(io.ComfyNode):
+class AccelCacheCalibrate(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         import comfy.samplers
@@ -238,7 +241,7 @@ class AccelCacheCalibrate(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise, target_speedup, start, end, signal) -> io.NodeOutput:
         import comfy.sample
-        node = "AccelCacheCalibrate"
+        node = "Cache Calibrate"
         _check_window(node, start, end)
         dm = _diffusion_model(model)
         adapter = adapters.find_adapter(dm)
@@ -248,7 +251,7 @@ class AccelCacheCalibrate(io.ComfyNode):
         if kind not in adapter.signals():
             fail(node, "signal", f"'{signal}' is not available for {adapter.family} models; choose one of "
                                  f"{', '.join(adapter.signals())} or 'auto'.")
-        recorder = engine.install(model, engine.Settings(node=node, method="record", signal=kind, min_steps=0),
+        recorder = engine.install(model, engine.Settings(node="AccelCacheCalibrate", method="record", signal=kind, min_steps=0),
                                   adapter, adapter.family)
         latent = latent_image["samples"]
         latent = comfy.sample.fix_empty_latent_channels(recorder, latent)
@@ -265,7 +268,7 @@ class AccelCacheCalibrate(io.ComfyNode):
         profile = from_recording(report, family=adapter.family, model_class=adapters.describe(dm), signal=kind,
                                  target=target_speedup, start=start, end=end, warmup_steps=1,
                                  sampler=sampler_name, scheduler=scheduler)
-        path = save_json(f"{PROFILE_FOLDER}/profile_{adapter.family}", profile.to_json())
+        path = save_json(f"{PROFILE_FOLDER}/profile_{adapter.family}", json.loads(profile.to_json()))
         summary = {"family": profile.family, "model": profile.model_class, "signal": profile.signal,
                    "coefficients": [float(f"{c:.6g}") for c in profile.coefficients],
                    "fit_r2": round(profile.fit_r2, 4), "points": len(profile.signal_change),
@@ -286,7 +289,7 @@ class AccelCacheCalibrate(io.ComfyNode):
         return io.NodeOutput(profile, out, text, calibration_plot(profile))
 
 
-class AccelCacheReport(io.ComfyNode):
+class AccelCacheReport(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -314,12 +317,14 @@ class AccelCacheReport(io.ComfyNode):
     def execute(cls, model, latent) -> io.NodeOutput:
         setup = engine.setup_of(model)
         if setup is None:
-            fail("AccelCacheReport", "model", "carries no TeaCache or TaylorSeer: connect the MODEL output of "
+            fail("Cache Report", "model", "carries no TeaCache or TaylorSeer: connect the MODEL output of "
                                               "one of those nodes (or a model made from it, e.g. after a LoRA).")
-        report = setup.find_report(latent.get("samples") if isinstance(latent, dict) else None)
+        report = setup.find_report(latent["samples"])
         if report is None:
-            text = "Cache report\n============\nNo sampling run has used this model yet."
-            image = line_plot({}, "no run yet")
+            text = ("Cache report\n============\nNo report for this latent: no sampling run with this model made "
+                    "it, or its report is no longer kept (the newest runs are). Connect the LATENT output of the "
+                    "sampler that used this model.")
+            image = line_plot({}, "no report for this latent")
         else:
             text = report_text(f"Cache report ({report['summary']['node']})", report_summary(report), report["rows"])
             image = report_plot(report)
@@ -369,20 +374,14 @@ def calibration_plot(profile: CacheProfile) -> torch.Tensor:
                      xlabel="signal change (rel. L1)", ylabel="output change")
 
 
-def save_json(prefix: str, text: str) -> str:
-    """Write ``text`` to a new numbered file under ComfyUI's output folder; never overwrites."""
+def save_json(prefix: str, data: dict) -> str:
+    """Write ``data`` as strict JSON to a new numbered file under ComfyUI's output folder (atomic,
+    never over an existing file); the path relative to the output folder."""
     import folder_paths
     output_dir = folder_paths.get_output_directory()
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
-    os.makedirs(folder, exist_ok=True)
-    while True:
-        path = os.path.join(folder, f"{name}_{counter:05}_.json")
-        try:
-            with open(path, "x", encoding="utf-8") as f:
-                f.write(text)
-            return os.path.relpath(path, output_dir)
-        except FileExistsError:
-            counter += 1
+    folder, name = os.path.split(os.path.join(output_dir, prefix))
+    path = files.write_new(folder, name, ".json", files.json_bytes(data))
+    return os.path.relpath(path, output_dir)
 
 
 NODES = [AccelTeaCache, AccelTaylorSeer, AccelCacheCalibrate, AccelCacheReport]

@@ -10,6 +10,7 @@ from ..quant import auto, checkpoint, formats, pipeline, policy
 from ..quant import model as qmodel
 from . import plots
 from .common import fail, progress, report_text
+from .validate import AccelNode, folder_file, output_folder
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def check_calibration(node: str, positive, latent) -> None:
         fail(node, "latent", "is needed for calibration when positive is connected (e.g. an Empty Latent)")
 
 
-class AccelQuantizeModel(io.ComfyNode):
+class AccelQuantizeModel(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -153,6 +154,8 @@ class AccelQuantizeModel(io.ComfyNode):
                                 "connect the model from before the Quantize Model / Load Quantized Model node")
         try:
             plans = qmodel.plan_model(model, format, group_size, overrides)
+        except policy.PatternError as e:
+            fail(node, "layer_overrides", str(e))
         except policy.LayerError as e:
             fail(node, "group_size" if grouped and "group size" in str(e) else "format",
                  f"cannot be used: {e}. Choose a size that divides it, or keep that layer with "
@@ -185,18 +188,14 @@ _SAVE_DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float16": torch.float
 def _target_path(node: str, filename: str) -> str:
     import os
     import folder_paths
-    name = filename.strip().replace("\\", "/")
-    if not name or name.startswith("/") or ".." in name.split("/") or ":" in name:
-        fail(node, "filename", f"must be a relative file name inside models/diffusion_models, got {filename!r}")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
     # ComfyUI lists the legacy models/unet first; write where new files belong.
     roots = folder_paths.get_folder_paths("diffusion_models")
     root = next((r for r in roots if os.path.basename(os.path.normpath(r)) == "diffusion_models"), roots[0])
-    return os.path.join(root, *name.split("/"))
+    folder, stem = output_folder(node, "filename", filename, root, "models/diffusion_models")
+    return os.path.join(folder, stem if stem.endswith(".safetensors") else stem + ".safetensors")
 
 
-class AccelSaveQuantized(io.ComfyNode):
+class AccelSaveQuantized(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -239,7 +238,7 @@ class AccelSaveQuantized(io.ComfyNode):
         return io.NodeOutput(report_text("Save Quantized Model", info))
 
 
-class AccelLoadQuantized(io.ComfyNode):
+class AccelLoadQuantized(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         import folder_paths
@@ -260,11 +259,10 @@ class AccelLoadQuantized(io.ComfyNode):
     def execute(cls, unet_name) -> io.NodeOutput:
         import folder_paths
         node = "Load Quantized Model"
-        path = folder_paths.get_full_path("diffusion_models", unet_name)
-        if path is None:
-            fail(node, "unet_name", f"{unet_name!r} is not in models/diffusion_models")
+        path = folder_file(node, "unet_name", unet_name, folder_paths.get_folder_paths("diffusion_models"),
+                           "a file in models/diffusion_models")
         try:
-            model = checkpoint.load_model(path)
+            model = checkpoint.load_model(str(path))
         except checkpoint.CheckpointError as e:
             fail(node, "unet_name", f"cannot be loaded: {e}")
         layers = qmodel.quantized_layers(model)

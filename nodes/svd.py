@@ -10,6 +10,7 @@ from ..quant import model as qmodel
 from . import plots
 from .common import fail, progress, report_text
 from .quant import calibration_sockets, calibration_widgets, check_calibration
+from .validate import AccelNode
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _plot(rows: list[lowrank.LayerRow], names: tuple[str, str]) -> "torch.Tensor
     return plots.bar_plot(labels, values, f"layer {measured[0].sqnr_on} SQNR", ylabel="dB", groups=groups)
 
 
-class AccelSVDLowRankBranch(io.ComfyNode):
+class AccelSVDLowRankBranch(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -104,7 +105,10 @@ class AccelSVDLowRankBranch(io.ComfyNode):
             fail(NODE, "model", f"already has a low-rank branch ({len(already)} layers, e.g. {already[0]}); "
                                 "connect the model from before the first SVD Low-Rank Branch node")
         after = bool(qmodel.quantized_layers(model))
-        layers = lowrank.select_layers(model, overrides)
+        try:
+            layers = lowrank.select_layers(model, overrides)
+        except (policy.PatternError, policy.LayerError) as e:
+            fail(NODE, "layer_overrides", str(e))
         if after:
             layers = [(p, m) for p, m in layers if p in set(qmodel.quantized_layers(model))]
         if not layers:

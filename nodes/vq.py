@@ -14,17 +14,18 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from .. import metrics
+from .. import files, metrics
 from ..vq import codebook as cb
 from ..vq import tokens as tk
 from ..vq.codebook import Codebook
-from .common import fail, progress, report_text
+from .common import check_interrupt, fail, progress, report_text
 from .plots import bar_plot
+from .validate import AccelNode, annotated_file, comfy_folders, custom_type, folder_file, output_folder
 
 log = logging.getLogger(__name__)
 
-CODEBOOK = io.Custom("ACCEL_VQ_CODEBOOK")
-TOKENS = io.Custom("ACCEL_VQ_TOKENS")
+CODEBOOK = custom_type("ACCEL_VQ_CODEBOOK", Codebook, "a codebook (from VQ Fit Codebook or VQ Load Codebook)")
+TOKENS = custom_type("ACCEL_VQ_TOKENS", tk.Tokens, "VQ tokens (from VQ Encode, VQGAN Encode or VQ Load Tokens)")
 CODEBOOK_FOLDER = "vq_codebooks"   # models/vq_codebooks
 TOKENS_SUBFOLDER = "vq_tokens"      # output/vq_tokens, input/ also listed
 CATEGORY = "accel/vq"
@@ -39,8 +40,8 @@ def _register_folder() -> None:
 
 
 def _samples(node: str, latent: dict) -> torch.Tensor:
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.dim() not in (4, 5):
+    samples = latent["samples"]
+    if samples.dim() not in (4, 5):
         fail(node, "latent", "must be an image latent [B, C, H, W] or a video latent [B, C, T, H, W]")
     return samples
 
@@ -114,7 +115,7 @@ def _bitrate_outputs(title: str, tokens: tk.Tokens, report: dict, extra: dict) -
 # ---------------------------------------------------------------------------------------------
 
 
-class AccelVQFitCodebook(io.ComfyNode):
+class AccelVQFitCodebook(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -148,7 +149,7 @@ class AccelVQFitCodebook(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, codebook_size, patch_size, residual_levels, iterations, seed) -> io.NodeOutput:
-        node = "AccelVQFitCodebook"
+        node = "VQ Fit Codebook"
         samples = _samples(node, latent)
         vectors, _ = cb.latent_to_vectors(samples, patch_size)
         if codebook_size > vectors.shape[0]:
@@ -163,7 +164,7 @@ class AccelVQFitCodebook(io.ComfyNode):
         return io.NodeOutput(book, text, plot)
 
 
-class AccelVQShrinkCodebook(io.ComfyNode):
+class AccelVQShrinkCodebook(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -188,7 +189,7 @@ class AccelVQShrinkCodebook(io.ComfyNode):
 
     @classmethod
     def execute(cls, codebook, codebook_size, iterations, seed, latent=None) -> io.NodeOutput:
-        node = "AccelVQShrinkCodebook"
+        node = "VQ Shrink Codebook"
         if codebook_size >= codebook.size:
             fail(node, "codebook_size", f"is {codebook_size}; it must be smaller than the codebook's {codebook.size} codes")
         book = cb.shrink(codebook, codebook_size, iterations, seed, progress(codebook.depth * iterations))
@@ -208,7 +209,7 @@ class AccelVQShrinkCodebook(io.ComfyNode):
         return io.NodeOutput(book, text, plot)
 
 
-class AccelVQSaveCodebook(io.ComfyNode):
+class AccelVQSaveCodebook(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -228,18 +229,19 @@ class AccelVQSaveCodebook(io.ComfyNode):
     @classmethod
     def execute(cls, codebook, filename_prefix) -> io.NodeOutput:
         import folder_paths
+        node = "VQ Save Codebook"
         _register_folder()
-        stem = Path(filename_prefix).name
-        if not stem or stem != filename_prefix.strip():
-            fail("AccelVQSaveCodebook", "filename_prefix", "must be a plain file name (no folders), e.g. 'codebook'")
-        folder = folder_paths.get_folder_paths(CODEBOOK_FOLDER)[0]
+        root = folder_paths.get_folder_paths(CODEBOOK_FOLDER)[0]
+        folder, stem = output_folder(node, "filename_prefix", filename_prefix, root, f"models/{CODEBOOK_FOLDER}")
+        if folder != root:
+            fail(node, "filename_prefix", "must be a plain file name (no folders), e.g. 'codebook'")
         path = tk.write_new(folder, stem, tk.CODEBOOK_EXT, tk.codebook_bytes(codebook))
         saved = Codebook(codebook.vectors, codebook.channels, codebook.patch, codebook.usage, codebook.source, str(path))
         log.info("VQ Save Codebook: %s", path)
         return io.NodeOutput(saved, str(path), ui={"text": [path.name]})
 
 
-class AccelVQLoadCodebook(io.ComfyNode):
+class AccelVQLoadCodebook(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         _register_folder()
@@ -257,17 +259,17 @@ class AccelVQLoadCodebook(io.ComfyNode):
     @classmethod
     def execute(cls, codebook_name) -> io.NodeOutput:
         import folder_paths
+        node = "VQ Load Codebook"
         _register_folder()
-        path = folder_paths.get_full_path(CODEBOOK_FOLDER, codebook_name)
-        if path is None:
-            fail("AccelVQLoadCodebook", "codebook_name", f"'{codebook_name}' is not in models/{CODEBOOK_FOLDER}/")
+        path = folder_file(node, "codebook_name", codebook_name, folder_paths.get_folder_paths(CODEBOOK_FOLDER),
+                           f"a codebook file in models/{CODEBOOK_FOLDER}/")
         try:
             return io.NodeOutput(tk.load_codebook(path))
         except tk.VQFileError as e:
-            fail("AccelVQLoadCodebook", "codebook_name", str(e))
+            fail(node, "codebook_name", str(e))
 
 
-class AccelVQEncode(io.ComfyNode):
+class AccelVQEncode(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -297,7 +299,7 @@ class AccelVQEncode(io.ComfyNode):
     @classmethod
     def execute(cls, latent, codebook, residual_levels, vae=None, spatial_compression=8,
                 temporal_compression=4) -> io.NodeOutput:
-        node = "AccelVQEncode"
+        node = "VQ Encode"
         samples = _samples(node, latent)
         if samples.shape[1] != codebook.channels:
             fail(node, "codebook", f"is for {codebook.channels}-channel latents but the latent has {samples.shape[1]} "
@@ -310,7 +312,7 @@ class AccelVQEncode(io.ComfyNode):
         return io.NodeOutput(tokens, text, plot)
 
 
-class AccelVQDecode(io.ComfyNode):
+class AccelVQDecode(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -329,7 +331,7 @@ class AccelVQDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, tokens, residual_levels, codebook=None) -> io.NodeOutput:
-        node = "AccelVQDecode"
+        node = "VQ Decode"
         if tokens.kind != "latent":
             fail(node, "tokens", "are Stable Cascade Stage A image tokens; decode them with VQGAN Decode (Stage A)")
         levels = _levels(node, "residual_levels", residual_levels, tokens.depth)
@@ -340,7 +342,7 @@ class AccelVQDecode(io.ComfyNode):
         return io.NodeOutput({"samples": samples})
 
 
-class AccelVQSaveTokens(io.ComfyNode):
+class AccelVQSaveTokens(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -366,7 +368,7 @@ class AccelVQSaveTokens(io.ComfyNode):
     @classmethod
     def execute(cls, tokens, filename_prefix, embed_codebook) -> io.NodeOutput:
         import folder_paths
-        node = "AccelVQSaveTokens"
+        node = "VQ Save Tokens"
         if not embed_codebook and not tokens.codebook_name and tokens.kind == "latent":
             fail(node, "embed_codebook", "is off but the codebook has no file: save it first with VQ Save Codebook "
                  "(and encode with that codebook), or turn embed_codebook on")
@@ -374,9 +376,13 @@ class AccelVQSaveTokens(io.ComfyNode):
             fail(node, "embed_codebook", "is on but these tokens carry no codebook (they came from a file without "
                  "one); turn it off to refer to the codebook by hash")
         out_dir = folder_paths.get_output_directory()
-        folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        data, report = tk.tokens_bytes(tokens, embed_codebook, tokens.codebook_name)
-        path = tk.write_new(folder, stem, tk.TOKENS_EXT, data, counter)
+        folder, stem = output_folder(node, "filename_prefix", filename_prefix, out_dir)
+        subfolder = os.path.relpath(folder, os.path.realpath(out_dir)).replace(os.sep, "/").removeprefix(".")
+        try:
+            data, report = tk.tokens_bytes(tokens, embed_codebook, tokens.codebook_name)
+        except tk.VQFileError as e:
+            fail(node, "tokens", str(e))
+        path = tk.write_new(folder, stem, tk.TOKENS_EXT, data)
         file_bits = 8 * path.stat().st_size
         extra = {"file": str(Path(subfolder) / path.name), "file_bytes": path.stat().st_size,
                  "file_bpp": round(file_bits / max(report["pixels"], 1), 5),
@@ -387,19 +393,25 @@ class AccelVQSaveTokens(io.ComfyNode):
 
 
 def _token_files() -> list[str]:
-    """Token files in input/ (any subfolder) and in output/vq_tokens/ (marked [output])."""
+    """Token files in input/ (any subfolder) and in output/vq_tokens/ (marked [output]); only
+    output/vq_tokens, since the whole output folder can hold thousands of images. The listings
+    are cached (ComfyUI asks for them on every /object_info and prompt)."""
     import folder_paths
-    files = []
-    output = Path(folder_paths.get_output_directory())
-    for root, scan, tag in ((Path(folder_paths.get_input_directory()), None, ""),
-                            (output, output / TOKENS_SUBFOLDER, " [output]")):
-        scan = scan or root
-        if scan.is_dir():  # only output/vq_tokens: the whole output folder can hold thousands of images
-            files += sorted(str(p.relative_to(root)) + tag for p in scan.rglob(f"*{tk.TOKENS_EXT}") if p.is_file())
-    return files
+    output = Path(folder_paths.get_output_directory()) / TOKENS_SUBFOLDER
+    found = files.listing(folder_paths.get_input_directory(), tk.TOKENS_EXT)
+    if output.is_dir():
+        found = found + [f"{TOKENS_SUBFOLDER}/{name} [output]" for name in files.listing(output, tk.TOKENS_EXT)]
+    return found
 
 
-class AccelVQLoadTokens(io.ComfyNode):
+def _token_path(value: str) -> Path | None:
+    """The token file a combo value names, inside input/ or output/, or None."""
+    name, root = annotated_file(value)
+    path = files.inside(root, name, comfy_folders())
+    return path if path is not None and path.is_file() else None
+
+
+class AccelVQLoadTokens(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -420,19 +432,18 @@ class AccelVQLoadTokens(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, token_file, codebook=None):
-        import folder_paths
-        path = folder_paths.get_annotated_filepath(token_file)
-        return os.path.getmtime(path) if os.path.exists(path) else ""
+        path = _token_path(token_file) if isinstance(token_file, str) else None
+        return os.path.getmtime(path) if path is not None else ""
 
     @classmethod
     def execute(cls, token_file, codebook=None) -> io.NodeOutput:
-        import folder_paths
-        node = "AccelVQLoadTokens"
-        path = Path(folder_paths.get_annotated_filepath(token_file))
+        node = "VQ Load Tokens"
+        name, root = annotated_file(token_file)
+        path = folder_file(node, "token_file", name, [root], "a token file in input/ or output/vq_tokens/")
         try:
-            tokens, stored = tk.load_tokens(path, codebook)
-        except tk.CodebookMismatch as e:
-            fail(node, "codebook", str(e))
+            tokens, stored = tk.load_tokens(path, codebook, progress=lambda *_: check_interrupt())
+        except tk.CodebookMismatch as e:   # the connected codebook, or the file's own one
+            fail(node, "codebook" if codebook is not None else "token_file", str(e))
         except tk.VQFileError as e:
             fail(node, "token_file", str(e))
         if codebook is not None:
@@ -443,8 +454,8 @@ class AccelVQLoadTokens(io.ComfyNode):
             tokens.codebook = _codebook_by_name(tokens) if tokens.codebook_name else None
             where = (f"models/{CODEBOOK_FOLDER}/{tokens.codebook_name}" if tokens.codebook is not None else
                      f"not found ({tokens.codebook_name or 'the file names none'}): connect it to VQ Decode")
-        summary = {"file": path.name, "file_bytes": path.stat().st_size,
-                   "file_bpp": round(8 * path.stat().st_size / max(tokens.pixels, 1), 5),
+        size = path.stat().st_size
+        summary = {"file": path.name, "file_bytes": size, "file_bpp": round(8 * size / max(tokens.pixels, 1), 5),
                    "coded_bpp": round(stored.get("coded_bpp", float("nan")), 5), "codebook": where}
         text = report_text("VQ Load Tokens", summary, _bitrate_rows(stored, None) if stored else None)
         log.info("VQ Load Tokens: %s (%d tokens, %d levels)", path.name, tokens.count, tokens.depth)
@@ -452,11 +463,15 @@ class AccelVQLoadTokens(io.ComfyNode):
 
 
 def _codebook_by_name(tokens: tk.Tokens) -> Codebook | None:
-    """The codebook a token file names, from models/vq_codebooks, if it is there and matches."""
+    """The codebook a token file names, from models/vq_codebooks, if it is there and matches.
+    The name comes from the file: it is resolved inside that folder like any user input."""
     import folder_paths
     _register_folder()
-    path = folder_paths.get_full_path(CODEBOOK_FOLDER, tokens.codebook_name)
-    if path is None:
+    for root in folder_paths.get_folder_paths(CODEBOOK_FOLDER):
+        path = files.inside(root, tokens.codebook_name, comfy_folders())
+        if path is not None and path.is_file():
+            break
+    else:
         return None
     try:
         book = tk.load_codebook(path)
@@ -479,7 +494,7 @@ def _stage_a_codebook(node: str, vae) -> Codebook:
     return Codebook(weight[None].clone(), channels=model.c_latent, patch=1, source="Stable Cascade Stage A")
 
 
-class AccelVQGANEncode(io.ComfyNode):
+class AccelVQGANEncode(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -501,7 +516,7 @@ class AccelVQGANEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, vae, report_psnr) -> io.NodeOutput:
-        node = "AccelVQGANEncode"
+        node = "VQGAN Encode (Stage A)"
         book = _stage_a_codebook(node, vae)
         latent = vae.encode(image[..., :3])
         h, w = latent.shape[-2] * 4, latent.shape[-1] * 4
@@ -516,7 +531,7 @@ class AccelVQGANEncode(io.ComfyNode):
         return io.NodeOutput(tokens, text, plot)
 
 
-class AccelVQGANDecode(io.ComfyNode):
+class AccelVQGANDecode(AccelNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -531,7 +546,7 @@ class AccelVQGANDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, tokens, vae) -> io.NodeOutput:
-        node = "AccelVQGANDecode"
+        node = "VQGAN Decode (Stage A)"
         book = _stage_a_codebook(node, vae)
         if tokens.kind != "vqgan":
             fail(node, "tokens", "are latent tokens from VQ Encode; decode them with VQ Decode")

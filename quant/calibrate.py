@@ -148,7 +148,8 @@ def calibrate(patcher, layers: list[str], positive, negative, latent: dict, step
     stats = {}
     for i, path in enumerate(layers):
         module = patcher.get_model_object(PREFIX + path)
-        stats[path] = LayerStats(module.weight.shape[1], recorder, rows_per_call, max_rows, seed + i)
+        # One row-sampling seed per layer; wrapped into torch's seed range (the widget goes to 2^64 - 1).
+        stats[path] = LayerStats(module.weight.shape[1], recorder, rows_per_call, max_rows, (seed + i) % 2 ** 64)
         params = {name: clean_param(patcher, path, name) for name in ("weight", "bias")}
         clone.add_object_patch(PREFIX + path, observing_copy(module, stats[path], params))
 

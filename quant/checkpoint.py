@@ -42,6 +42,7 @@ from .qweight import EXTRA_PARTS, QuantWeight
 
 META_KEY = "accel_quant"
 FORMAT_VERSION = 1
+MAX_SIDE = 1 << 20   # a linear layer's side in a file's metadata
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
@@ -136,6 +137,9 @@ def parse_layers(metadata: dict, name: str) -> tuple[dict[str, dict], str | None
         layers = meta["layers"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{name}: the '{META_KEY}' metadata is malformed ({e})") from None
+    if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in layers.items()):
+        raise CheckpointError(f"{name}: the '{META_KEY}' metadata is malformed (its 'layers' must map layer "
+                              "names to objects)")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{name} uses quantization file version {version}; this ComfyUI-Accel reads "
                               f"up to {FORMAT_VERSION}: update the node pack")
@@ -151,13 +155,16 @@ def expected_parts(layer: str, info: dict) -> tuple[Spec, tuple[int, int], dict]
         raise CheckpointError(f"layer {layer}: {e.args[0] if e.args else e}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"layer {layer}: malformed metadata ({e})") from None
-    if len(shape) != 2:
-        raise CheckpointError(f"layer {layer}: a linear weight needs a 2-D shape, metadata says {list(shape)}")
+    if len(shape) != 2 or not all(0 < d <= MAX_SIDE for d in shape):
+        raise CheckpointError(f"layer {layer}: a linear weight needs a 2-D shape of sides 1 to {MAX_SIDE}, "
+                              f"metadata says {list(shape)}")
     problem = fmt.problem(shape, spec)
     if problem:
         raise CheckpointError(f"layer {layer}: {problem}")
     parts = dict(fmt.part_specs(shape, spec))
-    extras = list(info.get("extras", []))
+    extras = info.get("extras", [])
+    if not isinstance(extras, list):
+        raise CheckpointError(f"layer {layer}: malformed metadata ('extras' must be a list)")
     for extra in extras:
         if extra not in EXTRA_PARTS:
             raise CheckpointError(f"layer {layer}: unknown extra tensor '{extra}' (from a newer ComfyUI-Accel?)")
@@ -166,6 +173,8 @@ def expected_parts(layer: str, info: dict) -> tuple[Spec, tuple[int, int], dict]
     if "lora_down" in extras or "lora_up" in extras:
         try:
             rank = int(info["rank"])
+            if not 0 < rank <= min(shape):
+                raise ValueError(rank)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"layer {layer}: a low-rank branch without a valid 'rank' in the metadata") from None
         parts["lora_down"] = ((shape[1], rank), torch.bfloat16)
@@ -227,12 +236,24 @@ def standin(qw: QuantWeight) -> torch.Tensor:
     return torch.zeros((), dtype=qw.dtype).expand(*qw.shape)
 
 
-def install(diffusion_model: torch.nn.Module, packed: dict[str, QuantWeight]) -> None:
-    """Put QuantLinear modules in a freshly loaded model (ours alone, not shared yet)."""
+def install(diffusion_model: torch.nn.Module, packed: dict[str, QuantWeight], name: str = "the file") -> None:
+    """Put QuantLinear modules in a freshly loaded model (ours alone, not shared yet). Every
+    layer is checked first (it exists and is a linear layer of the stored shape), so a file
+    that names something else changes nothing."""
+    targets = []
     for layer, qw in packed.items():
         parent_name, _, child = layer.rpartition(".")
-        parent = diffusion_model.get_submodule(parent_name) if parent_name else diffusion_model
-        old = getattr(parent, child)
+        try:
+            parent = diffusion_model.get_submodule(parent_name) if parent_name else diffusion_model
+        except AttributeError:
+            parent = None
+        old = parent._modules.get(child) if parent is not None else None
+        if not isinstance(old, torch.nn.Linear) or tuple(old.weight.shape) != tuple(qw.shape):
+            what = "no such layer" if old is None else f"a {type(old).__name__}"
+            raise CheckpointError(f"{name}: the metadata names layer {layer!r} as a {list(qw.shape)} linear layer, but "
+                                  f"the model ComfyUI built from the file has {what} there")
+        targets.append((parent, child, old, qw))
+    for parent, child, old, qw in targets:
         bias = getattr(old, "bias", None)
         setattr(parent, child, QuantLinear(qw, None if bias is None else bias.detach()))
 
@@ -329,15 +350,20 @@ def load_model(path: str):
         sd[f"{layer}.weight"] = standin(qw)
     # ComfyUI's detection may read file metadata (LTX-Video's "config"); not the quantization keys.
     meta = {k: v for k, v in metadata.items() if k not in ("_quantization_metadata", META_KEY)}
-    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": _loading_ops(set(packed))},
-                                                       metadata=meta)
+    try:
+        patcher = comfy.sd.load_diffusion_model_state_dict(
+            sd, model_options={"custom_operations": _loading_ops(set(packed))}, metadata=meta)
+    except Exception as e:  # ComfyUI's detection and constructors on a file that does not fit them
+        raise CheckpointError(f"ComfyUI could not build a model from {os.path.basename(path)} "
+                              f"({type(e).__name__}: {e})") from None
     if patcher is None:
         raise CheckpointError(f"ComfyUI could not detect the model type of {os.path.basename(path)}")
     saved = json.loads(metadata[META_KEY]).get("model_config")
     if saved is not None and model_config(patcher) != saved:
         raise CheckpointError(f"ComfyUI's detection builds {os.path.basename(path)} with another configuration "
                               f"than the model it was saved from ({model_config(patcher)} instead of {saved})")
-    install(patcher.model.diffusion_model, {k: v.retarget(device=patcher.offload_device) for k, v in packed.items()})
+    install(patcher.model.diffusion_model, {k: v.retarget(device=patcher.offload_device) for k, v in packed.items()},
+            os.path.basename(path))
     dtype = _DTYPES.get(compute or "")
     current = getattr(patcher.model, "manual_cast_dtype", None) or patcher.model.get_dtype()
     if dtype is not None and dtype != current:

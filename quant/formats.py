@@ -46,7 +46,17 @@ class Spec:
 
     @classmethod
     def from_json(cls, d: dict) -> "Spec":
-        return cls(str(d["format"]), d.get("group_size"), bool(d.get("act_quant", True)))
+        """The spec a file's metadata gives; ValueError for a field of the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a layer's metadata must be a JSON object, got {type(d).__name__}")
+        fmt, group, act = d.get("format"), d.get("group_size"), d.get("act_quant", True)
+        if not isinstance(fmt, str):
+            raise ValueError(f"'format' must be a format name, got {fmt!r}")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or not 0 < group <= 1 << 20):
+            raise ValueError(f"'group_size' must be a positive whole number or null, got {group!r}")
+        if not isinstance(act, bool):
+            raise ValueError(f"'act_quant' must be true or false, got {act!r}")
+        return cls(fmt, group, act)
 
 
 def _round(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -17,12 +17,18 @@ SD1.5/SDXL UNet, Lumina 2, Qwen-Image, HiDream...), so one table covers the fami
 - ``linear``: everything else (attention, MLP) -> the chosen format.
 
 Overrides are lines ``<regex> = <action>`` (first match wins, before the roles), where
-action is ``keep``, a format name, or a format name followed by ``weight_only``.
+action is ``keep``, a format name, or a format name followed by ``weight_only``. The user's
+patterns run in the ``regex`` module with a time limit (Python's ``re`` can backtrack for hours
+on a pattern like ``^(([a-z_0-9]+[.]?)+)+!`` and cannot be interrupted): all matching for one
+node run together gets ``MATCH_SECONDS``, and a pattern that needs more is an error naming it.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+import regex
 
 from . import formats
 from .formats import Spec
@@ -56,27 +62,63 @@ def role_of(path: str) -> str:
     return "linear"
 
 
+MAX_OVERRIDE_LINES = 256
+MAX_PATTERN_CHARS = 1000
+MATCH_SECONDS = 2.0
+
+
+class PatternError(ValueError):
+    """A layer_overrides pattern that took too long to match."""
+
+
+@dataclass
+class _Clock:
+    """Time left for matching, shared by the overrides of one parse; starts at the first match."""
+    seconds: float = MATCH_SECONDS
+    deadline: float | None = None
+
+    def left(self) -> float:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.seconds
+        return max(0.0, self.deadline - time.monotonic())
+
+
 @dataclass
 class Override:
-    pattern: re.Pattern
+    pattern: regex.Pattern
     action: str            # "keep" or a format name
     weight_only: bool
     line: str
+    clock: _Clock = field(default_factory=_Clock, repr=False, compare=False)
+
+    def matches(self, path: str) -> bool:
+        try:
+            return self.pattern.search(path, timeout=self.clock.left()) is not None
+        except TimeoutError:
+            raise PatternError(f"line {self.line!r}: matching the layer names took more than {self.clock.seconds:g} s "
+                               "(a pattern that backtracks, like nested repeats '(a+)+'); write a simpler "
+                               "pattern") from None
 
 
-def parse_overrides(text: str) -> list[Override]:
-    """Parse ``<regex> = <action>`` lines; raises ValueError with the bad line named."""
+def parse_overrides(text: str, seconds: float = MATCH_SECONDS) -> list[Override]:
+    """Parse ``<regex> = <action>`` lines; raises ValueError with the bad line named. Matching
+    with the result may take ``seconds`` in all (PatternError beyond)."""
     out = []
-    for raw in (text or "").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    clock = _Clock(seconds)
+    lines = [raw.strip() for raw in (text or "").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if len(lines) > MAX_OVERRIDE_LINES:
+        raise ValueError(f"has {len(lines)} rules; at most {MAX_OVERRIDE_LINES} are allowed")
+    for line in lines:
         if "=" not in line:
             raise ValueError(f"line {line!r} has no '='; write '<regex> = keep' or '<regex> = <format>'")
         pattern_text, action_text = (s.strip() for s in line.rsplit("=", 1))
+        if len(pattern_text) > MAX_PATTERN_CHARS:
+            raise ValueError(f"line {line[:40]!r}...: the pattern is {len(pattern_text)} characters long; at most "
+                             f"{MAX_PATTERN_CHARS} are allowed")
         try:
-            pattern = re.compile(pattern_text)
-        except re.error as e:
+            pattern = regex.compile(pattern_text)
+        except (regex.error, OverflowError, RecursionError) as e:
             raise ValueError(f"line {line!r}: the pattern is not a valid regular expression ({e})") from None
         words = action_text.split()
         action = words[0] if words else ""
@@ -84,7 +126,7 @@ def parse_overrides(text: str) -> list[Override]:
         if action != "keep" and action not in formats.FORMATS or (words[1:] and not weight_only):
             raise ValueError(f"line {line!r}: the action must be 'keep', a format "
                              f"({', '.join(formats.FORMATS)}) or a format followed by 'weight_only'")
-        out.append(Override(pattern, action, weight_only, line))
+        out.append(Override(pattern, action, weight_only, line, clock))
     return out
 
 
@@ -104,7 +146,7 @@ def plan_layer(path: str, shape: tuple[int, int], fmt: str, group_size: int | No
     raises LayerError."""
     role = role_of(path)
     for ov in overrides:
-        if ov.pattern.search(path):
+        if ov.matches(path):
             if ov.action == "keep":
                 return LayerPlan(path, shape, role, None, f"override '{ov.line}': kept")
             spec = make_spec(ov.action, group_size, act_quant=not ov.weight_only)

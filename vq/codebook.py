@@ -62,6 +62,22 @@ class Codebook:
         return self._hash
 
 
+def vectors_problem(vectors, channels: int, patch: int) -> str | None:
+    """Why ``vectors`` cannot be the codes of a codebook for ``channels``-channel latents cut in
+    ``patch`` x ``patch`` patches, or None: a float32 [levels, K, C p^2] tensor, 1 to 8 levels,
+    2 to 65536 codes."""
+    if not isinstance(vectors, torch.Tensor) or vectors.dtype != torch.float32 or vectors.dim() != 3:
+        what = f"a {vectors.dtype} tensor of shape {list(vectors.shape)}" if isinstance(vectors, torch.Tensor) else "not a tensor"
+        return f"is {what}; expected float32 [levels, codes, vector dimension]"
+    depth, k, d = vectors.shape
+    if not 1 <= depth <= 8 or not 2 <= k <= 1 << 16:
+        return f"has {depth} level(s) of {k} codes; expected 1-8 levels of 2-65536 codes"
+    if d != channels * patch * patch:
+        return (f"has {d}-dimensional codes; {channels}-channel latents in {patch}x{patch} patches need "
+                f"{channels * patch * patch}")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # latents <-> vectors
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -97,32 +98,49 @@ def empirical_entropy_bits(symbols: np.ndarray) -> float:
 
 
 def quantize_frequencies(counts: np.ndarray, total_bits: int = SCALE_BITS) -> np.ndarray:
-    """Integer frequencies >= 1 proportional to ``counts`` (all > 0) that sum to 2^total_bits."""
+    """Integer frequencies >= 1 proportional to ``counts`` (all > 0) that sum to 2^total_bits.
+
+    The rounding difference goes to the most frequent symbols first, one unit per symbol per
+    pass over them (the rule files were written with); the passes are counted, not looped, so a
+    crafted table (one huge count among 65536) costs O(K log) instead of O(K^2)."""
     total = 1 << total_bits
     if len(counts) > total:
         raise ValueError(f"{len(counts)} distinct symbols do not fit a {total_bits}-bit frequency table")
     f = np.maximum(1, np.floor(counts * (total / counts.sum())).astype(np.int64))
-    # Hand the rounding difference to (or take it from) the most frequent symbols.
-    diff = total - int(f.sum())
     order = np.argsort(-counts, kind="stable")
-    i = 0
-    while diff != 0:
-        j = order[i % len(order)]
-        if diff > 0:
-            f[j] += 1
-            diff -= 1
-        elif f[j] > 1:
-            f[j] -= 1
-            diff += 1
-        i += 1
+    diff = total - int(f.sum())
+    if diff > 0:  # every pass adds one to each symbol, in order, until the difference is gone
+        passes, rest = divmod(diff, len(order))
+        f += passes
+        f[order[:rest]] += 1
+    elif diff < 0:  # every pass takes one from each symbol still above 1, in order
+        spare = f[order] - 1
+        need = -diff
+        lo, hi = 0, int(spare.max())  # the number of full passes: most that need no more than `need`
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if int(np.minimum(spare, mid).sum()) <= need:
+                lo = mid
+            else:
+                hi = mid - 1
+        taken = np.minimum(spare, lo)
+        rest = need - int(taken.sum())
+        if rest:
+            taken[np.flatnonzero(spare > lo)[:rest]] += 1
+        f[order] -= taken
     return f.astype(np.uint32)
+
+
+def lanes_for(count: int) -> int:
+    """Lanes the encoder uses for ``count`` symbols (the decoder insists on the same number)."""
+    return int(min(MAX_LANES, max(1, count // _SYMBOLS_PER_LANE)))
 
 
 def encode(symbols: np.ndarray, lanes: int | None = None) -> Coded:
     symbols = np.asarray(symbols).reshape(-1).astype(np.int64)
     n = symbols.size
     if lanes is None:
-        lanes = int(min(MAX_LANES, max(1, n // _SYMBOLS_PER_LANE)))
+        lanes = lanes_for(n)
     if n == 0:
         return Coded(np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.int64), 0, lanes)
     alphabet, local, counts = np.unique(symbols, return_inverse=True, return_counts=True)
@@ -154,12 +172,35 @@ def encode(symbols: np.ndarray, lanes: int | None = None) -> Coded:
     return Coded(np.concatenate([head, body]), alphabet, counts.astype(np.int64), n, lanes)
 
 
-def decode(coded: Coded) -> np.ndarray:
+def check(coded: Coded, alphabet_size: int) -> None:
+    """Raise ValueError unless ``coded`` is what :func:`encode` writes for ``coded.count`` symbols
+    of an alphabet of ``alphabet_size``: the lane count of its rule, a histogram of exactly
+    ``count`` symbols in the alphabet, and no more words than the symbols can have flushed.
+    Bounds the work of :func:`decode` by the count, which callers check against a shape first."""
+    n, lanes = coded.count, coded.lanes
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"the symbol count {n!r} is not a count: damaged")
+    if lanes != lanes_for(n):
+        raise ValueError(f"{lanes!r} lanes for {n} symbols; the coder uses {lanes_for(n)}: damaged")
+    symbols, counts = coded.symbols, coded.counts
+    if len(symbols) != len(counts) or (n > 0) != (len(symbols) > 0):
+        raise ValueError("the frequency table does not match the symbol count: damaged")
+    if len(symbols) and (symbols[0] < 0 or symbols[-1] >= alphabet_size or (np.diff(symbols) <= 0).any()):
+        raise ValueError(f"the frequency table lists symbols outside 0..{alphabet_size - 1} or out of order: damaged")
+    if (counts <= 0).any() or int(counts.sum()) != n:
+        raise ValueError(f"the frequency table counts {int(counts.sum())} symbols, the stream {n}: damaged")
+    if n and not 2 * lanes <= coded.words.size <= 2 * lanes + n:
+        raise ValueError("the coded stream has a length no coder output of this size has: truncated or damaged")
+
+
+def decode(coded: Coded, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """The symbols back. ``progress(step, steps)`` is called every few thousand steps (ComfyUI's
+    interrupt check)."""
     n, lanes = coded.count, coded.lanes
     if n == 0:
         return np.zeros(0, np.int64)
     words = coded.words.astype(np.uint64)
-    if words.size < 2 * lanes:
+    if lanes < 1 or words.size < 2 * lanes:
         raise ValueError("the coded stream is shorter than its lane states: truncated")
     freqs = coded.freqs.astype(np.uint64)
     if int(freqs.sum()) != 1 << SCALE_BITS:
@@ -173,6 +214,8 @@ def decode(coded: Coded) -> np.ndarray:
     shift = np.uint64(SCALE_BITS)
     out = np.empty(steps * lanes, np.int64)
     for t in range(steps):
+        if progress is not None and t % 4096 == 0:
+            progress(t, steps)
         live = np.arange(lanes) < (n - t * lanes)
         slot = x & mask
         s = np.searchsorted(cum, slot, side="right") - 1

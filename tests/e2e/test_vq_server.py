@@ -64,7 +64,7 @@ def test_fit_encode_save_load_decode(comfy_server, files):
 
 def test_bad_input_is_a_clear_error_and_the_server_stays_up(comfy_server, files):
     from comfyui_accel.devtools.host import PromptError
-    with pytest.raises(PromptError, match="AccelVQFitCodebook: input 'codebook_size' is 5000 but the latent has only 80"):
+    with pytest.raises(PromptError, match="VQ Fit Codebook: input 'codebook_size' is 5000 but the latent has only 80"):
         comfy_server.run(encode_prompt(files, 5000))
     assert comfy_server.get("/system_stats")["system"]
     # And it still runs work afterwards (another size, so nothing comes from ComfyUI's cache).

@@ -63,5 +63,5 @@ def test_save_node_refuses_unquantized_models_and_bad_names(node, tmp_path):
     run, AccelInputError, model = node
     with pytest.raises(AccelInputError, match="has no quantized layers"):
         AccelSaveQuantized.execute(model, "x", False, "keep")
-    with pytest.raises(AccelInputError, match="input 'filename' must be a relative file name"):
+    with pytest.raises(AccelInputError, match="input 'filename' is '../../etc/evil'; it must be a relative file name"):
         AccelSaveQuantized.execute(run()[0], "../../etc/evil", False, "keep")

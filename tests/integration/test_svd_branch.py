@@ -171,8 +171,12 @@ def test_save_and_load_a_branched_model(wan, tmp_path):
 def test_bad_inputs_name_node_and_input(wan):
     from comfyui_accel.nodes.common import AccelInputError
     model, _, _, branched, _, _ = wan
-    with pytest.raises(AccelInputError, match=r"SVD Low-Rank Branch: input 'rank' 136 is too large for layer .* at most 128"):
+    with pytest.raises(AccelInputError, match=r"SVD Low-Rank Branch: input 'rank' is 136; allowed: 16 to 128"):
         run_node(model, calibrate=False, rank=136)
+    # the output projection [64, 256], brought in by an override, holds at most rank 32
+    with pytest.raises(AccelInputError, match=r"SVD Low-Rank Branch: input 'rank' 64 is too large for layer "
+                                              r"head.head \[64, 256\]: at most 32"):
+        run_node(model, calibrate=False, rank=64, layer_overrides="^head[.]head$ = int8")
     with pytest.raises(AccelInputError, match=r"input 'model' already has a low-rank branch"):
         run_node(branched, calibrate=False)
     wrong = {f"diffusion_model.{ATTN}.lora_up.weight": torch.randn(192, 4),

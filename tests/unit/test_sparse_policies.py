@@ -1,4 +1,6 @@
 """The policies' block plans and the override's assembly of a sparse call (no ComfyUI)."""
+import json
+
 import pytest
 import torch
 
@@ -363,17 +365,19 @@ def test_grid_placement():
 
 def test_a_run_that_never_reaches_the_override_says_so(tmp_path):
     patch = SparseAttention(SparseConfig(), report_dir=str(tmp_path))
-    patch._finish(SparseRun())
+    patch._finish(SparseRun(), None)
     assert any("cannot be patched" in n for n in patch.last_report["notices"])
     assert patch.last_report["summary"]["sparse_calls"] == 0
-    # Reports are saved as new numbered files, never over an existing one.
-    (tmp_path / "accel_sparse_attention_00002.json").write_text("user file")
-    patch._finish(SparseRun())
-    patch._finish(SparseRun())
+    # Reports are saved as new numbered files, never over an existing one, as strict JSON.
+    (tmp_path / "accel_sparse_attention_00002_.json").write_text("user file")
+    patch._finish(SparseRun(), None)
+    patch._finish(SparseRun(), None)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["accel_sparse_attention_00001.json", "accel_sparse_attention_00002.json",
-                     "accel_sparse_attention_00003.json", "accel_sparse_attention_00004.json"]
-    assert (tmp_path / "accel_sparse_attention_00002.json").read_text() == "user file"
+    assert names == ["accel_sparse_attention_00001_.json", "accel_sparse_attention_00002_.json",
+                     "accel_sparse_attention_00003_.json", "accel_sparse_attention_00004_.json"]
+    assert (tmp_path / "accel_sparse_attention_00002_.json").read_text() == "user file"
+    text = (tmp_path / "accel_sparse_attention_00003_.json").read_text()
+    assert "NaN" not in text and json.loads(text)["summary"]["sparse_calls"] == 0
 
 
 def fake_model(class_name, **attrs):
