@@ -16,9 +16,10 @@ What changes, API by API (0.3.75 -> 0.33 -> 0.38.1), and what the pack does abou
 - ``string_to_seed`` moved from ``comfy.model_patcher`` to ``comfy.utils`` (0.33; 0.38 warns
   at each call of the old name): ``string_to_seed`` here takes whichever exists.
 - Model parameter dataclasses gained required fields after 0.3.75 (``FluxParams.txt_ids_dims``,
-  ``ChromaParams.txt_ids_dims`` and ``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``); the
-  stock loader's detection fills them from the checkpoint. Only the test fixtures, which build
-  small models from a config instead of a file, need them: ``complete_unet_config``.
+  ``ChromaParams.txt_ids_dims`` and ``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``) and
+  optional ones (Flux 2's ``txt_norm``, ``yak_mlp``...); the stock loader's detection fills them
+  from the checkpoint. Only the test fixtures, which build small models from a config instead of
+  a file, need them: ``complete_unet_config`` adds what a host requires and drops what it lacks.
 """
 from __future__ import annotations
 
@@ -84,23 +85,32 @@ def lowvram_patch_converts() -> bool:
     return bool(calls)
 
 
-# Fields newer hosts' parameter dataclasses require, with the value their detection gives the
-# models these classes first described (Flux.1, Chroma, HunyuanVideo 1.0): the class's module,
-# its name, and the fields.
-_NEWER_REQUIRED_FIELDS = {
+# Model families whose ComfyUI class takes its configuration as a parameter dataclass, by
+# ``image_model``: the dataclass's module and name, and the fields newer hosts require with the
+# value their detection gives the models these classes first described (Flux.1, Chroma,
+# HunyuanVideo 1.0).
+_PARAMETER_DATACLASSES = {
     "flux": ("comfy.ldm.flux.model", "FluxParams", {"txt_ids_dims": []}),
+    "flux2": ("comfy.ldm.flux.model", "FluxParams", {}),
     "chroma": ("comfy.ldm.chroma.model", "ChromaParams", {"txt_ids_dims": [], "vec_in_dim": None}),
+    "chroma_radiance": ("comfy.ldm.chroma_radiance.model", "ChromaRadianceParams",
+                        {"txt_ids_dims": [], "vec_in_dim": None}),
     "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams", {"meanflow_sum": False}),
 }
 
 
 def complete_unet_config(config: dict) -> dict:
-    """``config`` (a ``unet_config`` as 0.3.75's detection writes it) plus the fields this host's
-    parameter dataclass requires and the config lacks. Unknown families pass through."""
-    entry = _NEWER_REQUIRED_FIELDS.get(config.get("image_model"))
+    """``config`` (a ``unet_config`` as a detection writes it) fitted to this host's parameter
+    dataclass: the fields it requires and the config lacks are added as its detection would, and
+    fields it does not have (written by a newer host's detection) are dropped, as this host's
+    detection would never write them. Families without a parameter dataclass pass through."""
+    entry = _PARAMETER_DATACLASSES.get(config.get("image_model"))
     if entry is None:
         return dict(config)
     module, name, values = entry
     params = getattr(importlib.import_module(module), name, None)
-    fields = {f.name for f in dataclasses.fields(params)} if params is not None else set()
-    return {**{k: copy.deepcopy(v) for k, v in values.items() if k in fields}, **config}
+    if params is None:
+        return dict(config)
+    fields = {f.name for f in dataclasses.fields(params)}
+    fitted = {k: v for k, v in config.items() if k in fields or k == "image_model"}
+    return {**{k: copy.deepcopy(v) for k, v in values.items() if k in fields}, **fitted}
