@@ -615,13 +615,14 @@ def latent(name: str):
     return torch.zeros(fam.latent)
 
 
-def sample(model, name: str, steps: int | None = None, seed: int = 0, cfg: float | None = None):
-    """A real sampling run (comfy.sample, euler, simple) on the family's latent and conditioning."""
+def sample(model, name: str, steps: int | None = None, seed: int = 0, cfg: float | None = None,
+           sampler: str = "euler"):
+    """A real sampling run (comfy.sample, ``sampler``, simple) on the family's latent and conditioning."""
     import comfy.sample
     fam = family(name)
     steps = steps or fam.steps
     cfg = fam.cfg if cfg is None else cfg
     x = latent(name)
     noise = comfy.sample.prepare_noise(x, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", conditioning(name, 1),
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "simple", conditioning(name, 1),
                                conditioning(name, 2), x, seed=seed, disable_pbar=True)
