@@ -13,6 +13,12 @@ What changes, API by API (0.3.75 -> 0.33 -> 0.38.1), and what the pack does abou
   ops dequantize their own ``QuantizedTensor`` first) and ``convert_func``/``set_func`` are
   unused ("TODO: remove" upstream). ``lowvram_patch_converts`` tells which; ``QuantLinear``
   dequantizes and repacks around the patches itself where the host does not.
+- Wan 2.2 S2V's blocks get the transformer options (and so their attention reaches
+  ``optimized_attention_override``) only since 0.33: ``blocks_get_transformer_options`` says, and
+  Sparse Attention refuses the model where they do not.
+- HunyuanVideo put its image tokens before the text up to 0.3.75 (its double blocks carry
+  ``flipped_img_txt``) and after since; 0.33 also names the image slice of joint streams
+  (``transformer_options["img_slice"]``). ``attention/layout.py`` and the block cache read both.
 - ``string_to_seed`` moved from ``comfy.model_patcher`` to ``comfy.utils`` (0.33; 0.38 warns
   at each call of the old name): ``string_to_seed`` here takes whichever exists.
 - Model parameter dataclasses gained required fields after 0.3.75 (``FluxParams.txt_ids_dims``,
@@ -66,6 +72,19 @@ def string_to_seed(text: str) -> int:
         return comfy.utils.string_to_seed(text)
     import comfy.model_patcher
     return comfy.model_patcher.string_to_seed(text)
+
+
+@functools.cache
+def blocks_get_transformer_options(model_class) -> bool:
+    """Whether ``model_class.forward_orig`` hands its blocks the transformer options (so their
+    attention reaches ``optimized_attention_override``): read from the host's own source, the one
+    place that says it."""
+    import re
+    try:
+        source = inspect.getsource(model_class.forward_orig)
+    except (AttributeError, OSError, TypeError):
+        return True
+    return re.search(r"block\([^\n]*transformer_options", source) is not None
 
 
 @functools.cache

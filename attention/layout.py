@@ -192,6 +192,11 @@ def unsupported(diffusion_model) -> str | None:
             return reason
     if rule_of(diffusion_model) is None:
         return "no token layout is known for this model class"
+    if "WanModel_S2V" in names:
+        from ..compat import blocks_get_transformer_options
+        if not blocks_get_transformer_options(type(diffusion_model)):
+            return "this ComfyUI calls its blocks without the transformer options, so its attention never " \
+                   "reaches the attention override (newer ComfyUI does)"
     return None
 
 

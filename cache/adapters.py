@@ -216,9 +216,26 @@ ADAPTERS: tuple[BlockAdapter, ...] = (
 )
 
 
+# Subclasses of a hooked family whose block hook the cache cannot serve, and why.
+UNHOOKABLE = {
+    "comfy.ldm.lightricks.av_model.LTXAVModel": "its block hook passes the video and audio streams together, "
+                                                "which the block cache does not split",
+}
+
+
+def unhookable(diffusion_model) -> str | None:
+    """Why the block cache cannot hook this model although its family has a block hook, or None."""
+    for name in class_names(diffusion_model):
+        if name in UNHOOKABLE:
+            return UNHOOKABLE[name]
+    return None
+
+
 def find_adapter(diffusion_model):
     """The family's BlockAdapter, the UNet adapter (DeepCache through object patches), or None."""
     from .unet import UNetAdapter
+    if unhookable(diffusion_model) is not None:
+        return None
     for adapter in ADAPTERS + (UNetAdapter(),):
         if adapter.matches(diffusion_model):
             return adapter

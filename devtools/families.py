@@ -25,7 +25,7 @@ from typing import Callable
 from . import fixtures
 
 STEPS = 6        # sampler steps of every matrix run
-CFG = 2.0        # > 1, so cond and uncond both run (the caches keep one stream each)
+CFG = 1.0        # the cond stream only: half the time (tests/integration/test_cache.py runs both streams)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Family:
     model_state: Callable | None = None   # () -> tensors the config's get_model reads from the checkpoint
     note: str = ""                        # what the tiny build leaves out, for the README
     full_size: bool = False               # widths fixed in code: built on the meta device, never sampled
+    source_latent: bool = False           # image-to-image sampling: the latent is a (seeded) source, not empty
     steps: int = STEPS                    # sampler steps of each run
     cfg: float = CFG
 
@@ -79,6 +80,24 @@ def _wan(model_type="t2v", dim=256, layers=2, in_dim=16, **extra):
     return dict(image_model="wan2.1", model_type=model_type, dim=dim, out_dim=16, num_heads=dim // 128,
                 ffn_dim=2 * dim, num_layers=layers, patch_size=(1, 2, 2), freq_dim=256, window_size=(-1, -1),
                 qk_norm=True, cross_attn_norm=True, eps=1e-6, in_dim=in_dim, text_dim=64, **extra)
+
+
+def _hunyuan(in_channels, out_channels, patch=(1, 1, 1), depth=2, single=0, v15=False, byt5=None, **extra):
+    """HunyuanVideo's class as detection configures 1.5 (``v15``: cond-type and vision embeddings)
+    and Image 2.1, at 256 wide."""
+    config = dict(image_model="hunyuan_video", in_channels=in_channels, patch_size=list(patch),
+                  out_channels=out_channels, vec_in_dim=None, axes_dim=[16, 56, 56] if len(patch) == 3 else [64, 64],
+                  meanflow=False, context_in_dim=64, hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=depth,
+                  depth_single_blocks=single, theta=256, qkv_bias=True, byt5=v15 if byt5 is None else byt5,
+                  guidance_embed=False, use_cond_type_embedding=v15, vision_in_dim=1152 if v15 else None,
+                  meanflow_sum=v15)
+    config.update(extra)
+    return config
+
+
+def _byt5(g, shape):
+    """HunyuanVideo 1.5 / Image 2.1's byT5 glyph features, and no pooled vector."""
+    return {"conditioning_byt5small": _randn(g, 1, 8, 1472), "pooled_output": None}
 
 
 def _clip_vision(tokens=257, width=1280):
@@ -140,7 +159,8 @@ def _reference_latents(g, shape):
 _F = Family
 FAMILIES: tuple[Family, ...] = (
     # Families with a file fixture or an in-process one in devtools.fixtures.
-    _F("sd15", "Stable Diffusion 1.x", ("SD15",), fixture="sd15"),
+    _F("sd15", "Stable Diffusion 1.x", ("SD15",), _unet(64, 768), latent=(1, 4, 16, 16), context=(8, 768),
+       note="64 channels instead of SD 1.x's fixed 320 (the file fixture devtools.fixtures writes is 26 M parameters)"),
     _F("sdxl", "SDXL (and SSD-1B, Segmind Vega, KOALA)",
        ("SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"), fixture="sdxl"),
     _F("sd3", "Stable Diffusion 3 / 3.5", ("SD3",), fixture="sd3"),
@@ -168,10 +188,10 @@ FAMILIES: tuple[Family, ...] = (
     _F("chroma_radiance", "Chroma Radiance (pixel space)", ("ChromaRadiance",),
        dict(image_model="chroma_radiance", in_channels=3, out_channels=3, context_in_dim=64, hidden_size=256,
             mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
-            patch_size=16, qkv_bias=True, in_dim=64, out_dim=256, hidden_dim=128, n_layers=1, nerf_hidden_size=32,
+            patch_size=8, qkv_bias=True, in_dim=64, out_dim=256, hidden_dim=128, n_layers=1, nerf_hidden_size=32,
             nerf_mlp_ratio=4, nerf_depth=2, nerf_max_freqs=8, nerf_tile_size=512, nerf_final_head_type="linear",
             nerf_embedder_dtype=None, use_x0=False, use_sequential_txt_ids=False),
-       latent=(1, 3, 128, 128), context=(8, 64), extra=_pooled(768)),
+       latent=(1, 3, 64, 64), context=(8, 64), extra=_pooled(768), note="patches of 8 pixels instead of 16"),
     _F("hunyuan3d", "Hunyuan3D 2.0 (and 2mini)", ("Hunyuan3Dv2", "Hunyuan3Dv2mini"),
        dict(image_model="hunyuan3d2", in_channels=64, context_in_dim=64, hidden_size=256, mlp_ratio=4.0, num_heads=2,
             depth=2, depth_single_blocks=2, qkv_bias=True, guidance_embed=False),
@@ -230,13 +250,8 @@ FAMILIES: tuple[Family, ...] = (
        _wan("camera_2.2", in_dim=36, in_dim_control_adapter=24), latent=(1, 16, 3, 16, 16), context=(8, 64),
        extra=lambda g, shape: {"camera_conditions": _randn(g, 1, 24, 3, 128, 128),
                                **_concat_latent()(g, shape)}),
-    _F("hunyuan_video15", "HunyuanVideo 1.5", ("HunyuanVideo15",),
-       dict(image_model="hunyuan_video", in_channels=65, patch_size=[1, 1, 1], out_channels=32, vec_in_dim=None,
-            axes_dim=[16, 56, 56], meanflow=False, context_in_dim=64, hidden_size=256, mlp_ratio=4.0, num_heads=2,
-            depth=2, depth_single_blocks=0, theta=256, qkv_bias=True, byt5=True, guidance_embed=False,
-            use_cond_type_embedding=True, vision_in_dim=1152, meanflow_sum=True),
-       latent=(1, 32, 3, 8, 8), context=(8, 64),
-       extra=lambda g, shape: {"conditioning_byt5small": _randn(g, 1, 8, 1472), **_pooled(None)(g, shape)}),
+    _F("hunyuan_video15", "HunyuanVideo 1.5", ("HunyuanVideo15",), _hunyuan(65, 32, v15=True),
+       latent=(1, 32, 3, 8, 8), context=(8, 64), extra=_byt5),
     _F("ltxav", "LTX-2 (audio and video)", ("LTXAV",),
        dict(image_model="ltxav", in_channels=128, audio_in_channels=128, cross_attention_dim=128,
             audio_cross_attention_dim=64, attention_head_dim=64, audio_attention_head_dim=32, num_attention_heads=2,
@@ -275,8 +290,9 @@ FAMILIES: tuple[Family, ...] = (
        extra=_pooled(1280)),
     _F("sd_x4", "SD x4 Upscaler", ("SD_X4Upscaler",),
        _unet(32, 64, in_channels=7, linear=True, levels=(1, 1, 2, 2), depth=(1, 1, 1, 1)),
-       latent=(1, 4, 16, 16), context=(8, 64),
-       extra=lambda g, shape: {"concat_image": _randn(g, 1, 3, 16, 16)}),
+       latent=(1, 4, 48, 48), context=(8, 64),
+       extra=lambda g, shape: {"concat_image": _randn(g, 1, 3, 48, 48)},
+       note="48x48 latent: its only self-attention is at 1/8 size (6x6 tokens), as in the real model"),
     _F("zero123", "Stable Zero123", ("Stable_Zero123",), _unet(64, 768, in_channels=8),
        latent=(1, 4, 16, 16), context=(1, 772), extra=_concat_latent(),
        model_state=lambda: {"cc_projection.weight": fixtures._init_tensor("cc_projection.weight", (768, 772), 0),
@@ -361,25 +377,13 @@ FAMILIES: tuple[Family, ...] = (
        dict(fixtures.size_spec("hunyuan_video", "tiny").unet_config, in_channels=32, meanflow_sum=False),
        latent=(1, 16, 3, 16, 16), context=(8, 4096), extra=_merge(_pooled(768), _concat_latent())),
     _F("hunyuan_image21", "HunyuanImage 2.1", ("HunyuanImage21",),
-       dict(image_model="hunyuan_video", in_channels=64, patch_size=[1, 1], out_channels=64, vec_in_dim=None,
-            axes_dim=[64, 64], meanflow=False, context_in_dim=64, hidden_size=256, mlp_ratio=4.0, num_heads=2,
-            depth=1, depth_single_blocks=2, theta=256, qkv_bias=True, byt5=True, guidance_embed=False,
-            use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False),
-       latent=(1, 64, 8, 8), context=(8, 64),
-       extra=lambda g, shape: {"conditioning_byt5small": _randn(g, 1, 8, 1472), **_pooled(None)(g, shape)}),
+       _hunyuan(64, 64, patch=(1, 1), depth=1, single=2, byt5=True), latent=(1, 64, 8, 8), context=(8, 64),
+       extra=_byt5),
     _F("hunyuan_image21_refiner", "HunyuanImage 2.1 refiner", ("HunyuanImage21Refiner",),
-       dict(image_model="hunyuan_video", in_channels=128, patch_size=[1, 1, 1], out_channels=64, vec_in_dim=None,
-            axes_dim=[16, 56, 56], meanflow=False, context_in_dim=64, hidden_size=256, mlp_ratio=4.0, num_heads=2,
-            depth=1, depth_single_blocks=2, theta=256, qkv_bias=True, byt5=False, guidance_embed=True,
-            use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False),
-       latent=(1, 64, 3, 8, 8), context=(8, 64), extra=_pooled(None)),
+       _hunyuan(128, 64, depth=1, single=2, guidance_embed=True), latent=(1, 64, 3, 8, 8), context=(8, 64),
+       extra=_pooled(None)),
     _F("hunyuan_video15_sr", "HunyuanVideo 1.5 super-resolution", ("HunyuanVideo15_SR_Distilled",),
-       dict(image_model="hunyuan_video", in_channels=98, patch_size=[1, 1, 1], out_channels=32, vec_in_dim=None,
-            axes_dim=[16, 56, 56], meanflow=False, context_in_dim=64, hidden_size=256, mlp_ratio=4.0, num_heads=2,
-            depth=2, depth_single_blocks=0, theta=256, qkv_bias=True, byt5=True, guidance_embed=False,
-            use_cond_type_embedding=True, vision_in_dim=1152, meanflow_sum=True),
-       latent=(1, 32, 3, 8, 8), context=(8, 64),
-       extra=lambda g, shape: {"conditioning_byt5small": _randn(g, 1, 8, 1472), **_pooled(None)(g, shape)}),
+       _hunyuan(98, 32, v15=True), latent=(1, 32, 3, 8, 8), context=(8, 64), extra=_byt5),
     _F("wan21_causal", "Wan 2.1 causal (autoregressive) T2V", ("WAN21_CausalAR_T2V",), _wan("t2v"),
        latent=(1, 16, 3, 16, 16), context=(8, 64)),
     _F("wan21_fun_control", "Wan 2.1 Fun Control", ("WAN21_FunControl2V",), _wan("i2v", in_dim=48),
@@ -391,7 +395,8 @@ FAMILIES: tuple[Family, ...] = (
     _F("wan_animate2", "Wan Animate 2", ("WAN_Animate2",), _wan("animate2", in_dim=36), latent=(1, 16, 3, 16, 16),
        context=(8, 64), extra=_concat_latent()),
     _F("wan21_flowrvs", "Wan 2.1 FlowRVS", ("WAN21_FlowRVS",), _wan("flow_rvs"), latent=(1, 16, 3, 16, 16),
-       context=(8, 64)),
+       context=(8, 64), source_latent=True,
+       note="image-to-image flow: it starts from the source latent (seeded noise here), not from noise"),
     _F("wan21_scail", "Wan 2.1 SCAIL", ("WAN21_SCAIL",), _wan("scail", in_dim=20), latent=(1, 16, 3, 16, 16),
        context=(8, 64)),
     _F("wan21_scail2", "Wan 2.1 SCAIL 2", ("WAN21_SCAIL2",), _wan("scail2", in_dim=20), latent=(1, 16, 3, 16, 16),
@@ -403,7 +408,8 @@ FAMILIES: tuple[Family, ...] = (
        dict(image_model="hunyuan3d2_1", in_channels=64, context_dim=64, hidden_size=256, mlp_ratio=4.0,
             num_heads=2, depth=3, qkv_bias=False, guidance_cond_proj_dim=None, num_moe_layers=1, num_experts=2,
             moe_top_k=1),
-       latent=(1, 64, 64), context=(8, 64), note="the latent is a set of 64 shape tokens"),
+       latent=(1, 64, 64), context=(8, 64), cfg=2.0,
+       note="the latent is a set of 64 shape tokens; cfg 2 (ComfyUI 0.3.75's forward needs cond and uncond)"),
     _F("omnigen2", "OmniGen2", ("Omnigen2",),
        dict(image_model="omnigen2", axes_dim_rope=[40, 40, 48], axes_lens=[1024, 1664, 1664],
             ffn_dim_multiplier=None, hidden_size=256, in_channels=16, multiple_of=64, norm_eps=1e-05,
@@ -478,7 +484,8 @@ FAMILIES: tuple[Family, ...] = (
             mlp_ratio=2.0, init_txt_model=False, txt_only=False),
        latent=(1, 32, 16, 16, 16), context=(8, 64),
        extra=lambda g, shape: {"embeds": _randn(g, 1, 8, 64)},
-       note="the structure stage (a dense 16^3 grid); the shape and texture stages run on sparse voxels"),
+       steps=4, note="the structure stage (a dense 16^3 grid: 4096 tokens, so 4 steps); the shape and texture "
+                     "stages run on sparse voxels"),
     _F("triposplat", "TripoSplat (image to 3-D Gaussians)", ("TripoSplat",),
        dict(image_model="triposplat", q_token_length=64, in_channels=16, model_channels=128, cond_channels=64,
             out_channels=16, num_blocks=1, num_refiner_blocks=1, num_head_channels=64, cam_channels=5,
@@ -591,6 +598,24 @@ def build(name: str, seed: int = 0):
     return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
 
 
+def build_not_diffusion(config: str, unet_config: dict):
+    """A ModelPatcher of a non-diffusion supported_models entry (SAM 3, Depth Anything 3...) on the
+    meta device, for checking that the nodes refuse it; None where the host lacks the config."""
+    fixtures._comfy()
+    import torch
+    import comfy.model_patcher
+    import comfy.supported_models
+    cls = getattr(comfy.supported_models, config, None)
+    if cls is None:
+        return None
+    model_config = cls(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    meta = torch.device("meta")
+    with torch.device(meta):
+        base = model_config.get_model({}, device=meta)
+    return comfy.model_patcher.ModelPatcher(base, load_device=meta, offload_device=meta)
+
+
 def conditioning(name: str, seed: int) -> list:
     """A CONDITIONING list for the family (seed 1 for the positive, 2 for the negative)."""
     import torch
@@ -612,6 +637,8 @@ def latent(name: str):
     if isinstance(fam.latent[0], tuple):   # audio-video models: a NestedTensor of the streams
         import comfy.nested_tensor
         return comfy.nested_tensor.NestedTensor([torch.zeros(s) for s in fam.latent])
+    if fam.source_latent:
+        return torch.randn(fam.latent, generator=torch.Generator().manual_seed(3))
     return torch.zeros(fam.latent)
 
 

@@ -41,9 +41,10 @@ def _diffusion_model(model):
 
 
 def _no_hook_message(model) -> str:
-    return (f"is a {families.describe(model)} model: ComfyUI gives this model no block-replacement hook "
-            f"(patches_replace['dit']), so its blocks cannot be skipped. Use TaylorSeer with forecast "
-            f"'model output', which works on every model (and Quantize Model).")
+    why = adapters.unhookable(_diffusion_model(model)) or (
+        "ComfyUI gives this model no block-replacement hook (patches_replace['dit'])")
+    return (f"is a {families.describe(model)} model: {why}, so its blocks cannot be skipped. Use TaylorSeer with "
+            f"forecast 'model output', which works on every model (and Quantize Model).")
 
 
 class AccelTeaCache(io.ComfyNode):
