@@ -5,8 +5,8 @@ the first one builds it. The model is the host's own classes: the config class c
 ``fixtures.model_config`` with a small ``unet_config`` (widths of 64-256, one to three blocks), the
 diffusion model the config's ``get_model`` makes, seeded random weights (``fixtures._init_tensor``:
 same seed, same bytes), and conditioning of the shapes that family's forward takes (context,
-pooled vector, guidance, masks, reference latents, audio features...). Families that
-``devtools.fixtures`` already has (files the stock loader reads) come from there.
+pooled vector, guidance, masks, reference latents, audio features...). Most families that
+``devtools.fixtures`` has (files the stock loader reads) come from there.
 
 A family is available on a host when its config class exists there (a feature check, never a
 version string): ComfyUI 0.3.75 lacks many of 0.33's families, and :func:`missing` says which class.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from types import SimpleNamespace
 from typing import Callable
 
@@ -132,7 +131,7 @@ def _concat_latent(channels=None):
     return extra
 
 
-def torch_randint(g, high, shape):
+def _randint(g, high, shape):
     import torch
     return torch.randint(0, high, shape, generator=g)
 
@@ -340,7 +339,7 @@ FAMILIES: tuple[Family, ...] = (
             text_embedding_dim=64, ssl_encoder_depths=[1, 1], ssl_latent_dims=[64, 64], ssl_names=["mert", "m-hubert"],
             lyric_encoder_vocab_size=64, lyric_hidden_size=1024),
        latent=(1, 8, 16, 32), context=(8, 64),
-       extra=lambda g, shape: {"conditioning_lyrics": torch_randint(g, 64, (1, 8))},
+       extra=lambda g, shape: {"conditioning_lyrics": _randint(g, 64, (1, 8))},
        note="the lyric encoder (a Conformer) is fixed at 1024 wide"),
 
     # Other image and video DiTs.
@@ -499,7 +498,7 @@ FAMILIES: tuple[Family, ...] = (
             vision_config_overrides=dict(hidden_size=64, num_heads=2, intermediate_size=128, depth=1,
                                          deepstack_visual_indexes=())),
        latent=(1, 3, 256, 256), context=(1, 1),
-       extra=lambda g, shape: {"text_input_ids": torch_randint(g, 1000, (1, 8))},
+       extra=lambda g, shape: {"text_input_ids": _randint(g, 1000, (1, 8))},
        note="the Qwen3-VL vocabulary (151936 tokens) is kept: the model's special tokens index into it"),
     _F("ace_step15", "ACE-Step 1.5", ("ACEStep15",),
        dict(audio_model="ace1.5", in_channels=192, hidden_size=128, text_hidden_dim=64, timbre_hidden_dim=64,

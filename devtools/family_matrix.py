@@ -196,9 +196,9 @@ def layout_check(model, name) -> dict:
         m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
         m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, "accel_layout_check", apply_model)
         cond = families.conditioning(name, 1)
-        # The moved latent is both the noise and the latent image: image-to-image models (FlowRVS) start
-        # from the latent, the others from the noise.
-        comfy.sample.sample(m, x, 1, 1.0, "euler", "simple", cond, cond, x, seed=0, disable_pbar=True)
+        # Image-to-image models (FlowRVS) start from the latent image, the others from the noise.
+        start = x if families.family(name).source_latent else x * 0
+        comfy.sample.sample(m, x, 1, 1.0, "euler", "simple", cond, cond, start, seed=0, disable_pbar=True)
         if not records:
             return {"skipped": "no attention call over the grid"}
         runs[which] = records[0]
