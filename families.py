@@ -35,6 +35,12 @@ def describe(model) -> str:
     return f"{name} ({cls})"
 
 
+def a_model(model) -> str:
+    """``'a ZImage (NextDiT) model'`` / ``'an Anima model'``: the family with its article, for messages."""
+    name = describe(model)
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name} model"
+
+
 def not_diffusion(model) -> str | None:
     """What the model is, when it is not a diffusion model; None for diffusion models."""
     return NOT_DIFFUSION.get(config_name(model) or "")

@@ -99,7 +99,7 @@ class AccelSparseAttention(io.ComfyNode):
         reason = unsupported(dm)
         if reason is not None:
             also = "; TeaCache works on it too" if find_adapter(dm) is not None else ""
-            fail("Sparse Attention", "model", f"is a {families.describe(model)} model: {reason}. Quantize Model and "
+            fail("Sparse Attention", "model", f"is {families.a_model(model)}: {reason}. Quantize Model and "
                                               f"TaylorSeer work on it{also}.")
         report_dir = None
         if save_report:

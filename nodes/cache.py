@@ -43,7 +43,7 @@ def _diffusion_model(model):
 def _no_hook_message(model) -> str:
     why = adapters.unhookable(_diffusion_model(model)) or (
         "ComfyUI gives this model no block-replacement hook (patches_replace['dit'])")
-    return (f"is a {families.describe(model)} model: {why}, so its blocks cannot be skipped. Use TaylorSeer with "
+    return (f"is {families.a_model(model)}: {why}, so its blocks cannot be skipped. Use TaylorSeer with "
             f"forecast 'model output', which works on every model (and Quantize Model).")
 
 

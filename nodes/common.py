@@ -23,7 +23,7 @@ def require_diffusion_model(node: str, model) -> None:
     """Refuse the supported_models entries that load as a MODEL but are not diffusion models."""
     what = families.not_diffusion(model)
     if what is not None:
-        fail(node, "model", f"is a {families.describe(model)} model for {what}, not a diffusion model: nothing "
+        fail(node, "model", f"is {families.a_model(model)} for {what}, not a diffusion model: nothing "
                             f"samples it, so this node has nothing to speed up. Connect a diffusion model.")
 
 

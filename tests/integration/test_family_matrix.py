@@ -78,6 +78,7 @@ def test_family_through_every_node(matrix, name):
     model = families.build(name)
     dm = model.get_model_object("diffusion_model")
     described = family_names.describe(model)
+    named = f"'model' is {family_names.a_model(model)}"
     from comfyui_accel.attention.layout import unsupported
     from comfyui_accel.cache.adapters import find_adapter
     hooked = find_adapter(dm) is not None
@@ -99,7 +100,7 @@ def test_family_through_every_node(matrix, name):
         assert CACHE_FLOOR_DB < t.psnr < math.inf
     else:
         assert t.status == "refused" and t.checks["refused"]
-        assert f"'model' is a {described} model" in t.detail and "TaylorSeer" in t.detail
+        assert named in t.detail and "TaylorSeer" in t.detail
 
     s = cells["taylorseer"]
     assert s.status == "measured" and s.checks["identical_at_interval_1"]
@@ -118,7 +119,7 @@ def test_family_through_every_node(matrix, name):
                 assert placement[which]["observed"] == placement[which]["expected"], which
     else:
         assert a.status == "refused" and a.checks["refused"]
-        assert f"'model' is a {described} model" in a.detail and "Quantize Model" in a.detail
+        assert named in a.detail and "Quantize Model" in a.detail
 
 
 # The module that takes the last joint block's image tokens, per family whose cache hook returns
@@ -189,7 +190,7 @@ def test_nodes_refuse_models_that_are_not_diffusion_models(comfy, config):
         with pytest.raises(AccelInputError) as e:
             call()
         message = str(e.value)
-        assert message.startswith(f"{node}: input 'model' is a {config}")
+        assert message.startswith(f"{node}: input 'model' is {family_names.a_model(model)}")
         assert family_names.NOT_DIFFUSION[config] in message and "not a diffusion model" in message
 
 
