@@ -39,9 +39,16 @@ from its own commit, none confirmed to be the 0.38.1 tag (comfyui_version.py 0.3
   arrives through a link. The pack does not branch on this: ``nodes/validate.py`` checks every
   input of every node against its schema on every host, before the node runs.
 - Model parameter dataclasses gained required fields after 0.3.75 (``FluxParams.txt_ids_dims``,
-  ``ChromaParams.txt_ids_dims`` and ``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``); the
-  stock loader's detection fills them from the checkpoint. Only the test fixtures, which build
-  small models from a config instead of a file, need them: ``complete_unet_config``.
+  ``ChromaParams.txt_ids_dims`` and ``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``) and
+  optional ones (Flux 2's ``txt_norm``, ``yak_mlp``...); the stock loader's detection fills them
+  from the checkpoint. Only the test fixtures, which build small models from a config instead of
+  a file, need them: ``complete_unet_config`` adds what a host requires and drops what it lacks.
+- Wan 2.2 S2V's blocks get the transformer options (and so their attention reaches
+  ``optimized_attention_override``) only since 0.33: ``blocks_get_transformer_options`` says, and
+  Sparse Attention refuses the model where they do not.
+- HunyuanVideo put its image tokens before the text up to 0.3.75 (its double blocks carry
+  ``flipped_img_txt``) and after since; 0.33 also names the image slice of joint streams
+  (``transformer_options["img_slice"]``). ``attention/layout.py`` and the block cache read both.
 - Object patches and wrappers (``clone``, ``add_object_patch``, ``get_model_object``,
   ``add_wrapper_with_key``/``remove_wrappers_with_key``, ``WrappersMP.OUTER_SAMPLE``,
   ``CALC_COND_BATCH``, ``APPLY_MODEL``, ``CFGGuider.outer_sample``'s arguments): same in 0.33;
@@ -127,6 +134,19 @@ def string_to_seed(text: str) -> int:
 
 
 @functools.cache
+def blocks_get_transformer_options(model_class) -> bool:
+    """Whether ``model_class.forward_orig`` hands its blocks the transformer options (so their
+    attention reaches ``optimized_attention_override``): read from the host's own source, the one
+    place that says it."""
+    import re
+    try:
+        source = inspect.getsource(model_class.forward_orig)
+    except (AttributeError, OSError, TypeError):
+        return True
+    return re.search(r"block\([^\n]*transformer_options", source) is not None
+
+
+@functools.cache
 def lowvram_patch_converts() -> bool:
     """True where ComfyUI's ``LowVramPatch`` converts the weight itself (0.3.75): it calls the
     layer's ``convert_weight`` before adding the patches and ``set_weight`` after. Found by
@@ -171,23 +191,32 @@ LOADER_MODULE_STATE = ("comfy_patched_weights", "prev_comfy_cast_weights",
                        "_v", "_v_signature", "_v_weight", "_v_bias", "_v_block", "_prefetch", "_pins")
 
 
-# Fields newer hosts' parameter dataclasses require, with the value their detection gives the
-# models these classes first described (Flux.1, Chroma, HunyuanVideo 1.0): the class's module,
-# its name, and the fields.
-_NEWER_REQUIRED_FIELDS = {
+# Model families whose ComfyUI class takes its configuration as a parameter dataclass, by
+# ``image_model``: the dataclass's module and name, and the fields newer hosts require with the
+# value their detection gives the models these classes first described (Flux.1, Chroma,
+# HunyuanVideo 1.0).
+_PARAMETER_DATACLASSES = {
     "flux": ("comfy.ldm.flux.model", "FluxParams", {"txt_ids_dims": []}),
+    "flux2": ("comfy.ldm.flux.model", "FluxParams", {}),
     "chroma": ("comfy.ldm.chroma.model", "ChromaParams", {"txt_ids_dims": [], "vec_in_dim": None}),
+    "chroma_radiance": ("comfy.ldm.chroma_radiance.model", "ChromaRadianceParams",
+                        {"txt_ids_dims": [], "vec_in_dim": None}),
     "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams", {"meanflow_sum": False}),
 }
 
 
 def complete_unet_config(config: dict) -> dict:
-    """``config`` (a ``unet_config`` as 0.3.75's detection writes it) plus the fields this host's
-    parameter dataclass requires and the config lacks. Unknown families pass through."""
-    entry = _NEWER_REQUIRED_FIELDS.get(config.get("image_model"))
+    """``config`` (a ``unet_config`` as a detection writes it) fitted to this host's parameter
+    dataclass: the fields it requires and the config lacks are added as its detection would, and
+    fields it does not have (written by a newer host's detection) are dropped, as this host's
+    detection would never write them. Families without a parameter dataclass pass through."""
+    entry = _PARAMETER_DATACLASSES.get(config.get("image_model"))
     if entry is None:
         return dict(config)
     module, name, values = entry
     params = getattr(importlib.import_module(module), name, None)
-    fields = {f.name for f in dataclasses.fields(params)} if params is not None else set()
-    return {**{k: copy.deepcopy(v) for k, v in values.items() if k in fields}, **config}
+    if params is None:
+        return dict(config)
+    fields = {f.name for f in dataclasses.fields(params)}
+    fitted = {k: v for k, v in config.items() if k in fields or k == "image_model"}
+    return {**{k: copy.deepcopy(v) for k, v in values.items() if k in fields}, **fitted}

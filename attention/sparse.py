@@ -262,7 +262,7 @@ class SparseAttention:
             self._notice(run, "cross-attention (queries and keys of different lengths) stays dense")
             run.report.dense("cross_attention")
             return dense()
-        grid = fwd.facts.grid.placed(n_q)
+        grid = fwd.facts.place(n_q)
         if grid is None:
             run.report.dense("no_grid")  # text encoders, token refiners: not the latent stack
             return dense()

@@ -65,23 +65,36 @@ class BlockAdapter:
             return subsample_tokens(self.modulated(first_block, args))
         return vec_signal(args["vec"])
 
-    def image_part(self, key: tuple[str, int], stream: torch.Tensor, img_tokens: int) -> torch.Tensor:
+    def image_start(self, key: tuple[str, int], args: dict) -> int | None:
+        """Where the image tokens start in the stream block ``key`` gets, when the model says so.
+
+        Newer hosts put ``img_slice`` ([first image token, end]) in the transformer options of a
+        joint stream; it wins over the static layout (HunyuanVideo put its image first up to
+        ComfyUI 0.3.75 and its text first since). None: use the static layout."""
+        if key[0] not in self.last_layout:
+            return None
+        img_slice = (args.get("transformer_options") or {}).get("img_slice")
+        return int(img_slice[0]) if img_slice else None
+
+    def image_part(self, key: tuple[str, int], stream: torch.Tensor, img_tokens: int,
+                   start: int | None = None) -> torch.Tensor:
         """The image tokens of what block ``key`` returned under ``"img"``."""
         layout = self.last_layout.get(key[0])
-        if layout == "txt_first":
-            return stream[:, stream.shape[1] - img_tokens:]
-        if layout == "img_first":
-            return stream[:, :img_tokens]
-        return stream
+        if layout is None:
+            return stream
+        if start is None:
+            start = stream.shape[1] - img_tokens if layout == "txt_first" else 0
+        return stream[:, start:start + img_tokens]
 
-    def with_image(self, key: tuple[str, int], stream: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    def with_image(self, key: tuple[str, int], stream: torch.Tensor, img: torch.Tensor,
+                   start: int | None = None) -> torch.Tensor:
         """``stream`` with its image tokens replaced by ``img`` (same layout as ``image_part``)."""
         layout = self.last_layout.get(key[0])
-        if layout == "txt_first":
-            return torch.cat([stream[:, :stream.shape[1] - img.shape[1]], img.to(stream.dtype)], dim=1)
-        if layout == "img_first":
-            return torch.cat([img.to(stream.dtype), stream[:, img.shape[1]:]], dim=1)
-        return img
+        if layout is None:
+            return img
+        if start is None:
+            start = stream.shape[1] - img.shape[1] if layout == "txt_first" else 0
+        return torch.cat([stream[:, :start], img.to(stream.dtype), stream[:, start + img.shape[1]:]], dim=1)
 
 
 def class_names(obj) -> list[str]:
@@ -203,9 +216,26 @@ ADAPTERS: tuple[BlockAdapter, ...] = (
 )
 
 
+# Subclasses of a hooked family whose block hook the cache cannot serve, and why.
+UNHOOKABLE = {
+    "comfy.ldm.lightricks.av_model.LTXAVModel": "its block hook passes the video and audio streams together, "
+                                                "which the block cache does not split",
+}
+
+
+def unhookable(diffusion_model) -> str | None:
+    """Why the block cache cannot hook this model although its family has a block hook, or None."""
+    for name in class_names(diffusion_model):
+        if name in UNHOOKABLE:
+            return UNHOOKABLE[name]
+    return None
+
+
 def find_adapter(diffusion_model):
     """The family's BlockAdapter, the UNet adapter (DeepCache through object patches), or None."""
     from .unet import UNetAdapter
+    if unhookable(diffusion_model) is not None:
+        return None
     for adapter in ADAPTERS + (UNetAdapter(),):
         if adapter.matches(diffusion_model):
             return adapter

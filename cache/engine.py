@@ -297,6 +297,7 @@ class Call:
         self.base: torch.Tensor | None = None
         self.final: torch.Tensor | None = None
         self.img_tokens = 0
+        self.img_start = None   # where the last block's stream holds the image, when the model says
         self.signals: list | None = None
         self.shape_key: tuple | None = None
 
@@ -464,6 +465,8 @@ class Run:
 
     def before_block(self, call: Call, hook: BlockHook, args: dict):
         adapter = self.setup.adapter
+        if hook.last:
+            call.img_start = adapter.image_start(hook.key, args)
         if hook.first and not call.started:
             call.started = True
             img = args["img"]
@@ -478,7 +481,7 @@ class Run:
                 return None
             call.final = img + self.forecast(call, img.dtype, img.device)
             out = dict(args)
-            out["img"] = adapter.with_image(hook.key, img, call.final) if hook.last else call.final.clone()
+            out["img"] = adapter.with_image(hook.key, img, call.final, call.img_start) if hook.last else call.final.clone()
             call.reached_last = hook.last
             return out
         if not call.started or call.computing:
@@ -486,13 +489,13 @@ class Run:
         if not hook.last:
             return args
         out = dict(args)
-        out["img"] = adapter.with_image(hook.key, args["img"], call.final)
+        out["img"] = adapter.with_image(hook.key, args["img"], call.final, call.img_start)
         call.reached_last = True
         return out
 
     def after_block(self, call: Call, hook: BlockHook, out: dict) -> None:
         if hook.last and call.started and call.computing and call.base is not None:
-            residual = self.setup.adapter.image_part(hook.key, out["img"], call.img_tokens) - call.base
+            residual = self.setup.adapter.image_part(hook.key, out["img"], call.img_tokens, call.img_start) - call.base
             call.base = None
             self.store(call, residual)
             call.reached_last = True

@@ -53,7 +53,8 @@ Not included, and why (ComfyUI 0.3.75 detection):
 - Flux 2, Chroma, PixArt, HiDream, Mochi, Cosmos, Omnigen2, Qwen-Image, AuraFlow, Z-Image:
   detection fixes the width (Flux 2: 48 heads of 128; PixArt: 1152; Z-Image: 3840;
   Qwen-Image, AuraFlow: only layer counts are read, widths are the class defaults; the
-  others set every dimension). They could be built in-process like ``flux`` when needed.
+  others set every dimension). ``devtools.families`` builds these, and every other family
+  of ComfyUI 0.33's supported_models, in-process.
 
 Weights: every >=2-D weight is N(0, 1/fan_in) (so each linear keeps unit variance),
 biases N(0, 0.02), norm scales 1 + N(0, 0.05), Wan ``modulation`` and LTXV

@@ -7,10 +7,13 @@ import os
 import torch
 from comfy_api.latest import io
 
+from .. import families
 from ..attention import policies
+from ..attention.layout import unsupported
+from ..cache.adapters import find_adapter
 from ..attention.report import matrices
 from ..attention.sparse import BLOCK_SIZES, SparseConfig, apply_sparse_attention, find_patches
-from .common import fail, report_text
+from .common import fail, report_text, require_diffusion_model
 from .plots import heatmap
 from .validate import AccelNode
 
@@ -92,8 +95,15 @@ class AccelSparseAttention(AccelNode):
                               min_tokens=int(min_tokens), retention=bool(retention), probe_rows=int(probe_rows))
         for name, message in config.problems():
             fail("Sparse Attention", name, message)
-        if getattr(getattr(model, "model", None), "diffusion_model", None) is None:
+        dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+        if dm is None:
             fail("Sparse Attention", "model", "has no diffusion model whose attention could be patched")
+        require_diffusion_model("Sparse Attention", model)
+        reason = unsupported(dm)
+        if reason is not None:
+            also = "; TeaCache works on it too" if find_adapter(dm) is not None else ""
+            fail("Sparse Attention", "model", f"is {families.a_model(model)}: {reason}. Quantize Model and "
+                                              f"TaylorSeer work on it{also}.")
         report_dir = None
         if save_report:
             import folder_paths

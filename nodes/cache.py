@@ -17,7 +17,8 @@ from .. import files
 from ..cache import adapters, engine
 from ..cache.presets import PRESETS
 from ..cache.profile import CacheProfile, from_recording
-from .common import fail, progress, report_text
+from .. import families
+from .common import fail, progress, report_text, require_diffusion_model
 from .plots import line_plot
 from .validate import AccelNode, custom_type
 
@@ -42,10 +43,11 @@ def _diffusion_model(model):
     return model.get_model_object("diffusion_model")
 
 
-def _no_hook_message(dm) -> str:
-    return (f"is a {adapters.describe(dm)} model: ComfyUI gives this model no block-replacement hook "
-            f"(patches_replace['dit']), so its blocks cannot be skipped. Use TaylorSeer with forecast "
-            f"'model output', which works on every model.")
+def _no_hook_message(model) -> str:
+    why = adapters.unhookable(_diffusion_model(model)) or (
+        "ComfyUI gives this model no block-replacement hook (patches_replace['dit'])")
+    return (f"is {families.a_model(model)}: {why}, so its blocks cannot be skipped. Use TaylorSeer with "
+            f"forecast 'model output', which works on every model (and Quantize Model).")
 
 
 class AccelTeaCache(AccelNode):
@@ -94,10 +96,11 @@ class AccelTeaCache(AccelNode):
                 profile: CacheProfile | None = None) -> io.NodeOutput:
         node = "TeaCache"
         _check_window(node, start, end)
+        require_diffusion_model(node, model)
         dm = _diffusion_model(model)
         adapter = adapters.find_adapter(dm)
         if adapter is None:
-            fail(node, "model", _no_hook_message(dm))
+            fail(node, "model", _no_hook_message(model))
         if profile is not None:
             if profile.family != adapter.family:
                 fail(node, "profile", f"was calibrated on a {profile.family} model ({profile.model_class}); this "
@@ -169,12 +172,14 @@ class AccelTaylorSeer(AccelNode):
                 short_schedule) -> io.NodeOutput:
         node = "TaylorSeer"
         _check_window(node, 0.0, end)
+        require_diffusion_model(node, model)
         dm = _diffusion_model(model)
         adapter = adapters.find_adapter(dm)
         target = FORECASTS[forecast] or ("blocks" if adapter is not None else "output")
         if target == "blocks" and adapter is None:
             fail(node, "forecast", f"'block residual' needs ComfyUI's transformer block hook, which this "
-                                   f"{adapters.describe(dm)} model does not have; choose 'model output'.")
+                                   f"{families.describe(model)} model does not have; choose 'model output' "
+                                   f"(or 'auto'), which works on every model.")
         settings = engine.Settings(
             node="AccelTaylorSeer", method="taylorseer", target=target, end=end, warmup_steps=warmup_steps,
             force_short=SHORT_SCHEDULE[short_schedule], cache_device=CACHE_DEVICES[cache_device],
@@ -243,10 +248,11 @@ class AccelCacheCalibrate(AccelNode):
         import comfy.sample
         node = "Cache Calibrate"
         _check_window(node, start, end)
+        require_diffusion_model(node, model)
         dm = _diffusion_model(model)
         adapter = adapters.find_adapter(dm)
         if adapter is None:
-            fail(node, "model", _no_hook_message(dm).replace("Use TaylorSeer", "TeaCache cannot run on it; use TaylorSeer"))
+            fail(node, "model", _no_hook_message(model).replace("Use TaylorSeer", "TeaCache cannot run on it; use TaylorSeer"))
         kind = adapter.signals()[0] if signal == "auto" else signal
         if kind not in adapter.signals():
             fail(node, "signal", f"'{signal}' is not available for {adapter.family} models; choose one of "

@@ -7,6 +7,8 @@ from typing import Callable
 import comfy.model_management
 import comfy.utils
 
+from .. import families
+
 
 class AccelInputError(ValueError):
     """Bad input to one of our nodes. ComfyUI shows the message; the server keeps running."""
@@ -15,6 +17,14 @@ class AccelInputError(ValueError):
 def fail(node: str, input_name: str, message: str) -> None:
     """Raise an error that names the node, the input and what is allowed."""
     raise AccelInputError(f"{node}: input '{input_name}' {message}")
+
+
+def require_diffusion_model(node: str, model) -> None:
+    """Refuse the supported_models entries that load as a MODEL but are not diffusion models."""
+    what = families.not_diffusion(model)
+    if what is not None:
+        fail(node, "model", f"is {families.a_model(model)} for {what}, not a diffusion model: nothing "
+                            f"samples it, so this node has nothing to speed up. Connect a diffusion model.")
 
 
 def progress(total: int) -> Callable[[int], None]:

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..quant import auto, checkpoint, formats, pipeline, policy
 from ..quant import model as qmodel
 from . import plots
-from .common import fail, progress, report_text
+from .common import fail, progress, report_text, require_diffusion_model
 from .validate import AccelNode, folder_file, output_folder
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class AccelQuantizeModel(AccelNode):
                 auto_formats, auto_budget, auto_min_sqnr_db, layer_overrides, positive=None, negative=None,
                 latent=None) -> io.NodeOutput:
         node = "Quantize Model"
+        require_diffusion_model(node, model)
         try:
             overrides = policy.parse_overrides(layer_overrides)
         except ValueError as e:

@@ -19,70 +19,25 @@ pytestmark = pytest.mark.integration
 # Hooked families that devtools.fixtures has (DiTs consult patches_replace["dit"]; the UNets
 # get DeepCache through object patches) ...
 FIXTURE_FAMILIES = ["flux", "wan21", "wan22_5b", "hunyuan_video", "ltxv", "sd3", "sd15", "sdxl"]
-# ... and tiny in-process builds of the other hooked families: (supported_models config,
-# unet config, latent shape, context tokens x dim, extra conditioning).
-BUILT = {
-    "chroma": ("Chroma", dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096,
-                              hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
-                              axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, in_dim=64,
-                              out_dim=256, hidden_dim=128, n_layers=1),
-               (1, 16, 16, 16), (8, 4096), lambda g: {"pooled_output": torch.zeros(1, 768)}),
-    "qwen_image": ("QwenImage", dict(image_model="qwen_image", num_layers=2, num_attention_heads=2,
-                                     attention_head_dim=128, joint_attention_dim=3584),
-                   (1, 16, 1, 16, 16), (8, 3584), lambda g: {}),
-    "mochi": ("GenmoMochi", dict(image_model="mochi_preview", depth=2, patch_size=2, num_heads=2, hidden_size_x=256,
-                                 hidden_size_y=128, mlp_ratio_x=48.0, mlp_ratio_y=4.0, learn_sigma=False,
-                                 in_channels=12, qk_norm=True, qkv_bias=False, out_bias=True, attn_drop=0.0,
-                                 patch_embed_bias=True, posenc_preserve_area=True, timestep_mlp_bias=True,
-                                 attend_to_padding=False, timestep_scale=1000.0, use_t5=True, t5_feat_dim=4096,
-                                 t5_token_length=256, rope_theta=10000.0),
-              (1, 12, 1, 8, 8), (8, 4096), lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
-    "auraflow": ("AuraFlow", dict(cond_seq_dim=2048, dim=256, n_layers=3, n_double_layers=1, n_heads=2,
-                                  global_conddim=256, max_seq=64),
-                 (1, 4, 16, 16), (8, 2048), lambda g: {}),
-    "hunyuan3d": ("Hunyuan3Dv2", dict(image_model="hunyuan3d2", in_channels=64, context_in_dim=1536, hidden_size=256,
-                                      mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, qkv_bias=True,
-                                      guidance_embed=False),
-                  (1, 64, 64), (8, 1536), lambda g: {}),
-    "hunyuan_dit": ("HunyuanDiT", dict(image_model="hydit", depth=4, hidden_size=256, num_heads=2, text_states_dim=64,
-                                       text_states_dim_t5=64, text_len=8, text_len_t5=8, input_size=32),
-                    (1, 4, 16, 16), (8, 64),
-                    lambda g: {"conditioning_mt5xl": torch.randn(1, 8, 64, generator=g),
-                               "attention_mask": torch.ones(1, 8, dtype=torch.long),
-                               "attention_mask_mt5xl": torch.ones(1, 8, dtype=torch.long)}),
-}
+# ... and the other hooked families, from the family registry (devtools.families).
+BUILT = ["chroma", "qwen_image", "mochi", "auraflow", "hunyuan3d", "hunyuan_dit"]
 HOOKED = FIXTURE_FAMILIES + list(BUILT)
 
 
 @functools.lru_cache(maxsize=None)
 def fixture_model(family: str, seed: int = 0):
-    from comfyui_accel.devtools import fixtures
-    if family not in BUILT:
-        return fixtures.load_model(family, "tiny", seed=seed)
-    import comfy.model_patcher
-    from comfyui_accel.devtools import fixtures
-    config_name, unet_config, *_ = BUILT[family]
-    config = fixtures.model_config(config_name, unet_config)
-    config.set_inference_dtype(torch.float32, None)
-    base = config.get_model({})
-    shapes = {k: tuple(v.shape) for k, v in base.diffusion_model.state_dict().items()}
-    base.diffusion_model.load_state_dict({k: fixtures._init_tensor(k, shape, seed) for k, shape in shapes.items()})
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    from comfyui_accel.devtools import families, fixtures
+    if family in BUILT:
+        return families.build(family, seed)
+    return fixtures.load_model(family, "tiny", seed=seed)
 
 
 def sample(m, family, steps=10, seed=0, cfg=3.0, sampler="euler", **kw):
-    if family not in BUILT:
-        from comfyui_accel.devtools.sampling import sample as _sample
-        return _sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler, **kw)
-    import comfy.sample
-    _, _, shape, (tokens, dim), extra = BUILT[family]
-    g = torch.Generator().manual_seed(seed)
-    pos = [[torch.randn(1, tokens, dim, generator=g), extra(g)]]
-    neg = [[torch.randn(1, tokens, dim, generator=g), extra(g)]]
-    latent = torch.zeros(shape)
-    noise = torch.randn(shape, generator=g)
-    return comfy.sample.sample(m, noise, steps, cfg, sampler, "simple", pos, neg, latent, seed=seed, disable_pbar=True)
+    if family in BUILT:
+        from comfyui_accel.devtools import families
+        return families.sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler)
+    from comfyui_accel.devtools.sampling import sample as _sample
+    return _sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler, **kw)
 
 
 def install(m, method: str, **kw):

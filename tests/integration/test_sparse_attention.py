@@ -51,10 +51,15 @@ def options_snapshot(model):
 
 # Grid (frames, height, width in tokens), where it starts and the attention sequence length of
 # each tiny fixture at its default size, worked out from the model code: Flux puts its 32 text
-# tokens first, HunyuanVideo last, Wan and LTX-Video attend over video tokens only.
+# tokens first, HunyuanVideo its text last up to ComfyUI 0.3.75 (its blocks say
+# ``flipped_img_txt``) and first since, Wan and LTX-Video attend over video tokens only.
+def hunyuan_image_first(model) -> bool:
+    return getattr(model.model.diffusion_model.double_blocks[0], "flipped_img_txt", False)
+
+
 LAYOUTS = {
     "wan21": "3x8x8 grid tokens at 0..192 of 192",
-    "hunyuan_video": "3x8x8 grid tokens at 0..192 of 224",
+    "hunyuan_video": {True: "3x8x8 grid tokens at 0..192 of 224", False: "3x8x8 grid tokens at 32..224 of 224"},
     "ltxv": "2x4x4 grid tokens at 0..32 of 32",
     "flux": "1x8x8 grid tokens at 32..96 of 96",
 }
@@ -70,7 +75,10 @@ def test_density_one_is_the_dense_model_and_the_input_model_is_untouched(models,
     assert clone.model_options["transformer_options"]["optimized_attention_override"] is patch
     out = sample(clone, family)
     summary = patch.last_report["summary"]
-    assert LAYOUTS[family] in summary["layout"]
+    expected = LAYOUTS[family]
+    if isinstance(expected, dict):
+        expected = expected[hunyuan_image_first(model)]
+    assert expected in summary["layout"]
     assert summary["sparse_calls"] > 0 and summary["mean_density"] == 1.0
     assert "error" not in summary["dense_reasons"]
     assert torch.allclose(out, dense, rtol=1e-4, atol=1e-4 * dense.abs().max().item())
@@ -114,8 +122,9 @@ def text_rows_checker(family, text_tokens, grid_first):
     return outer, checked
 
 
-@pytest.mark.parametrize("family,grid_first", [("flux", False), ("hunyuan_video", True)])
-def test_text_tokens_attend_densely(models, family, grid_first):
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_text_tokens_attend_densely(models, family):
+    grid_first = family == "hunyuan_video" and hunyuan_image_first(models(family))
     clone, patch = patched(models(family), policy="sliding_tile", density=0.25)
     outer, checked = text_rows_checker(family, fx.size_spec(family, "tiny").context_tokens, grid_first)
     options = clone.model_options["transformer_options"]
@@ -154,15 +163,16 @@ def test_retention_and_repeated_runs_do_not_leak_state(models):
     assert patch.run is None
 
 
-def test_a_family_without_grid_facts_uses_the_latent_grid(comfy):
-    # SD1.5's UNet is not in attention/layout.py: its top level attends over the latent grid,
-    # found from the latent; the lower levels do not carry that grid and stay dense.
-    model = fx.load_model("sd15", "tiny")
-    dense = sample(model, "sd15")
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_unets_attend_over_the_latent_grid_at_each_level(comfy, family):
+    # A UNet level attends over the latent grid at its own resolution: SD1.5's top level (the 8x8
+    # latent itself), SDXL's second (its 16x16 latent halved; its top level has no attention).
+    model = fx.load_model(family, "tiny")
+    dense = sample(model, family)
     clone, patch = patched(model, density=1.0)
-    out = sample(clone, "sd15")
+    out = sample(clone, family)
     summary = patch.last_report["summary"]
-    assert "UNetModel: 1x8x8 grid tokens at 0..64 of 64" in summary["layout"]
+    assert "unet: 1x8x8 grid tokens at 0..64 of 64" in summary["layout"]
     assert summary["sparse_calls"] > 0 and "error" not in summary["dense_reasons"]
     assert torch.allclose(out, dense, atol=1e-4 * dense.abs().max().item())
 

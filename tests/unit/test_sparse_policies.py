@@ -390,13 +390,24 @@ def test_model_facts_per_family():
     extra = {"reference_latent": torch.zeros(1, 16, 30, 52), "time_dim_concat": torch.zeros(1, 16, 2, 30, 52)}
     facts = model_facts(wan, (2, 16, 5, 30, 52), (2, 512, 4096), extra)
     assert facts.grid == TokenGrid(7, 15, 26, 15 * 26) and facts.layers == 4   # reference image first
-    hunyuan = fake_model("HunyuanVideo", patch_size=[1, 2, 2], double_blocks=[0] * 2, single_blocks=[0] * 3)
+    flipped = fake_model("DoubleStreamBlock", flipped_img_txt=True)
+    hunyuan = fake_model("HunyuanVideo", patch_size=[1, 2, 2], double_blocks=[flipped] * 2, single_blocks=[0] * 3)
     facts = model_facts(hunyuan, (1, 16, 9, 20, 24), (1, 77, 4096), {})
-    assert facts.grid == TokenGrid(9, 10, 12, 0) and facts.layers == 5        # text after the video
+    assert facts.grid == TokenGrid(9, 10, 12, 0) and facts.layers == 5        # text after the video (0.3.75)
+    hunyuan = fake_model("HunyuanVideo", patch_size=[1, 2, 2], double_blocks=[object()] * 2, single_blocks=[0])
+    facts = model_facts(hunyuan, (1, 16, 9, 20, 24), (1, 77, 4096), {})
+    assert facts.grid == TokenGrid(9, 10, 12, None)                           # text (and byT5...) first
     flux = fake_model("Flux", patch_size=2, double_blocks=[0], single_blocks=[0] * 2)
     facts = model_facts(flux, (1, 16, 33, 40), (1, 512, 4096), {})
     assert facts.grid == TokenGrid(1, 17, 20, 512) and facts.layers == 3      # text first, odd size padded
     ltxv = fake_model("LTXVModel", transformer_blocks=[0] * 6)
     assert model_facts(ltxv, (1, 128, 4, 16, 24), (1, 128, 4096), {}).grid == TokenGrid(4, 16, 24, 0)
-    other = model_facts(fake_model("UNetModel"), (1, 4, 64, 64), (1, 77, 768), {})
+    unet = model_facts(fake_model("UNetModel", channel_mult=(1, 2, 4)), (1, 4, 64, 64), (1, 77, 768), {})
+    assert unet.grid == TokenGrid(1, 64, 64, 0, True) and unet.levels == 3
+    assert [unet.place(n) for n in (4096, 1024, 256, 64, 4096 + 77)] == [
+        TokenGrid(1, 64, 64, 0, True), TokenGrid(1, 32, 32, 0, True), TokenGrid(1, 16, 16, 0, True), None, None]
+    av = model_facts(fake_model("LTXAVModel", transformer_blocks=[0]), (1, 9000), (1, 8, 4096),
+                     {"latent_shapes": [(1, 128, 2, 4, 4), (1, 8, 5, 16)]})
+    assert av.grid == TokenGrid(2, 4, 4, 0, True) and av.place(33) is None    # the packed video stream
+    other = model_facts(fake_model("SomeNewDiT"), (1, 4, 64, 64), (1, 77, 768), {})
     assert other.grid == TokenGrid(1, 64, 64, None) and other.layers is None
