@@ -60,10 +60,10 @@ from its own commit, none confirmed to be the 0.38.1 tag (comfyui_version.py 0.3
   newer upstream: ``img, txt, vec, pe, transformer_options`` / ``original_block``). 0.33's
   Qwen-Image block ``_modulate`` takes a ``timestep_zero_index`` (edit models with a zero-timestep
   reference, ``ref_latents_method="index_timestep_zero"``, which doubles the timestep batch) that
-  the replacement arguments do not carry. NOT MET YET (read, not run): ``cache.adapters``'s Qwen
-  signal passes the doubled ``vec`` without the index, which broadcasts to a wrong signal at batch
-  1 and fails at batch 2 (cond and uncond batched); the main-image token count is
-  ``img.shape[1] - sum(transformer_options["reference_image_num_tokens"])``.
+  the replacement arguments do not carry. ``cache.adapters``'s Qwen signal sees it as a timestep
+  batch larger than the image batch and modulates the reference tokens (the last
+  ``sum(transformer_options["reference_image_num_tokens"])``) with the second half, through the
+  block's own ``_modulate`` (test: ``test_qwen_edit_signal_with_a_zero_timestep_reference``).
   Flux's ``apply_mod`` slices the modulation differently (same values); the UNet's
   ``forward_timestep_embed`` now checks its per-class patches before dispatching, which our block
   containers' plain probe modules never match.

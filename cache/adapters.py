@@ -175,8 +175,15 @@ def _sd3(block, args):
 
 
 def _qwen_image(block, args):
-    img_mod1 = block.img_mod(args["vec"]).chunk(2, dim=-1)[0]
-    return block._modulate(block.img_norm1(args["img"]), img_mod1)[0]
+    x, vec = args["img"], args["vec"]
+    img_mod1 = block.img_mod(vec).chunk(2, dim=-1)[0]
+    if vec.shape[0] == x.shape[0]:
+        return block._modulate(block.img_norm1(x), img_mod1)[0]
+    # An edit model's zero-timestep reference (0.33+, ref_latents_method "index_timestep_zero")
+    # stacks the references' timestep after the image's, and the block modulates the reference
+    # tokens (after the image's) with it.
+    refs = sum(args["transformer_options"].get("reference_image_num_tokens", ()))
+    return block._modulate(block.img_norm1(x), img_mod1, x.shape[1] - refs)[0]
 
 
 def _mochi(block, args):

@@ -141,6 +141,37 @@ def test_signal_is_the_modulated_input_the_first_block_consumes(fx, family):
     assert got[1:] == pytest.approx(expected[1:], rel=1e-4)
 
 
+def test_qwen_edit_signal_with_a_zero_timestep_reference(fx):
+    # Qwen-Image edit models can give their reference image timestep zero (0.33+): the block then
+    # gets a timestep batch twice the image's and modulates the reference tokens with the second
+    # half. The signal must still be what the block feeds its attention, cond and uncond batched.
+    import inspect
+    import comfy.sample
+    from comfyui_accel.devtools import families
+    m = fixture_model("qwen_image")
+    block = m.get_model_object("diffusion_model").transformer_blocks[0]
+    if "timestep_zero_index" not in inspect.signature(block._modulate).parameters:
+        pytest.skip("this ComfyUI's Qwen-Image has no zero-timestep reference (ref_latents_method "
+                    "'index_timestep_zero' came after 0.3.75)")
+    rec = install(m, "record", signal="modulated", min_steps=0)
+    seen = []
+    handle = block.attn.to_q.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    pos, neg = families.conditioning("qwen_image", 1), families.conditioning("qwen_image", 2)
+    for cond in (pos, neg):
+        cond[0][1]["reference_latents_method"] = "index_timestep_zero"
+    x = families.latent("qwen_image")
+    try:
+        comfy.sample.sample(rec, comfy.sample.prepare_noise(x, 0), 6, 3.0, "euler", "simple", pos, neg, x,
+                            seed=0, disable_pbar=True)
+    finally:
+        handle.remove()
+    assert len(seen) == 6 and seen[0].shape[0] == 2
+    lead = [s[1:] for s in seen]   # [uncond, cond]: the cond stream decides
+    expected = [rules.rel_l1(a, b) for a, b in zip(lead[1:], lead)]
+    got = [r["signal"] for r in report_of(rec)["rows"]]
+    assert got[0] is None and got[1:] == pytest.approx(expected, rel=1e-4)
+
+
 def test_decisions_follow_the_rule_on_the_vec_signal(fx):
     # Wan's published signal is the modulation vector e0; recompute it from what block 0 gets.
     m = teacache(fixture_model("wan21"), threshold=2.5, signal="vec", coefficients=(1.0, 0.0),
