@@ -176,6 +176,59 @@ def bench_subject(subject, quick: bool) -> list[dict]:
     return records
 
 
+def two_experts(steps: int, split: int, high, low, subject):
+    """KSamplerAdvanced's pair: ``high`` samples steps [0, split) and returns the leftover noise,
+    ``low`` finishes [split, steps) (Wan 2.2's high- and low-noise experts)."""
+    import comfy.sample
+    latent = comfy.sample.fix_empty_latent_channels(high, subject.latent["samples"])
+    noise = comfy.sample.prepare_noise(latent, bench_seed())
+    args = (subject.cfg, "euler", "simple", subject.positive, subject.negative)
+    with torch.no_grad():
+        x = comfy.sample.sample(high, noise, steps, *args, latent, seed=bench_seed(), start_step=0, last_step=split,
+                                force_full_denoise=False, disable_pbar=True)
+        return comfy.sample.sample(low, torch.zeros_like(x), steps, *args, x, seed=bench_seed(), start_step=split,
+                                   last_step=steps, force_full_denoise=True, disable_noise=True, disable_pbar=True)
+
+
+def bench_seed() -> int:
+    from .bench_stack import SEED
+    return SEED
+
+
+def expert_records() -> list[dict]:
+    """Wan 2.2's two experts on a short and a normal schedule, with the Wan reference as both
+    experts (there is no trained Wan 2.2 reference; each expert's cache is separate anyway):
+    Forecast Cache on each expert (cached anyway on the short one, where it would stand down)
+    against the same pair on fewer steps. Fidelity and model calls only."""
+    from ..cache import engine
+    from . import bench_stack as bs
+    subject = bs.reference_subject("ref_wan21", 20)
+    m = subject.model
+    records = []
+    for steps, speedups, fewer_steps in ((8, (1.33,), (4, 5, 6)), (20, (2.0, 3.0), (6, 7, 10))):
+        split = steps // 2
+        name = f"ref_wan21 as both experts, {split} + {steps - split} steps"
+        reference = subject.picture(two_experts(steps, split, m, m, subject))
+
+        def add(method, setting, out, computed):
+            records.append(dict(name="cache experts", model=name, reference="ref_wan21", steps=steps,
+                                baseline=f"the uncached pair, {steps} steps", variant=f"{method}: {setting}",
+                                method=method, setting=setting, speedup=None, bound_speedup=steps / computed,
+                                bound=f"{steps}/{computed} = {steps / computed:.2f}x",
+                                psnr_db=measure.psnr(reference, subject.picture(out), data_range=1.0),
+                                ssim=measure.ssim(reference, subject.picture(out), data_range=1.0),
+                                weight_bytes_ratio=None, computed=computed, evaluations=steps))
+
+        for speedup in speedups:
+            high, low = (bs.forecast(m, speedup, short_schedule="cache anyway") for _ in range(2))
+            out = two_experts(steps, split, high, low, subject)
+            computed = sum(engine.setup_of(x).reports[-1]["summary"]["computed"] for x in (high, low))
+            add(OURS, f"{speedup:g}x on each expert", out, computed)
+        for fewer in fewer_steps:
+            add("Fewer steps (ComfyUI)", f"{fewer} steps", two_experts(fewer, fewer // 2, m, m, subject), fewer)
+    return records
+
+
 def subjects(quick: bool) -> list:
     from . import bench_stack as bs
     steps = (20,) if quick else (20, 30)
@@ -198,6 +251,8 @@ def run(quick: bool, out: Path | None = None, subjects_: list | None = None) -> 
             records = []
             for subject in subjects_ if subjects_ is not None else subjects(quick):
                 records += bench_subject(subject, quick)
+            if not quick and subjects_ is None:
+                records += expert_records()
     finally:
         folder_paths.set_output_directory(saved_output)
         torch.set_num_threads(threads)
@@ -325,6 +380,17 @@ def markdown(records: list[dict], images: list[str]) -> str:
                   f"{len(d)} on or below it" + (":" if not below else "; above it:"), ""]
         lines += [f"- {x['model']}, {x['variant']}: {x['psnr_db']:.1f} dB at {x['speed']:.2f}x, ours "
                   f"{x['ours_db']:.1f} dB" for x in below]
+        lines.append("")
+    experts = [r for r in records if r.get("name") == "cache experts"]
+    if experts:
+        lines += ["### Wan 2.2's two experts (KSamplerAdvanced pair)", "",
+                  "The Wan reference as both experts (high noise: the first half of the steps, low noise: the rest), "
+                  "Forecast Cache on each expert against the same pair sampled on fewer steps; PSNR against the "
+                  "uncached pair. On the 8-step schedule each expert has 4 steps and the node stands down unless "
+                  "short_schedule is 'cache anyway' (used here to measure what it would give).", "",
+                  "| schedule | method | setting | bound | PSNR dB |", "|---|---|---|---|---|"]
+        for r in experts:
+            lines.append(f"| {r['model']} | {r['method']} | {r['setting']} | {r['bound']} | {_db(r['psnr_db'])} |")
         lines.append("")
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model]

@@ -140,10 +140,10 @@ def taylorseer(model, interval: int, order: int = 1):
                                    cache_device="model device", short_schedule="skip caching").args[0]
 
 
-def forecast(model, speedup: float, verify: bool = True):
+def forecast(model, speedup: float, verify: bool = True, short_schedule: str = "skip caching"):
     from ..nodes.cache import AccelForecastCache
     return AccelForecastCache.execute(model, speedup=speedup, forecast="auto", verify=verify,
-                                      cache_device="model device", short_schedule="skip caching").args[0]
+                                      cache_device="model device", short_schedule=short_schedule).args[0]
 
 
 def sparse(model, density: float, block_size: int):

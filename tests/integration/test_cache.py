@@ -706,3 +706,27 @@ def test_report_node_finds_the_run_of_its_latent(fx):
     assert "steps: 12" in AccelCacheReport.execute(m, {"samples": b}).args[0]
     with pytest.raises(AccelInputError, match="no TeaCache, TaylorSeer or Forecast Cache"):
         AccelCacheReport.execute(fixture_model("wan21"), {"samples": a})
+
+
+def test_forecast_cache_on_two_experts(fx):
+    # KSamplerAdvanced pair (Wan 2.2's experts): an 8-step schedule leaves each expert 4 steps and
+    # the node stands down, saying why; a 20-step one caches each expert on its own plan.
+    high, low = fixture_model("wan21", 0), fixture_model("wan21", 1)
+
+    def two_stage(h, lo, steps):
+        x = sample(h, "wan21", steps=steps, start_step=0, last_step=steps // 2, seed=4)
+        return sample(lo, "wan21", steps=steps, start_step=steps // 2, last_step=steps, latent=x,
+                      disable_noise=True, seed=4)
+
+    ref = two_stage(high, low, 8)
+    hc, lc = forecast(high, 2.0), forecast(low, 2.0)
+    assert torch.equal(two_stage(hc, lc, 8), ref)
+    for cached in (hc, lc):
+        report = report_of(cached)
+        assert report["summary"]["status"] == "off"
+        assert "4-step schedule (part of a longer one" in report["warnings"][0] and "dB" in report["warnings"][0]
+    two_stage(hc, lc, 20)
+    for cached in (hc, lc):
+        summary = report_of(cached)["summary"]
+        assert summary["status"] == "ok" and summary["steps"] == 10
+        assert summary["planned_steps"] == rules.forecast_schedule(10, 5) and summary["computed"] == 5
