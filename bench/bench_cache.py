@@ -304,7 +304,7 @@ def dominance(records: list[dict], key: str = "bound_speedup") -> list[dict]:
             rows = _rows(records, reference, steps)
             ours = [r for r in rows if r["method"] == OURS]
             for r in rows:
-                if r["method"] != OURS:
+                if not r["method"].startswith(OURS):   # other methods (our own ablation is in the tables)
                     at = psnr_at(ours, r[key], key)
                     out.append(dict(model=r["model"], variant=r["variant"], speed=r[key], psnr_db=r["psnr_db"],
                                     ours_db=at, above=None if at is None else at >= r["psnr_db"] - 1e-9))
@@ -340,8 +340,10 @@ def write_plots(records: list[dict], out: Path) -> list[Path]:
                 series[LEGEND.get(m, m)] = ([r["speedup"] for r in rows], ys)
                 series[f"{m} bound"] = ([r["bound_speedup"] for r in rows], ys)
             panels.append(line_plot(series, f"{reference}, {steps} steps",
-                                    xlabel="speedup (x): filled = measured, open = bound (steps / computed)",
-                                    ylabel="PSNR dB", colors=colors, hollow=[f"{m} bound" for m in methods]))
+                                    xlabel="speedup (x): dots = measured, open circles and lines = bound "
+                                           "(steps / computed)",
+                                    ylabel="PSNR dB", colors=colors, hollow=[f"{m} bound" for m in methods],
+                                    dots=[LEGEND.get(m, m) for m in methods]))
         written.append(to_png(torch.cat(panels, dim=2), out / f"cache_speed_psnr_{slug(reference)}.png"))
     return written
 
