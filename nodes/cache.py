@@ -41,8 +41,8 @@ def _diffusion_model(model):
 
 def _no_hook_message(dm) -> str:
     return (f"is a {adapters.describe(dm)} model: ComfyUI gives this model no block-replacement hook "
-            f"(patches_replace['dit']), so its blocks cannot be skipped. Use TaylorSeer with forecast "
-            f"'model output', which works on every model.")
+            f"(patches_replace['dit']), so its blocks cannot be skipped. Use Forecast Cache (it forecasts the model "
+            f"output) or TaylorSeer with forecast 'model output', which work on every model.")
 
 
 class AccelTeaCache(io.ComfyNode):
