@@ -175,18 +175,9 @@ class AccelTaylorSeer(io.ComfyNode):
             fail(node, "interval", f"must be at least 1 (one full computation every N steps), got {interval}.")
         if order not in (0, 1, 2):
             fail(node, "order", f"must be 0, 1 or 2 (Taylor order of the forecast), got {order}.")
-        dm = _diffusion_model(model)
-        adapter = adapters.find_adapter(dm)
-        target = FORECASTS[forecast] or ("blocks" if adapter is not None else "output")
-        if target == "blocks" and adapter is None:
-            fail(node, "forecast", f"'block residual' needs ComfyUI's transformer block hook, which this "
-                                   f"{adapters.describe(dm)} model does not have; choose 'model output'.")
-        settings = engine.Settings(
-            node=node, method="taylorseer", target=target, end=end, warmup_steps=warmup_steps,
-            force_short=SHORT_SCHEDULE[short_schedule], cache_device=CACHE_DEVICES[cache_device],
-            interval=interval, order=order)
-        family = adapter.family if adapter else type(dm).__name__
-        return io.NodeOutput(engine.install(model, settings, adapter if target == "blocks" else None, family))
+        return _install_forecast(model, node, forecast, prefer_blocks=True, method="taylorseer", end=end,
+                                 warmup_steps=warmup_steps, force_short=SHORT_SCHEDULE[short_schedule],
+                                 cache_device=CACHE_DEVICES[cache_device], interval=interval, order=order)
 
 
 class AccelForecastCache(io.ComfyNode):
@@ -231,17 +222,9 @@ class AccelForecastCache(io.ComfyNode):
         node = "AccelForecastCache"
         if not speedup >= 1.0:
             fail(node, "speedup", f"must be at least 1.0 (steps / computed steps), got {speedup}.")
-        dm = _diffusion_model(model)
-        adapter = adapters.find_adapter(dm)
-        target = FORECASTS[forecast] or "output"
-        if target == "blocks" and adapter is None:
-            fail(node, "forecast", f"'block residual' needs ComfyUI's transformer block hook, which this "
-                                   f"{adapters.describe(dm)} model does not have; choose 'model output'.")
-        settings = engine.Settings(
-            node=node, method="forecast", target=target, force_short=SHORT_SCHEDULE[short_schedule],
-            cache_device=CACHE_DEVICES[cache_device], order=1, speedup=float(speedup), verify=bool(verify))
-        family = adapter.family if adapter else type(dm).__name__
-        return io.NodeOutput(engine.install(model, settings, adapter if target == "blocks" else None, family))
+        return _install_forecast(model, node, forecast, prefer_blocks=False, method="forecast",
+                                 force_short=SHORT_SCHEDULE[short_schedule], cache_device=CACHE_DEVICES[cache_device],
+                                 order=1, speedup=float(speedup), verify=bool(verify))
 
 
 class AccelCacheCalibrate(io.ComfyNode):
@@ -392,6 +375,20 @@ class AccelCacheReport(io.ComfyNode):
             image = report_plot(report)
         merged = {**ui.PreviewImage(image, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()}
         return io.NodeOutput(text, image, ui=merged)
+
+
+def _install_forecast(model, node: str, forecast: str, prefer_blocks: bool, **settings) -> io.NodeOutput:
+    """TaylorSeer's and Forecast Cache's install: the ``forecast`` choice resolved to a target ('auto':
+    the block residual where the model has the hook and ``prefer_blocks``, else the model output)."""
+    dm = _diffusion_model(model)
+    adapter = adapters.find_adapter(dm)
+    target = FORECASTS[forecast] or ("blocks" if prefer_blocks and adapter is not None else "output")
+    if target == "blocks" and adapter is None:
+        fail(node, "forecast", f"'block residual' needs ComfyUI's transformer block hook, which this "
+                               f"{adapters.describe(dm)} model does not have; choose 'model output'.")
+    family = adapter.family if adapter else type(dm).__name__
+    return io.NodeOutput(engine.install(model, engine.Settings(node=node, target=target, **settings),
+                                        adapter if target == "blocks" else None, family))
 
 
 def _check_window(node: str, start: float, end: float) -> None:
