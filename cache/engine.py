@@ -350,7 +350,7 @@ class Run:
                          f"model calls) lost 1.6-3.8 dB against sampling 6 steps outright (bench_cache). Sample fewer steps instead, "
                          f"or set short_schedule to 'cache anyway'")
         table = getattr(model_sampling, "sigmas", None)
-        self.log_table = (sorted(torch.as_tensor(table).double().clamp_min(1e-30).log().flatten().tolist())
+        self.log_table = (torch.as_tensor(table).double().clamp_min(1e-30).log().flatten().sort().values.cpu().numpy()
                           if table is not None and torch.as_tensor(table).numel() > 1 else None)
         self.positions = [self.time_of(v) for v in self.schedule]
         self.threshold = s.threshold

@@ -60,7 +60,7 @@ def noise_position(sigma: float, log_table: Sequence[float]) -> float:
         i = int(np.searchsorted(log_table, x)) - 1
     lo, hi = log_table[i], log_table[i + 1]
     frac = (x - lo) / (hi - lo) if hi > lo else 0.0
-    return (i + frac) / (n - 1)
+    return float((i + frac) / (n - 1))
 
 
 def in_window(step: int, n_steps: int, start: float, end: float) -> bool:
