@@ -140,6 +140,12 @@ def taylorseer(model, interval: int, order: int = 1):
                                    cache_device="model device", short_schedule="skip caching").args[0]
 
 
+def forecast(model, speedup: float, verify: bool = True, short_schedule: str = "skip caching"):
+    from ..nodes.cache import AccelForecastCache
+    return AccelForecastCache.execute(model, speedup=speedup, forecast="auto", verify=verify,
+                                      cache_device="model device", short_schedule=short_schedule).args[0]
+
+
 def sparse(model, density: float, block_size: int):
     from ..nodes.attention import AccelSparseAttention
     return AccelSparseAttention.execute(model, policy="radial", density=density, block_size=block_size, top_p=0.9,
@@ -206,6 +212,8 @@ def variants(subject: Subject, quick: bool) -> list[Variant]:
         out.append(Variant("TeaCache", f"calibrated {t:g}x", teacache(base, p), threshold=p.threshold))
     for interval in ((3,) if quick else (2, 4)):
         out.append(Variant("TaylorSeer", f"N={interval}, order 1", taylorseer(base, interval)))
+    for speedup in ((3.0,) if quick else (3.0, 4.0)):
+        out.append(Variant("Forecast Cache", f"{speedup:g}x", forecast(base, speedup)))
     for kind in ("EasyCache", "LazyCache"):
         for thr in ((0.2,) if quick else (0.2, 0.5)):
             m, counter = _comfy_cache(base, kind, reuse_threshold=thr, start_percent=0.15, end_percent=0.95)
@@ -229,6 +237,9 @@ def variants(subject: Subject, quick: bool) -> list[Variant]:
     out.append(Variant("Stacked", "SVDQuant w4a4 + TeaCache 2x + sparse 0.5",
                        sparse(teacache(svdquant, svd_profile), 0.5, subject.block_size),
                        bits=quantized_bits(svdquant), density=0.5, group="stack", threshold=svd_profile.threshold))
+    out.append(Variant("Stacked", "int8 + Forecast Cache 3x + sparse 0.5",
+                       sparse(forecast(quantized["int8"], 3.0), 0.5, subject.block_size),
+                       bits=bits["int8"], density=0.5, group="stack"))
     out.append(Variant("Stacked", "int4 + TaylorSeer N=3 + sparse 0.5",
                        sparse(taylorseer(quantized["int4"], 3), 0.5, subject.block_size),
                        bits=bits["int4"], density=0.5, group="stack"))

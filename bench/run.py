@@ -2,7 +2,8 @@
 
 A benchmark is a module ``bench/bench_<name>.py`` with ``run(quick: bool) -> list[dict]``;
 each dict is one measurement (see ``RECORD_KEYS``) taken side by side with its
-baseline in the same run. ``--only NAME`` runs the benchmarks whose name contains NAME.
+baseline in the same run. ``--only NAME`` runs the benchmarks whose name contains NAME
+(``--only stack,cache``: either).
 
 Optional parts of a benchmark module: an ``out`` parameter of ``run`` (a folder
 ``out/<name>/`` for its pictures), ``markdown(records, images) -> str`` (its own section
@@ -38,8 +39,10 @@ log = logging.getLogger("comfyui_accel.bench")
 
 
 def discover(only: str | None = None) -> list[str]:
+    """The benchmark modules; ``only``: comma-separated parts of their names ("stack,cache")."""
     names = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
-    return [n for n in names if not only or only in n]
+    parts = [p.strip() for p in (only or "").split(",") if p.strip()]
+    return [n for n in names if not parts or any(p in n for p in parts)]
 
 
 def cpu_model() -> str:
@@ -160,7 +163,8 @@ def publish(out: Path, done: list, records: list[dict], info: dict, repo: Path =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="CI-sized runs")
-    parser.add_argument("--only", default=None, help="run benchmarks whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="run benchmarks whose name contains this (comma-separated for several)")
     parser.add_argument("--out", default="out", help="output folder")
     parser.add_argument("--publish", action="store_true",
                         help="also write docs/bench.md, docs/bench/*.png and the README's Benchmarks block")

@@ -14,7 +14,7 @@ SCALE = 3         # 32x32 pictures are small: nearest-neighbour upscale
 LABEL_H = 28
 # Legend entries hold 16 characters.
 SHORT = {"Quantize Model": "Quantize (ours)", "ComfyUI weight dtype": "ComfyUI fp8/bf16", "TeaCache": "TeaCache (ours)",
-         "TaylorSeer": "TaylorSeer (ours)", "EasyCache (ComfyUI)": "EasyCache [Cfy]", "LazyCache (ComfyUI)": "LazyCache [Cfy]",
+         "TaylorSeer": "TaylorSeer (ours)", "Forecast Cache": "Forecast (ours)", "EasyCache (ComfyUI)": "EasyCache [Cfy]", "LazyCache (ComfyUI)": "LazyCache [Cfy]",
          "Sparse Attention": "Sparse attn", "ComfyUI attention": "ComfyUI attn", "Stacked": "Stacked (ours)",
          "SVD Low-Rank Branch": "SVDQuant (ours)"}
 

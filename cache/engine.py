@@ -44,13 +44,17 @@ log = logging.getLogger(__name__)
 KEY = "comfyui_accel.cache"          # wrapper key and transformer_options entry of the setup
 RUN_KEY = "comfyui_accel.cache_run"  # transformer_options entry of the live run
 
+FORECASTING = ("taylorseer", "forecast")   # methods whose streams forecast with their order
+SIGNALLED = ("teacache", "record")         # methods that compute TeaCache's first-block signal
+MIN_FORECAST_COMPUTES = 3                  # Forecast Cache: first, one between, last
+
 _current_call: contextvars.ContextVar = contextvars.ContextVar("comfyui_accel_cache_call", default=None)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     node: str                        # node id, named in messages and reports
-    method: str                      # "teacache" | "taylorseer" | "record" (calibration)
+    method: str                      # "teacache" | "taylorseer" | "forecast" | "record" (calibration)
     target: str = "blocks"           # "blocks": hidden-state residual | "output": model prediction
     start: float = 0.0               # fraction of the schedule where caching may begin
     end: float = 1.0                 # ... and where it stops
@@ -64,13 +68,21 @@ class Settings:
     threshold: float = 0.0
     preset: str = ""                 # where the coefficients came from (for the report)
     interval: int = 1                # TaylorSeer: one full step every `interval` steps
-    order: int = 0                   # TaylorSeer: Taylor order of the forecast
+    order: int = 0                   # TaylorSeer, Forecast Cache: Taylor order of the forecast
+    speedup: float = 0.0             # Forecast Cache: steps / computed steps its schedule reaches
+    verify: bool = False             # Forecast Cache: computed steps verify and calibrate the slope
+    signal_rates: tuple = ()         # TeaCache with a profile: ((position, rate), ...) to set the
+    target_speedup: float = 0.0      # threshold for each run's own schedule (rules.signal_rates)
 
     def describe(self) -> str:
         if self.method == "teacache":
-            return f"threshold {self.threshold:g}, coefficients {self.preset or 'custom'}, signal {self.signal}"
+            source = f"calibrated {self.target_speedup:g}x" if self.signal_rates else f"threshold {self.threshold:g}"
+            return f"{source}, coefficients {self.preset or 'custom'}, signal {self.signal}"
         if self.method == "taylorseer":
             return f"every {self.interval} steps, order {self.order}, warm-up {self.warmup_steps}, target {self.target}"
+        if self.method == "forecast":
+            return (f"speedup {self.speedup:g}x, order {self.order}{', verified slope' if self.verify else ''}, "
+                    f"target {self.target}")
         return "recording"
 
 
@@ -254,9 +266,9 @@ def _after_block(hook: BlockHook, out) -> None:
 # --- a sampling run --------------------------------------------------------------------------
 
 class Stream:
-    def __init__(self, label: str, cond: int, order: int, device):
+    def __init__(self, label: str, cond: int, order: int, device, verify: bool = False):
         self.label, self.cond = label, cond
-        self.forecaster = rules.TaylorForecaster(order, device)
+        self.forecaster = rules.TaylorForecaster(order, device, verify)
         self.prev_signal: torch.Tensor | None = None
         self.shape_key: tuple | None = None     # what the cached feature was made for
         self.computed = 0
@@ -314,10 +326,39 @@ class Run:
         self.enabled, self.note = True, ""
         if self.n_steps < s.min_steps and not s.force_short:
             self.enabled = False
-            self.note = (f"{self.n_steps}-step schedule: caching is off (schedules of {s.min_steps - 1} "
-                         f"steps or fewer gain little and lose detail; set short_schedule to 'cache anyway' "
-                         f"to override)")
-        self.rule = rules.AccumulateRule(rules.Rescale(s.coefficients), s.threshold) if s.method == "teacache" else None
+            sigma_max = float(getattr(model_sampling, "sigma_max", self.schedule[0] if self.schedule else 0.0))
+            segment = bool(self.schedule) and (self.schedule[-1] > 0 or self.schedule[0] < sigma_max * (1 - 1e-3))
+            self.note = (f"{self.n_steps}-step schedule"
+                         + (" (part of a longer one: one expert of a KSamplerAdvanced pair, or denoise < 1)"
+                            if segment else "")
+                         + f": caching is off. Schedules of {s.min_steps - 1} steps or fewer leave almost nothing "
+                         f"to skip between the first and last step, and every skipped step is a large share of the "
+                         f"picture: on the Wan reference, two experts of 4 steps each forecasting one step apiece (6 "
+                         f"model calls) lost 1.6-3.8 dB against sampling 6 steps outright (bench_cache). Sample fewer steps instead, "
+                         f"or set short_schedule to 'cache anyway'")
+        table = getattr(model_sampling, "sigmas", None)
+        self.log_table = (torch.as_tensor(table).double().clamp_min(1e-30).log().flatten().sort().values.cpu().numpy()
+                          if table is not None and torch.as_tensor(table).numel() > 1 else None)
+        self.positions = [self.time_of(v) for v in self.schedule]
+        self.threshold = s.threshold
+        if s.method == "teacache" and s.signal_rates and self.enabled:
+            forced = [rules.is_forced(k, self.n_steps, s.start, s.end, s.warmup_steps, s.last_step)
+                      for k in range(self.n_steps)]
+            self.threshold = rules.threshold_for_speedup(
+                rules.predicted_signals(s.signal_rates, self.positions[:self.n_steps]), forced,
+                rules.Rescale(s.coefficients), s.target_speedup)[0]
+        self.rule = rules.AccumulateRule(rules.Rescale(s.coefficients), self.threshold) if s.method == "teacache" else None
+        self.plan: list[int] = []
+        if s.method == "forecast" and self.enabled:
+            computes = rules.computed_count(self.n_steps, s.speedup)
+            if computes < MIN_FORECAST_COMPUTES and computes < self.n_steps:
+                self.enabled = False
+                self.note = (f"speedup {s.speedup:g}x on a {self.n_steps}-step schedule leaves {computes} computed "
+                             f"step(s); the forecast needs at least {MIN_FORECAST_COMPUTES} (the first, one between, "
+                             f"the last): caching is off. Ask for at most "
+                             f"{self.n_steps / MIN_FORECAST_COMPUTES:.2g}x or sample more steps")
+            else:
+                self.plan = rules.forecast_schedule(self.n_steps, computes)
         self.device = torch.device(s.cache_device) if s.cache_device else None
         self.streams: dict = {}
         self.lead = None
@@ -332,6 +373,10 @@ class Run:
     # evaluations and calls
 
     def time_of(self, sigma: float) -> float:
+        """The forecasts' time axis: the sigma's position on the model's noise table
+        (rules.noise_position), else the model's timestep where there is no table."""
+        if self.log_table is not None:
+            return rules.noise_position(sigma, self.log_table)
         try:
             return float(self.model_sampling.timestep(torch.tensor([sigma])).flatten()[0])
         except Exception:
@@ -370,8 +415,8 @@ class Run:
             key = (uuid, ev.window, ev.occurrences[slot])
             if key not in self.streams:
                 self.streams[key] = Stream(_label(c, ev.occurrences[slot], ev.window), c,
-                                           self.settings.order if self.settings.method == "taylorseer" else 0,
-                                           self.device)
+                                           self.settings.order if self.settings.method in FORECASTING else 0,
+                                           self.device, self.settings.verify)
             keys.append(key)
             streams.append(self.streams[key])
         if self.lead is None:
@@ -414,6 +459,8 @@ class Run:
                 ev.accumulated = prior + ev.rescaled if ev.rescaled is not None and not forced else 0.0
             elif s.method == "taylorseer":
                 compute = forced or (ev.step - s.warmup_steps) % max(s.interval, 1) == 0
+            elif s.method == "forecast":
+                compute = forced or ev.step in self.plan
             else:
                 compute = True
             ev.decision, ev.forced, ev.decider, ev.signal = compute, forced, call.streams[i].label, x
@@ -471,7 +518,7 @@ class Run:
             call.started = True
             img = args["img"]
             signals = None
-            if self.settings.method != "taylorseer":
+            if self.settings.method in SIGNALLED:
                 first_block = adapter.block(call.diffusion_model, hook.key)
                 signals = call.signals = self.signal_changes(
                     call, adapter.signal(self.settings.signal, first_block, args))
@@ -505,7 +552,7 @@ class Run:
             return
         call.started = True
         signals = None
-        if self.settings.method != "taylorseer":
+        if self.settings.method in SIGNALLED:
             signals = call.signals = self.signal_changes(call, h)
         self.decide(call, signals, (call.chunk,) + tuple(h.shape[1:]))
 
@@ -565,8 +612,12 @@ class Run:
         if self.bypassed_calls:
             warnings.append(f"{self.bypassed_calls} calls had a batch that does not split by cond; run uncached")
         streams = {st.label: {"computed": st.computed, "skipped": st.skipped} for st in self.streams.values()}
+        if s.verify:
+            for st in self.streams.values():
+                streams[st.label]["slope"] = round(st.forecaster.slope, 3)
+                streams[st.label]["verified"] = [round(v, 3) for v in st.forecaster.verifications]
         bound = n / computed if computed else 1.0
-        rows = [{"eval": e.index, "step": e.step, "sigma": round(e.sigma, 6),
+        rows = [{"eval": e.index, "step": e.step, "sigma": round(e.sigma, 6), "position": round(e.time, 6),
                  "decision": "compute" if e.computed_calls else "reuse", "forced": e.forced,
                  "decider": e.decider, "signal": e.signal, "rescaled": e.rescaled,
                  "accumulated": e.accumulated} for e in evs]
@@ -578,7 +629,12 @@ class Run:
             "time_s": round(time.perf_counter() - self.started, 3),
         }
         if s.method == "teacache":
-            summary["threshold"] = s.threshold
+            summary["threshold"] = self.threshold
+            if s.signal_rates:
+                summary["threshold_for"] = f"this {self.n_steps}-step schedule, {s.target_speedup:g}x (profile)"
+        if s.method == "forecast":
+            summary["target_speedup"] = s.speedup
+            summary["planned_steps"] = self.plan
         if self.note:
             summary["note"] = self.note
         stream_text = ", ".join(f"{k} {v['computed']}/{v['computed'] + v['skipped']}" for k, v in streams.items())

@@ -8,7 +8,11 @@ signal change and residual change recorded by ``cache.engine``) into a profile:
    (``numpy.polyfit``, degree 4 when there are enough points);
 2. replay TeaCache's accumulate rule on the lead stream's recorded signal curve, with the
    same forced steps (warm-up, start/end window, last step) the cache will use, and pick the
-   smallest threshold whose schedule reaches the target speedup.
+   smallest threshold whose schedule reaches the target speedup;
+3. keep that curve as a rate along the noise position (``rules.signal_rates``), so TeaCache
+   can replay the rule on the curve a run of any other step count will see and pick the
+   threshold for that run (the calibrated threshold alone holds only for the calibrated step
+   count: at 50 steps each step changes less, the sum grows slower, and it skips far more).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class CacheProfile:
     signal_change: list = dataclasses.field(default_factory=list)
     output_change: list = dataclasses.field(default_factory=list)
     replay: list = dataclasses.field(default_factory=list)     # True where the replay computes
+    signal_rates: list = dataclasses.field(default_factory=list)   # [noise position, signal per unit]
     created: str = ""
     version: int = PROFILE_VERSION
 
@@ -80,6 +85,8 @@ def from_recording(report: dict, *, family: str, model_class: str, signal: str, 
         start=start, end=end, warmup_steps=warmup_steps, sampler=sampler, scheduler=scheduler,
         fit_r2=r_squared(x, y, coefficients), signal_change=x, output_change=y,
         replay=rules.simulate(signals, forced, rescale, threshold),
+        signal_rates=rules.signal_rates([r["position"] for r in report["rows"]], signals)
+        if all("position" in r for r in report["rows"]) else [],
         created=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 

@@ -1,6 +1,7 @@
-"""The maths of step caching, free of ComfyUI: where a sigma sits in the schedule, TeaCache's
-accumulate-and-skip rule (also replayed offline to calibrate a threshold), the rescale
-polynomial fit, and the Taylor (Newton divided-difference) forecaster.
+"""The maths of step caching, free of ComfyUI: where a sigma sits in the schedule and on the
+model's noise table, TeaCache's accumulate-and-skip rule (also replayed offline to calibrate a
+threshold, for any step count), the rescale polynomial fit, the Forecast Cache's schedule, and
+the Taylor (Newton divided-difference) forecaster with its verified slope.
 
 Everything here is plain numpy/torch so it unit-tests alone; ``cache.engine`` applies it to
 a running sampler.
@@ -36,6 +37,32 @@ def step_index(sigma: float, schedule: Sequence[float]) -> int:
     return min(max(step, 0), n_steps - 1)
 
 
+def noise_position(sigma: float, log_table: Sequence[float]) -> float:
+    """Where ``sigma`` sits on the model's own noise table (``model_sampling.sigmas``, ascending,
+    given as logs): 0 at its lowest sigma, 1 at its highest, linear in the table index between
+    and extrapolated linearly beyond its ends.
+
+    This is the time axis of the forecasts. ComfyUI's table is the model's timesteps run
+    through its noise shift, so the position is the unshifted time ``t`` (flow models: Wan's
+    shift 8, Flux's 1.15) or the discrete timestep (eps models), whatever scheduler picked the
+    sigmas. Measured on the reference models, features are smoother along it than along sigma
+    (a degree-4 fit over a whole run leaves 1.4-2.2x less residual), because shifted schedules
+    crowd many steps into a tiny range of sigma near 1."""
+    x = math.log(max(float(sigma), 1e-30))
+    n = len(log_table)
+    if n < 2:
+        return 0.0
+    if x <= log_table[0]:
+        i = 0
+    elif x >= log_table[-1]:
+        i = n - 2
+    else:
+        i = int(np.searchsorted(log_table, x)) - 1
+    lo, hi = log_table[i], log_table[i + 1]
+    frac = (x - lo) / (hi - lo) if hi > lo else 0.0
+    return float((i + frac) / (n - 1))
+
+
 def in_window(step: int, n_steps: int, start: float, end: float) -> bool:
     """Whether caching may act at ``step``: ``start <= step / n_steps < end``."""
     frac = step / max(n_steps, 1)
@@ -60,7 +87,10 @@ def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
 # --- TeaCache ------------------------------------------------------------------------------
 
 class Rescale:
-    """The rescale polynomial, coefficients highest power first (numpy ``polyval`` order)."""
+    """The rescale polynomial, coefficients highest power first (numpy ``polyval`` order).
+
+    A change is never negative: where a fitted polynomial dips below zero (outside the range it
+    was fitted on, e.g. the smaller per-step changes of a longer schedule) it counts as 0."""
 
     def __init__(self, coefficients: Sequence[float]):
         self.coefficients = [float(c) for c in coefficients]
@@ -68,7 +98,7 @@ class Rescale:
             raise ValueError("a rescale polynomial needs at least one coefficient")
 
     def __call__(self, x: float) -> float:
-        return float(np.polyval(self.coefficients, x))
+        return max(float(np.polyval(self.coefficients, x)), 0.0)
 
 
 class AccumulateRule:
@@ -144,6 +174,33 @@ def threshold_for_speedup(signals: Sequence[float | None], forced: Sequence[bool
     return (mid, reached) if speed(mid) == reached else (lo_edge, reached)
 
 
+def signal_rates(positions: Sequence[float], signals: Sequence[float | None]) -> list[list[float]]:
+    """A recorded signal curve as a rate along the noise position: ``[position, change per unit
+    of position]`` for each evaluation that has a signal and moved from the previous one.
+
+    TeaCache's signal is the relative change between consecutive evaluations, so it grows with
+    the step size; its rate does not, which is what lets one calibration serve any step count."""
+    out = []
+    for k in range(1, len(signals)):
+        s, gap = signals[k], abs(positions[k - 1] - positions[k])
+        if s is not None and math.isfinite(s) and gap > 1e-9:
+            out.append([(positions[k - 1] + positions[k]) / 2, s / gap])
+    return out
+
+
+def predicted_signals(rates: Sequence[Sequence[float]], positions: Sequence[float]) -> list[float | None]:
+    """The signal each evaluation of a schedule at ``positions`` should see, from a recorded rate
+    curve (``signal_rates``): the rate at the midpoint of each step times the step's length."""
+    if not rates:
+        raise ValueError("an empty signal-rate curve predicts nothing")
+    xs, ys = zip(*sorted((float(u), float(r)) for u, r in rates))
+    out: list[float | None] = [None]
+    for k in range(1, len(positions)):
+        mid = (positions[k - 1] + positions[k]) / 2
+        out.append(float(np.interp(mid, xs, ys)) * abs(positions[k - 1] - positions[k]))
+    return out
+
+
 def _first_reaching(speed, goal: float, lo: float, hi: float) -> float:
     """The smallest threshold in [lo, hi] whose speedup reaches ``goal``: a geometric scan (the
     speedup is not always monotone in the threshold) refined by bisection."""
@@ -162,7 +219,47 @@ def _first_reaching(speed, goal: float, lo: float, hi: float) -> float:
     return float(hi)
 
 
+# --- Forecast Cache's schedule ---------------------------------------------------------------
+
+# How fast the gaps between computed steps grow along a run (1 = even spacing). Spectrum
+# (CVPR 2026) widens its window as sampling goes on; on the reference models 1.3 measured best
+# on average over 20/30 steps and 3-4x (0.75-2.5 dB over even spacing).
+GAP_GROWTH = 1.3
+
+
+def computed_count(n_steps: int, speedup: float) -> int:
+    """How many of ``n_steps`` steps a forecast schedule computes so that steps / computed
+    reaches ``speedup`` (at least 1, at most every step)."""
+    if speedup <= 0:
+        raise ValueError(f"speedup must be positive, got {speedup}")
+    return max(1, min(n_steps, math.floor(n_steps / speedup + 1e-9)))
+
+
+def forecast_schedule(n_steps: int, computes: int, growth: float = GAP_GROWTH) -> list[int]:
+    """The steps to compute: the first and the last, and ``computes - 2`` between them placed at
+    ``1 + (n_steps - 2) * (i / (computes - 1)) ** growth`` (rounded, kept distinct), so the
+    gaps between computed steps grow along the run."""
+    if computes >= n_steps:
+        return list(range(n_steps))
+    if computes <= 1:
+        return [0][:max(computes, 0)]
+    inner = computes - 2
+    chosen = [0]
+    for i in range(inner):
+        q = round(1 + (n_steps - 2) * ((i + 1) / (inner + 1)) ** growth)
+        q = max(q, chosen[-1] + 1)
+        q = min(q, n_steps - 2 - (inner - 1 - i))   # leave room for the ones still to place
+        chosen.append(q)
+    return chosen + [n_steps - 1]
+
+
 # --- Taylor forecast -----------------------------------------------------------------------
+
+# The verified slope: how much of the last verification's least-squares factor replaces the
+# previous one (the rest is kept, so one odd step does not swing it), and its range.
+SLOPE_MEMORY = 0.5
+SLOPE_RANGE = (0.0, 1.5)
+
 
 class TaylorForecaster:
     """Forecast a feature from its last computed values by a Newton/Taylor polynomial.
@@ -172,13 +269,24 @@ class TaylorForecaster:
     actual times ``t`` (not step counts); ``predict(t)`` evaluates the polynomial through the
     last ``order + 1`` computed points. It is exact for features that are polynomials of
     degree <= order in ``t``. Memory: ``order + 1`` tensors of the feature's size.
+
+    With ``verify``, every computed value first checks the forecast the forecaster would have
+    made for it (forecast, then verify, as SpeCa does, but free: the value was computed
+    anyway): the least-squares factor ``a`` that best scales the forecast's increment over the
+    last computed value onto the real one, ``a = <real - F, forecast - F> / |forecast - F|^2``,
+    is blended into ``slope`` and later forecasts use ``F + slope * (forecast - F)`` (a
+    calibrated extrapolation, as FoCa calibrates its forecasts). ``slope`` is 1 until the first
+    verification and returns to 1 on ``reset``.
     """
 
-    def __init__(self, order: int, device: torch.device | str | None = None):
+    def __init__(self, order: int, device: torch.device | str | None = None, verify: bool = False):
         if order < 0:
             raise ValueError("order must be >= 0")
         self.order = int(order)
         self.device = device
+        self.verify = bool(verify)
+        self.slope = 1.0
+        self.verifications: list[float] = []   # each verification's factor, for the report
         self.diffs: list[torch.Tensor] = []     # D0 (newest value), D1, D2 ...
         self.times: list[float] = []            # t_k, t_k-1, ... (newest first)
 
@@ -199,6 +307,7 @@ class TaylorForecaster:
 
     def reset(self) -> None:
         self.diffs, self.times = [], []
+        self.slope, self.verifications = 1.0, []
 
     def update(self, t: float, value: torch.Tensor) -> None:
         t = float(t)
@@ -208,6 +317,8 @@ class TaylorForecaster:
             value = value.to(self.device)
         if self.diffs and not self.compatible(value):
             self.reset()
+        if self.verify and len(self.diffs) >= 2 and abs(t - self.times[0]) > 1e-12:
+            self._verify(t, value)
         new = [value]
         for j in range(1, self.order + 1):
             if len(self.diffs) < j:
@@ -227,8 +338,27 @@ class TaylorForecaster:
             raise RuntimeError("nothing to forecast from: no computed value yet")
         if len(self.diffs) == 1:
             return self.diffs[0]
-        t = float(t)
+        increment = self._increment(float(t))
+        if self.slope != 1.0:
+            increment = increment * self.slope
+        return (self.diffs[0].float() + increment).to(self.diffs[0].dtype)
+
+    def _increment(self, t: float) -> torch.Tensor:
+        """The Newton polynomial at ``t`` minus the newest computed value."""
         acc = self.diffs[-1].float()
-        for j in range(len(self.diffs) - 2, -1, -1):
+        for j in range(len(self.diffs) - 2, 0, -1):
             acc = self.diffs[j].float() + (t - self.times[j]) * acc
-        return acc.to(self.diffs[0].dtype)
+        return (t - self.times[0]) * acc
+
+    def _verify(self, t: float, value: torch.Tensor) -> None:
+        increment = self._increment(t)
+        real = value.float() - self.diffs[0].float()
+        norm = float((increment * increment).sum())
+        if not math.isfinite(norm) or norm <= 0:
+            return
+        factor = float((real * increment).sum()) / norm
+        if not math.isfinite(factor):
+            return
+        factor = min(max(factor, SLOPE_RANGE[0]), SLOPE_RANGE[1])
+        self.verifications.append(factor)
+        self.slope = SLOPE_MEMORY * self.slope + (1 - SLOPE_MEMORY) * factor

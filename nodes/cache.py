@@ -1,4 +1,4 @@
-"""Step-caching nodes: TeaCache, TaylorSeer, Cache Calibrate and Cache Report.
+"""Step-caching nodes: TeaCache, TaylorSeer, Forecast Cache, Cache Calibrate and Cache Report.
 
 The cache nodes return a patched clone of the model (the input model is unchanged). What a
 cache did is only known after sampling: each run logs one line, and the Cache Report node
@@ -46,8 +46,9 @@ def _diffusion_model(model):
 def _no_hook_message(model) -> str:
     why = adapters.unhookable(_diffusion_model(model)) or (
         "ComfyUI gives this model no block-replacement hook (patches_replace['dit'])")
-    return (f"is {families.a_model(model)}: {why}, so its blocks cannot be skipped. Use TaylorSeer with "
-            f"forecast 'model output', which works on every model (and Quantize Model).")
+    return (f"is {families.a_model(model)}: {why}, so its blocks cannot be skipped. Use Forecast Cache (it "
+            f"forecasts the model output) or TaylorSeer with forecast 'model output', which work on every "
+            f"model (and Quantize Model).")
 
 
 class AccelTeaCache(AccelNode):
@@ -71,8 +72,9 @@ class AccelTeaCache(AccelNode):
                 io.Model.Input("model", tooltip="The diffusion model to cache (a transformer model)."),
                 io.Float.Input("threshold", default=-1.0, min=-1.0, max=10.0, step=0.01,
                                tooltip="Reuse the cache while the accumulated rescaled change stays below this. "
-                                       "-1 = the recommended value for the coefficients (about 2x; the profile's "
-                                       "calibrated value when a profile is connected). 0 = never reuse (same "
+                                       "-1 = the recommended value for the coefficients (about 2x); with a profile, "
+                                       "the value that reaches the profile's speedup on each run's own step "
+                                       "count. 0 = never reuse (same "
                                        "output as no cache). Larger = faster and less faithful. Published "
                                        "~2x values: Flux 0.4, HunyuanVideo 0.15, LTX-Video 0.05, Wan 0.15-0.3."),
                 io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=_TIP_START),
@@ -106,7 +108,7 @@ class AccelTeaCache(AccelNode):
                 fail(node, "profile", f"was calibrated on a {profile.family} model ({profile.model_class}); this "
                                       f"model is {adapter.family}. Calibrate this model with Cache Calibrate.")
             coeffs, signal, recommended = tuple(profile.coefficients), profile.signal, profile.threshold
-            warmup, source = profile.warmup_steps, f"calibrated ({profile.steps} steps, {profile.target_speedup:g}x)"
+            warmup, source = profile.warmup_steps, f"calibrated on {profile.steps} steps"
         else:
             name = adapters.auto_preset(adapter, dm) if coefficients == "auto" else coefficients
             if name is None:
@@ -119,11 +121,15 @@ class AccelTeaCache(AccelNode):
                                            f"Choose 'auto' or a {adapter.family} preset.")
             coeffs, signal, recommended, warmup, source = (preset.coefficients, preset.signal, preset.threshold,
                                                            preset.warmup_steps, name)
+        # With a profile and the threshold left on auto, each run replays the profile's signal curve
+        # on its own schedule and picks the threshold for the profile's speedup there.
+        per_run = profile is not None and threshold < 0 and bool(profile.signal_rates)
         settings = engine.Settings(
             node="AccelTeaCache", method="teacache", target="blocks", start=start, end=end, warmup_steps=warmup,
             force_short=SHORT_SCHEDULE[short_schedule], cache_device=CACHE_DEVICES[cache_device],
             signal=signal, coefficients=tuple(coeffs), threshold=recommended if threshold < 0 else threshold,
-            preset=source)
+            preset=source, signal_rates=tuple(tuple(p) for p in profile.signal_rates) if per_run else (),
+            target_speedup=profile.target_speedup if per_run else 0.0)
         return io.NodeOutput(engine.install(model, settings, adapter, adapter.family))
 
 
@@ -173,19 +179,61 @@ class AccelTaylorSeer(AccelNode):
         node = "TaylorSeer"
         _check_window(node, 0.0, end)
         require_diffusion_model(node, model)
-        dm = _diffusion_model(model)
-        adapter = adapters.find_adapter(dm)
-        target = FORECASTS[forecast] or ("blocks" if adapter is not None else "output")
-        if target == "blocks" and adapter is None:
-            fail(node, "forecast", f"'block residual' needs ComfyUI's transformer block hook, which this "
-                                   f"{families.describe(model)} model does not have; choose 'model output' "
-                                   f"(or 'auto'), which works on every model.")
-        settings = engine.Settings(
-            node="AccelTaylorSeer", method="taylorseer", target=target, end=end, warmup_steps=warmup_steps,
-            force_short=SHORT_SCHEDULE[short_schedule], cache_device=CACHE_DEVICES[cache_device],
-            interval=interval, order=order)
-        family = adapter.family if adapter else type(dm).__name__
-        return io.NodeOutput(engine.install(model, settings, adapter if target == "blocks" else None, family))
+        if not 1 <= interval:
+            fail(node, "interval", f"must be at least 1 (one full computation every N steps), got {interval}.")
+        if order not in (0, 1, 2):
+            fail(node, "order", f"must be 0, 1 or 2 (Taylor order of the forecast), got {order}.")
+        return _install_forecast(model, node, "AccelTaylorSeer", forecast, prefer_blocks=True, method="taylorseer", end=end,
+                                 warmup_steps=warmup_steps, force_short=SHORT_SCHEDULE[short_schedule],
+                                 cache_device=CACHE_DEVICES[cache_device], interval=interval, order=order)
+
+
+class AccelForecastCache(AccelNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AccelForecastCache",
+            display_name="Forecast Cache",
+            category="accel/cache",
+            description=(
+                "Computes the model on a schedule spaced for the speedup you ask (the first and last steps, and "
+                "gaps that grow along the run, for any step count) and forecasts the steps between by linear "
+                "extrapolation along the model's noise level. Each computed step first verifies the forecast it "
+                "replaces and recalibrates the extrapolation's slope, per cond. 'model output' forecasts the "
+                "model's prediction (skips the whole model, every model family, tiny memory); 'block "
+                "residual' forecasts the transformer blocks' residual (embeddings and head stay exact; models "
+                "with a block hook). Cond and uncond are forecast separately. Each run logs its schedule; the "
+                "Cache Report shows it with the verified slopes."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to cache."),
+                io.Float.Input("speedup", default=3.0, min=1.0, max=20.0, step=0.1,
+                               tooltip="Steps / computed steps: 3.0 computes a third of the steps (20 steps: 6 "
+                                       "computed). The bound is exact for every step count; the wall-clock gain "
+                                       "is close to it on large models. 1.0 = no caching."),
+                io.Combo.Input("forecast", options=list(FORECASTS), default="auto",
+                               tooltip="What is forecast: 'model output' = the model's prediction (the sampler's "
+                                       "derivative; the latent's size per cond; every model); 'block residual' = "
+                                       "the transformer blocks' residual (the hidden state's size; models with a "
+                                       "block hook). 'auto' = model output, which measured better on the "
+                                       "reference models."),
+                io.Boolean.Input("verify", default=True,
+                                 tooltip="Each computed step checks the forecast it replaces and rescales the "
+                                         "extrapolation's slope (least squares). Off = plain linear extrapolation."),
+                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
+                io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with Forecast Cache (the input model is unchanged).")],
+        )
+
+    @classmethod
+    def execute(cls, model, speedup, forecast, verify, cache_device, short_schedule) -> io.NodeOutput:
+        node = "Forecast Cache"
+        require_diffusion_model(node, model)
+        if not speedup >= 1.0:
+            fail(node, "speedup", f"must be at least 1.0 (steps / computed steps), got {speedup}.")
+        return _install_forecast(model, node, "AccelForecastCache", forecast, prefer_blocks=False, method="forecast",
+                                 force_short=SHORT_SCHEDULE[short_schedule], cache_device=CACHE_DEVICES[cache_device],
+                                 order=1, speedup=float(speedup), verify=bool(verify))
 
 
 class AccelCacheCalibrate(AccelNode):
@@ -203,7 +251,8 @@ class AccelCacheCalibrate(AccelNode):
                 "the recorded curve to find the threshold that reaches the requested speedup. The profile "
                 "feeds TeaCache and is saved as JSON in the output folder (accel_cache/). Gives TeaCache to "
                 "models without published coefficients (SD3, Wan 2.2, Qwen-Image, Chroma, Flux 2...). The "
-                "speedup holds for similar step counts and schedulers."),
+                "profile keeps the signal curve along the noise level, so TeaCache sets the threshold for each "
+                "run's own step count: one calibration serves 10 to 50 steps."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to calibrate (a transformer model)."),
                 io.Conditioning.Input("positive", tooltip="Your positive conditioning (as for the sampler)."),
@@ -212,7 +261,7 @@ class AccelCacheCalibrate(AccelNode):
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Noise seed of the calibration run."),
                 io.Int.Input("steps", default=30, min=2, max=10000,
-                             tooltip="Steps of the calibration run: use the step count you will sample with."),
+                             tooltip="Steps of the calibration run (30 serves runs of 10 to 50 steps)."),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (as for the sampler)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
@@ -303,12 +352,13 @@ class AccelCacheReport(AccelNode):
             display_name="Cache Report",
             category="accel/cache",
             description=(
-                "Shows what TeaCache or TaylorSeer did in a sampling run: steps computed and reused per cond, "
+                "Shows what TeaCache, TaylorSeer or Forecast Cache did in a sampling run: steps computed and reused per cond, "
                 "compute fraction, the bound speedup (steps / computed steps), the accumulated signal per step "
                 "and the cache's memory. Connect the cached MODEL and the sampler's LATENT output (the report "
                 "of the run that made that latent is shown; it runs after the sampler)."),
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL output of TeaCache / TaylorSeer (or a model made from it)."),
+                io.Model.Input("model", tooltip="The MODEL output of TeaCache / TaylorSeer / Forecast Cache (or a model "
+                                                "made from it)."),
                 io.Latent.Input("latent", tooltip="The sampler's LATENT output: picks that run's report and makes "
                                                   "this node run after sampling."),
             ],
@@ -323,8 +373,8 @@ class AccelCacheReport(AccelNode):
     def execute(cls, model, latent) -> io.NodeOutput:
         setup = engine.setup_of(model)
         if setup is None:
-            fail("Cache Report", "model", "carries no TeaCache or TaylorSeer: connect the MODEL output of "
-                                              "one of those nodes (or a model made from it, e.g. after a LoRA).")
+            fail("Cache Report", "model", "carries no TeaCache, TaylorSeer or Forecast Cache: connect the MODEL "
+                                          "output of one of those nodes (or a model made from it, e.g. after a LoRA).")
         report = setup.find_report(latent["samples"])
         if report is None:
             text = ("Cache report\n============\nNo report for this latent: no sampling run with this model made "
@@ -336,6 +386,22 @@ class AccelCacheReport(AccelNode):
             image = report_plot(report)
         merged = {**ui.PreviewImage(image, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()}
         return io.NodeOutput(text, image, ui=merged)
+
+
+def _install_forecast(model, node: str, node_id: str, forecast: str, prefer_blocks: bool, **settings) -> io.NodeOutput:
+    """TaylorSeer's and Forecast Cache's install: the ``forecast`` choice resolved to a target ('auto':
+    the block residual where the model has the hook and ``prefer_blocks``, else the model output).
+    ``node`` names the node in messages, ``node_id`` in the run log and report."""
+    dm = _diffusion_model(model)
+    adapter = adapters.find_adapter(dm)
+    target = FORECASTS[forecast] or ("blocks" if prefer_blocks and adapter is not None else "output")
+    if target == "blocks" and adapter is None:
+        fail(node, "forecast", f"'block residual' needs ComfyUI's transformer block hook, which this "
+                               f"{families.describe(model)} model does not have; choose 'model output' "
+                               f"(or 'auto'), which works on every model.")
+    family = adapter.family if adapter else type(dm).__name__
+    return io.NodeOutput(engine.install(model, engine.Settings(node=node_id, target=target, **settings),
+                                        adapter if target == "blocks" else None, family))
 
 
 def _check_window(node: str, start: float, end: float) -> None:
@@ -390,4 +456,4 @@ def save_json(prefix: str, data: dict) -> str:
     return os.path.relpath(path, output_dir)
 
 
-NODES = [AccelTeaCache, AccelTaylorSeer, AccelCacheCalibrate, AccelCacheReport]
+NODES = [AccelTeaCache, AccelTaylorSeer, AccelForecastCache, AccelCacheCalibrate, AccelCacheReport]

@@ -65,21 +65,29 @@ def _axes(draw, xlo, xhi, ylo, yhi, xlabel, ylabel):
 
 
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str,
-              xlabel: str = "", ylabel: str = "", markers: bool = True) -> torch.Tensor:
-    """One line per named series of (xs, ys)."""
+              xlabel: str = "", ylabel: str = "", markers: bool = True, colors: dict | None = None,
+              hollow: Sequence[str] = (), dots: Sequence[str] = ()) -> torch.Tensor:
+    """One line per named series of (xs, ys). ``colors`` maps a series to a palette index (so two
+    series can share one); series in ``hollow`` get a thin line, open markers and no legend entry
+    (companions of a series of the same colour); series in ``dots`` get markers and no line."""
     img, draw = _canvas(title)
     xs_all = np.concatenate([np.asarray(x, dtype=float) for x, _ in series.values()] or [np.zeros(1)])
     ys_all = np.concatenate([np.asarray(y, dtype=float) for _, y in series.values()] or [np.zeros(1)])
     to_px = _axes(draw, *_range(xs_all), *_range(ys_all), xlabel, ylabel)
+    legend = 0
     for i, (name, (xs, ys)) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
+        color = PALETTE[(colors or {}).get(name, i) % len(PALETTE)]
+        open_ = name in hollow
         pts = [to_px(x, y) for x, y in zip(xs, ys) if np.isfinite(x) and np.isfinite(y)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
+        if len(pts) > 1 and name not in dots:
+            draw.line(pts, fill=color, width=1 if open_ else 2)
         if markers:
             for px, py in pts:
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        _legend(draw, i, name, color)
+                r = 4 if name in dots else 3
+                draw.ellipse([px - r, py - r, px + r, py + r], outline=color, fill=None if open_ else color)
+        if not open_:
+            _legend(draw, legend, name, color)
+            legend += 1
     return _to_image(img)
 
 

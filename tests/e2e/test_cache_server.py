@@ -1,4 +1,4 @@
-"""Step caching through the real server: workflows with TeaCache / TaylorSeer, the report node,
+"""Step caching through the real server: workflows with TeaCache / TaylorSeer / Forecast Cache, the report node,
 the short-schedule warning, and the clear message for a model without block hooks."""
 from __future__ import annotations
 
@@ -61,3 +61,17 @@ def test_model_without_block_hooks_gets_a_clear_message(comfy_server):
                                                           chain=[("AccelTaylorSeer", taylor)])))
     assert torch.isfinite(_latent(comfy_server, entry)).all()
     assert "computed: 6" in entry["outputs"]["7"]["text"][0]   # steps 0, 1 (warm-up), 2, 5, 8, 9 (last)
+
+
+def test_forecast_cache_workflow_runs_and_reports(comfy_server):
+    info = fixtures.write_fixture("wan21", "tiny", comfy_server.models_dir)
+    settings = {"speedup": 3.0, "forecast": "auto", "verify": True, "cache_device": "model device",
+                "short_schedule": "skip caching"}
+    entry = comfy_server.run(_with_report(sampling_prompt(info, seed=14, steps=20, prefix="e2e_forecast",
+                                                          chain=[("AccelForecastCache", settings)])))
+    out = _latent(comfy_server, entry)
+    assert torch.isfinite(out).all() and tuple(out.shape) == tuple(info.latent_shape)
+    text = entry["outputs"]["7"]["text"][0]
+    assert "Cache report (AccelForecastCache)" in text and "computed: 6" in text and "bound_speedup: 3.333" in text
+    assert "planned_steps: [0, 3, 6, 10, 14, 19]" in text
+    assert "AccelForecastCache [speedup 3x, order 1, verified slope, target output]" in comfy_server.log_tail(200)

@@ -35,14 +35,15 @@ def test_every_row_is_well_formed(stack):
     # Quantization shrinks the weights; caches and attention leave them alone.
     assert by["int8"]["weight_bytes_ratio"] > 1.5 and by["int4"]["weight_bytes_ratio"] > by["int8"]["weight_bytes_ratio"]
     for r in rows:
-        if r["technique"] in ("TeaCache", "TaylorSeer", "Sparse Attention", "ComfyUI attention"):
+        if r["technique"] in ("TeaCache", "TaylorSeer", "Forecast Cache", "Sparse Attention", "ComfyUI attention"):
             assert r["weight_bytes_ratio"] == pytest.approx(1.0)
     # The caches skipped evaluations and say so in the bound.
     for r in rows:
-        if r["technique"] in ("TeaCache", "TaylorSeer"):
+        if r["technique"] in ("TeaCache", "TaylorSeer", "Forecast Cache"):
             assert r["computed"] < r["evaluations"] and "steps" in r["bound"]
     techniques = {r["technique"] for r in rows}
-    assert {"Quantize Model", "SVD Low-Rank Branch", "TeaCache", "TaylorSeer", "Sparse Attention", "Stacked", "EasyCache (ComfyUI)",
+    assert {"Quantize Model", "SVD Low-Rank Branch", "TeaCache", "TaylorSeer", "Forecast Cache", "Sparse Attention", "Stacked",
+            "EasyCache (ComfyUI)",
             "LazyCache (ComfyUI)", "ComfyUI weight dtype", "ComfyUI attention"} <= techniques
     # ComfyUI's SDPA backend computes the same attention as its default: the same picture.
     assert by["pytorch"]["psnr_db"] > 60

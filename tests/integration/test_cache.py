@@ -439,6 +439,120 @@ def test_taylor_model_output_works_without_block_hooks(fx, family):
     assert report_of(cached)["summary"]["reused"] > 0
 
 
+# --- Forecast Cache ------------------------------------------------------------------------------
+
+def forecast(m, speedup: float, target: str = "blocks", verify: bool = True, **kw):
+    return install(m, "forecast", target=target, order=1, speedup=speedup, verify=verify, **kw)
+
+
+@pytest.mark.parametrize("family", HOOKED + ["lumina2"])
+def test_forecast_cache_follows_its_plan_on_every_family(fx, family):
+    m = fixture_model(family)
+    target = "output" if family == "lumina2" else "blocks"   # Lumina 2 has no block hook
+    ref = sample(m, family, steps=12)
+    every = forecast(m, 1.0, target)
+    assert torch.equal(sample(every, family, steps=12), ref)
+    cached = forecast(m, 3.0, target)
+    out = sample(cached, family, steps=12)
+    report = report_of(cached)
+    plan = rules.forecast_schedule(12, 4)
+    assert report["summary"]["planned_steps"] == plan and report["summary"]["bound_speedup"] == 3.0
+    assert computed(report) == [k in plan for k in range(12)]
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    for stream in report["streams"].values():
+        assert stream["computed"] == 4 and len(stream["verified"]) == 2   # verified at the 3rd and 4th compute
+
+
+def test_forecast_cache_forecasts_each_stream_linearly_along_the_noise_position(fx):
+    # Model output, no verification: on a forecast step each cond's prediction must be the line
+    # through its own last two computed velocities, at this step's noise position.
+    import comfy.patcher_extension as pe
+    spied = fixture_model("wan21").clone()
+    seen = []
+
+    def spy(executor, x, t, *args, **kwargs):
+        out = executor(x, t, *args, **kwargs)
+        seen.append((float(t.flatten()[0]), x.detach().clone(), out.detach().clone()))
+        return out
+
+    spied.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.spy", spy)   # first: outside the cache's
+    m = forecast(spied, 2.5, target="output", verify=False)
+    sample(m, "wan21", steps=10)
+    assert len(seen) == 10
+    report = report_of(m)
+    plan, positions = report["summary"]["planned_steps"], [r["position"] for r in report["rows"]]
+    velocity = [(x - out) / sigma for sigma, x, out in seen]
+    assert plan == [0, 3, 6, 9]
+    checked = 0
+    for k in range(10):
+        if k in plan or k < 4:
+            continue
+        a, b = [j for j in plan if j < k][-2:]
+        line = velocity[b] + (positions[k] - positions[b]) / (positions[b] - positions[a]) * (velocity[b] - velocity[a])
+        assert torch.allclose(velocity[k], line, atol=1e-4)
+        assert not torch.allclose(line[0], line[1], atol=1e-3)   # uncond and cond differ
+        checked += 1
+    assert checked == 4
+
+
+def test_forecast_cache_batched_and_split_conds_agree(fx):
+    m = fixture_model("wan21")
+    batched, split = forecast(m, 3.0), forecast(m, 3.0)
+    a = sample(batched, "wan21", tokens=(9, 9), steps=12)
+    b = sample(split, "wan21", tokens=(7, 9), steps=12)
+    ra, rb = report_of(batched), report_of(split)
+    assert computed(ra) == computed(rb) and set(ra["streams"]) == set(rb["streams"]) == {"cond", "uncond"}
+    # the same tokens padded differently give slightly different model outputs, never a different plan
+    assert torch.isfinite(b).all() and a.shape == b.shape
+
+
+def test_forecast_cache_stands_down_when_the_speedup_leaves_too_few_steps(fx, caplog):
+    from comfyui_accel.nodes.cache import AccelCacheReport
+    m = fixture_model("wan21")
+    ref = sample(m, "wan21", steps=12)
+    cached = forecast(m, 5.0)   # 12 / 5: 2 computed steps
+    with caplog.at_level("WARNING"):
+        out = sample(cached, "wan21", steps=12)
+    assert torch.equal(out, ref)
+    report = report_of(cached)
+    assert report["summary"]["status"] == "off" and "leaves 2 computed step(s)" in report["warnings"][0]
+    assert "at most 4x" in caplog.text
+    text = AccelCacheReport.execute(cached, {"samples": out}).args[0]
+    assert "status: off" in text and "leaves 2 computed" in text
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m"])
+def test_forecast_cache_with_other_samplers(fx, sampler):
+    m = fixture_model("flux")
+    cached = forecast(m, 3.0)
+    out = sample(cached, "flux", steps=12, sampler=sampler)
+    report = report_of(cached)
+    assert torch.isfinite(out).all() and report["summary"]["reused"] > 0
+    done = {r["step"] for r in report["rows"] if r["decision"] == "compute"}
+    plan = set(rules.forecast_schedule(12, 4))
+    # Heun's corrector is its own stream, which computes until it has a value to forecast from
+    assert done == plan if sampler == "dpmpp_2m" else plan <= done
+
+
+def test_forecast_cache_node_and_its_report(fx):
+    from comfyui_accel.nodes.cache import AccelCacheReport, AccelForecastCache
+    from comfyui_accel.nodes.common import AccelInputError
+    m = fixture_model("wan21")
+    cached = AccelForecastCache.execute(m, 3.0, "auto", True, "model device", "skip caching").args[0]
+    out = sample(cached, "wan21", steps=20)
+    setup = engine.setup_of(cached)
+    assert setup.settings.target == "output" and setup.settings.verify
+    text, plot = AccelCacheReport.execute(cached, {"samples": out}).args
+    assert "planned_steps" in text and "slope" in text and "bound_speedup: 3.333" in text and plot.shape[-1] == 3
+    blocks = AccelForecastCache.execute(m, 2.0, "block residual", False, "cpu", "skip caching").args[0]
+    sample(blocks, "wan21", steps=20)
+    assert report_of(blocks)["summary"]["computed"] == 10
+    with pytest.raises(AccelInputError, match="speedup"):
+        AccelForecastCache.execute(m, 0.5, "auto", True, "model device", "skip caching")
+    with pytest.raises(AccelInputError, match="block hook"):
+        AccelForecastCache.execute(fixture_model("lumina2"), 2.0, "block residual", True, "model device", "skip caching")
+
+
 # --- composition ---------------------------------------------------------------------------------
 
 def _lora(m, strength=1.0):
@@ -543,6 +657,31 @@ def test_calibrate_then_teacache_reaches_the_target(fx, output_dir):
     assert f"computed: {report['summary']['computed']}" in text and image.shape[-1] == 3
 
 
+def test_a_30_step_profile_holds_its_speedup_at_20_and_50_steps(fx, output_dir):
+    # On the trained Wan reference (real trajectories): Cache Calibrate at 30 steps for 2x, then
+    # TeaCache with the threshold on auto sets it for each run's own schedule.
+    from comfyui_accel.bench import bench_stack
+    from comfyui_accel.nodes.cache import AccelTeaCache
+    s30 = bench_stack.reference_subject("ref_wan21", 30)
+    profile = bench_stack.calibrate(s30, s30.model, 2.0)
+    assert profile.steps == 30 and profile.signal_rates
+
+    def bound(steps, threshold):
+        s = bench_stack.reference_subject("ref_wan21", steps)
+        cached = AccelTeaCache.execute(s30.model, threshold, 0.0, 1.0, "auto", "model device", "skip caching",
+                                       profile=profile).args[0]
+        s.sample(cached)
+        summary = report_of(cached)["summary"]
+        assert summary["steps"] == steps
+        return summary["bound_speedup"]
+
+    per_run = {steps: bound(steps, -1.0) for steps in (20, 50)}
+    for steps, speedup in per_run.items():
+        assert abs(speedup - 2.0) <= 0.15 * 2.0, (steps, per_run)
+    # The calibrated threshold as a fixed number lands further from 2x at 20 steps.
+    assert abs(bound(20, profile.threshold) - 2.0) > abs(per_run[20] - 2.0)
+
+
 def test_report_node_finds_the_run_of_its_latent(fx):
     from comfyui_accel.nodes.cache import AccelCacheReport
     from comfyui_accel.nodes.common import AccelInputError
@@ -551,5 +690,29 @@ def test_report_node_finds_the_run_of_its_latent(fx):
     b = sample(m, "wan21", steps=12)
     assert "steps: 10" in AccelCacheReport.execute(m, {"samples": a}).args[0]
     assert "steps: 12" in AccelCacheReport.execute(m, {"samples": b}).args[0]
-    with pytest.raises(AccelInputError, match="no TeaCache or TaylorSeer"):
+    with pytest.raises(AccelInputError, match="no TeaCache, TaylorSeer or Forecast Cache"):
         AccelCacheReport.execute(fixture_model("wan21"), {"samples": a})
+
+
+def test_forecast_cache_on_two_experts(fx):
+    # KSamplerAdvanced pair (Wan 2.2's experts): an 8-step schedule leaves each expert 4 steps and
+    # the node stands down, saying why; a 20-step one caches each expert on its own plan.
+    high, low = fixture_model("wan21", 0), fixture_model("wan21", 1)
+
+    def two_stage(h, lo, steps):
+        x = sample(h, "wan21", steps=steps, start_step=0, last_step=steps // 2, seed=4)
+        return sample(lo, "wan21", steps=steps, start_step=steps // 2, last_step=steps, latent=x,
+                      disable_noise=True, seed=4)
+
+    ref = two_stage(high, low, 8)
+    hc, lc = forecast(high, 2.0), forecast(low, 2.0)
+    assert torch.equal(two_stage(hc, lc, 8), ref)
+    for cached in (hc, lc):
+        report = report_of(cached)
+        assert report["summary"]["status"] == "off"
+        assert "4-step schedule (part of a longer one" in report["warnings"][0] and "dB" in report["warnings"][0]
+    two_stage(hc, lc, 20)
+    for cached in (hc, lc):
+        summary = report_of(cached)["summary"]
+        assert summary["status"] == "ok" and summary["steps"] == 10
+        assert summary["planned_steps"] == rules.forecast_schedule(10, 5) and summary["computed"] == 5

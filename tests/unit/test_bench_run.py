@@ -55,3 +55,11 @@ def test_publish_refuses_a_readme_without_the_markers(tmp_path):
         bench_run.publish(tmp_path, [], [], INFO, repo=tmp_path)
     assert (tmp_path / "README.md").read_text() == "# no markers\n"
     assert not (tmp_path / "docs" / "bench.md").exists()
+
+
+def test_only_picks_benchmarks_by_parts_of_their_names():
+    every = bench_run.discover()
+    assert "bench_stack" in every and "bench_cache" in every
+    assert bench_run.discover("stack") == ["bench_stack"]
+    assert bench_run.discover("stack, cache") == ["bench_cache", "bench_stack"]
+    assert bench_run.discover("nothing-like-it") == []

@@ -54,3 +54,19 @@ def test_profile_with_undefined_fit_quality_still_saves():
                        start=0.0, end=1.0, warmup_steps=1)
     assert math.isnan(p.fit_r2) or p.fit_r2 <= 1.0
     assert CacheProfile.from_json(p.to_json()).family == "sd3"
+
+
+def test_profile_keeps_the_signal_curve_along_the_noise_position():
+    report = _recording()
+    assert from_recording(report, family="wan", model_class="WanModel", signal="vec", target=2.0, start=0.0,
+                          end=1.0, warmup_steps=1).signal_rates == []   # an old recording: no positions
+    for k, row in enumerate(report["rows"]):
+        row["position"] = 1 - k / 20
+    p = from_recording(report, family="wan", model_class="WanModel", signal="vec", target=2.0, start=0.0,
+                       end=1.0, warmup_steps=1)
+    assert len(p.signal_rates) == 19
+    # each step is 1/20 long: the rate is the recorded signal times 20, at the step's midpoint
+    for (u, rate), row, prev in zip(p.signal_rates, report["rows"][1:], report["rows"]):
+        assert u == pytest.approx((row["position"] + prev["position"]) / 2)
+        assert rate == pytest.approx(row["signal"] * 20)
+    assert CacheProfile.from_json(p.to_json()).signal_rates == p.signal_rates

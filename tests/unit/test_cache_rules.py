@@ -156,3 +156,90 @@ def test_rel_l1():
     a, b = torch.tensor([1.0, -2.0]), torch.tensor([2.0, -2.0])
     assert rules.rel_l1(a, b) == pytest.approx((1 + 0) / 2 / 2)
     assert math.isfinite(rules.rel_l1(a, torch.zeros(2)))
+
+
+# --- noise position, Forecast Cache schedule, verified slope, per-schedule thresholds -------------
+
+def _shifted_flow_table(shift: float, n: int = 1000) -> list[float]:
+    """ComfyUI's ModelSamplingDiscreteFlow table: sigma = shift t / (1 + (shift - 1) t), t = k/n."""
+    t = np.arange(1, n + 1) / n
+    return list(np.log(shift * t / (1 + (shift - 1) * t)))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 8.0])
+def test_noise_position_is_the_unshifted_time(shift):
+    table = _shifted_flow_table(shift)
+    for t in (0.05, 0.3, 0.5, 0.77, 0.999):
+        sigma = shift * t / (1 + (shift - 1) * t)
+        # index k holds t = (k + 1) / n: position k / (n - 1)
+        assert rules.noise_position(sigma, table) == pytest.approx((t * 1000 - 1) / 999, abs=1e-6)
+    # monotone, and extrapolated linearly past both ends instead of clamped
+    xs = [rules.noise_position(s, table) for s in (1e-4, 5e-4, 0.2, 0.6, 1.0, 1.3)]
+    assert xs == sorted(xs) and len(set(xs)) == len(xs) and xs[0] < 0 and xs[-1] > 1
+
+
+@pytest.mark.parametrize("n_steps", [10, 13, 20, 30, 37, 50])
+@pytest.mark.parametrize("speedup", [1.5, 2.0, 3.0, 4.0, 5.0])
+def test_forecast_schedule_reaches_the_speedup_with_growing_gaps(n_steps, speedup):
+    k = rules.computed_count(n_steps, speedup)
+    assert n_steps / k >= speedup - 1e-9 and n_steps / (k + 1) < speedup   # the fewest computes that reach it
+    plan = rules.forecast_schedule(n_steps, k)
+    assert len(plan) == len(set(plan)) == k and plan == sorted(plan)
+    assert plan[0] == 0 and plan[-1] == n_steps - 1
+    gaps = np.diff(plan)
+    # rounding may shorten a gap by one step; the trend grows
+    assert all(b >= a - 1 for a, b in zip(gaps, gaps[1:])) and gaps[-1] >= gaps[0]
+
+
+def test_forecast_schedule_edges():
+    assert rules.forecast_schedule(6, 6) == list(range(6)) and rules.forecast_schedule(6, 9) == list(range(6))
+    assert rules.forecast_schedule(6, 2) == [0, 5]
+    five = rules.forecast_schedule(5, 4)   # one of steps 1-3 is forecast
+    assert len(five) == 4 and five[0] == 0 and five[-1] == 4 and len(set(five)) == 4
+    assert rules.forecast_schedule(20, 5, growth=1.0) == [0, 6, 10, 14, 19]
+    with pytest.raises(ValueError):
+        rules.computed_count(20, 0.0)
+
+
+def test_verified_slope_rescales_the_linear_forecast():
+    f = rules.TaylorForecaster(order=1, verify=True)
+    one = torch.ones(4)
+    f.update(0.0, 0 * one)
+    f.update(1.0, 1 * one)
+    assert f.slope == 1.0 and torch.allclose(f.predict(3.0), 3 * one)
+    # t^2 at t = 2: the linear forecast from (0, 0), (1, 1) says 2, the value is 4: the increment
+    # over the last value is 1 where 3 came; factor 3 is clipped to 1.5, half of it is taken.
+    f.update(2.0, 4 * one)
+    assert f.verifications == [pytest.approx(1.5)] and f.slope == pytest.approx(1.25)
+    # now the slope (4 - 1) / (2 - 1) = 3 per unit, scaled by 1.25
+    assert torch.allclose(f.predict(3.0), (4 + 1.25 * 3) * one)
+    # a feature that is linear in t verifies at 1 and keeps the plain extrapolation
+    g = rules.TaylorForecaster(order=1, verify=True)
+    for t in (0.0, 0.5, 1.5, 2.0):
+        g.update(t, 2 * t * one + 1)
+    assert g.verifications == [pytest.approx(1.0)] * 2 and g.slope == pytest.approx(1.0)
+    plain = rules.TaylorForecaster(order=1)
+    for t, v in ((0.0, 0.0), (1.0, 1.0), (2.0, 4.0)):
+        plain.update(t, v * one)
+    assert plain.slope == 1.0 and plain.verifications == []
+    f.reset()
+    assert f.slope == 1.0 and f.verifications == [] and not f.ready
+
+
+def test_signal_rates_predict_the_recorded_curve_and_scale_with_the_step():
+    positions = list(np.linspace(1.0, 0.0, 31))
+    rng = np.random.default_rng(0)
+    signals = [None] + list(rng.uniform(0.05, 0.3, 30))
+    rates = rules.signal_rates(positions, signals)
+    assert len(rates) == 30 and all(r > 0 for _, r in rates)
+    # on the recorded schedule the prediction is the recording
+    assert rules.predicted_signals(rates, positions)[1:] == pytest.approx(signals[1:])
+    # a constant rate: each step's signal is the rate times the step's length, for any step count
+    flat = [[u, 2.0] for u in np.linspace(0, 1, 11)]
+    coarse = [1.0, 0.7, 0.2, 0.0]
+    assert rules.predicted_signals(flat, coarse)[1:] == pytest.approx([0.6, 1.0, 0.4])
+
+
+def test_rescale_never_counts_a_negative_change():
+    r = rules.Rescale([1.0, -0.5])   # x - 0.5
+    assert r(0.2) == 0.0 and r(1.0) == pytest.approx(0.5)
