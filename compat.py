@@ -147,9 +147,13 @@ class _QuantizedModelConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def core_linear_class(compute_dtype, load_device):
-    """The ``Linear`` that ComfyUI's loader uses for a quantized checkpoint computing in
+def core_ops(compute_dtype, load_device):
+    """The operations ComfyUI's loader uses for a quantized checkpoint computing in
     ``compute_dtype`` on ``load_device``: its layouts the device cannot multiply natively
     (nvfp4, mxfp8, fp8 without the GPU for them) run dequantized, as in a stock-loaded file."""
     import comfy.ops
-    return comfy.ops.pick_operations(None, compute_dtype, load_device, model_config=_QuantizedModelConfig()).Linear
+    return comfy.ops.pick_operations(None, compute_dtype, load_device, model_config=_QuantizedModelConfig())
+
+
+def core_linear_class(compute_dtype, load_device):
+    return core_ops(compute_dtype, load_device).Linear

@@ -143,6 +143,12 @@ def choose(spec: Spec, shape: tuple[int, int], device: torch.device, *, smoothed
     return Choice(name, f"ComfyUI's {name} ({what})", full_precision, args)
 
 
+# The tensors ComfyUI's loader needs for each layout (``L.weight`` and its scales, by suffix).
+FILE_PARTS = {"float8_e4m3fn": ("", "_scale"), "float8_e5m2": ("", "_scale"), "int8_tensorwise": ("", "_scale"),
+              "nvfp4": ("", "_scale", "_scale_2"), "mxfp8": ("", "_scale"), "convrot_w4a4": ("", "_scale"),
+              "asym_w4a8_int8": ("", "_s_rel", "_s_channel")}
+
+
 def is_core_weight(weight) -> bool:
     import comfy.quant_ops
     return isinstance(weight, torch.Tensor) and isinstance(weight, comfy.quant_ops.QuantizedTensor)
