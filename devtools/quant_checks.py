@@ -25,8 +25,10 @@ def plans_for(model, fmt: str, group: int = 64, overrides: str = ""):
     return qmodel.plan_model(model, fmt, group, policy.parse_overrides(overrides))
 
 
-def quantize(model, fmt: str = "int8", group: int = 64, overrides: str = "", dtype=None):
-    return qmodel.quantize_model(model, plans_for(model, fmt, group, overrides), dtype=dtype)
+def quantize(model, fmt: str = "int8", group: int = 64, overrides: str = "", dtype=None, kernels: str = "ours"):
+    """Quantize Model's layers; our own (``QuantLinear``) unless ``kernels`` says otherwise
+    ("auto": what the node does on this host, "core": ComfyUI's layouts wherever they exist)."""
+    return qmodel.quantize_model(model, plans_for(model, fmt, group, overrides), dtype=dtype, kernels=kernels)
 
 
 def patcher_tensors(model) -> dict:

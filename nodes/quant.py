@@ -37,7 +37,7 @@ def _plot(rows: list[qmodel.LayerRow], title: str) -> torch.Tensor:
     labels = [r.layer.split(".")[-1] for r in quantized]
     what = "output SQNR (calibration data)" if use_output else "weight SQNR"
     return plots.bar_plot(labels, values, f"{title}: {what}", ylabel="dB",
-                          groups=[f"{r.format}/{r.activations}" for r in quantized])
+                          groups=[f"{r.layout or r.format}/{r.activations}" for r in quantized])
 
 
 def calibration_widgets() -> list:
@@ -268,7 +268,7 @@ class AccelLoadQuantized(io.ComfyNode):
         except checkpoint.CheckpointError as e:
             fail(node, "unet_name", f"cannot be loaded: {e}")
         layers = qmodel.quantized_layers(model)
-        formats_used = sorted({model.get_model_object(qmodel.PREFIX + n).weight.spec.format for n in layers})
+        formats_used = sorted({qmodel.layer_format(model.get_model_object(qmodel.PREFIX + n)) for n in layers})
         summary = {"file": unet_name, "quantized layers": len(layers), "formats": formats_used,
                    "compute dtype": checkpoint.dtype_name(qmodel.compute_dtype(model))}
         log.info("Load Quantized Model: %s, %d quantized layers (%s)", unet_name, len(layers), ", ".join(formats_used))

@@ -104,6 +104,12 @@ def is_ours(module) -> bool:
     return isinstance(module, QuantLinear) or getattr(module, "accel_spec", None) is not None
 
 
+def layer_format(module) -> str:
+    """The format of ours a quantized layer of ours computes (``is_ours``)."""
+    spec = getattr(module, "accel_spec", None)
+    return (spec if spec is not None else module.weight.spec).format
+
+
 def quantized_layers(patcher) -> list[str]:
     return [name for name, m in linear_layers(patcher) if is_ours(m)]
 
