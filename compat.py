@@ -114,17 +114,23 @@ def complete_unet_config(config: dict) -> dict:
     return {**{k: copy.deepcopy(v) for k, v in values.items() if k in fields}, **config}
 
 
-@functools.cache
 def core_quant_formats() -> frozenset:
     """The names in ComfyUI's ``QUANT_ALGOS`` whose comfy-kitchen layout this host can build, or
     an empty set where ``comfy.quant_ops`` is not kitchen's (0.3.75) or comfy-kitchen is missing
     (then its ``QuantizedTensor`` is a placeholder, not a tensor class)."""
-    import torch
     try:
-        import comfy.quant_ops as quant_ops
         import comfy.ops
+        import comfy.quant_ops
     except ImportError:
-        return frozenset()
+        return frozenset()  # ComfyUI not importable (yet): not remembered
+    return _core_quant_formats()
+
+
+@functools.cache
+def _core_quant_formats() -> frozenset:
+    import torch
+    import comfy.ops
+    import comfy.quant_ops as quant_ops
     get_layout = getattr(quant_ops, "get_layout_class", None)
     qt = getattr(quant_ops, "QuantizedTensor", None)
     if (get_layout is None or not (isinstance(qt, type) and issubclass(qt, torch.Tensor))
