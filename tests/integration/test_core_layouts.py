@@ -186,3 +186,19 @@ def test_load_quantized_reads_the_format_version_1_file(wan):
     assert any(m.weight.smooth is not None for m in layers.values())
     assert any(m.weight.rank for m in layers.values())
     assert psnr(reference, sample(loaded, "wan21")) > 20
+
+
+def test_quantize_model_node_reports_the_layout_it_picked_for_this_device(wan):
+    from comfyui_accel.nodes.quant import AccelQuantizeModel
+    model, _ = wan
+    device = model.load_device.type
+    for fmt in ("int8", "nvfp4"):
+        out = AccelQuantizeModel.execute(model, format=fmt, group_size=64, compute_dtype="auto", smooth_alpha=0.5,
+                                         calibration_steps=1, seed=0, cfg=3.0, auto_formats="int8",
+                                         auto_budget=0.35, auto_min_sqnr_db=0.0, layer_overrides="")
+        result, report = out.args[0], out.args[1]
+        name = core.CORE_NAMES[fmt]
+        on_core = name in compat.core_quant_formats() and core.PREFERRED.get((device, fmt), "core") == "core"
+        layers = [result.get_model_object("diffusion_model." + p) for p in qmodel.quantized_layers(result)]
+        assert layers and all(isinstance(m, QuantLinear) != on_core for m in layers)
+        assert (f"ComfyUI {name}" if on_core else f"ComfyUI-Accel {fmt}") in report
