@@ -1,6 +1,9 @@
 """Writes tests/data/accel_v1_wan_tiny.safetensors: a Save Quantized Model file in format version 1 (every
 format of ours, SmoothQuant factors, a low-rank branch), kept so that Load Quantized Model is tested on a file
 the pack wrote before ComfyUI layouts were added. Run once with the pack as of that version; never rewrite it."""
+import logging
+import os
+
 import torch
 from comfyui_accel.devtools import host, fixtures
 host.import_comfy()
@@ -19,7 +22,8 @@ branch_layers = [p for p in layers if p.startswith("blocks.2.")]
 branched = lowrank.branch_model(model, branch_layers, 16, 0.5, stats).model
 plans = plans_for(branched, "int8", 64, ov)
 res = qmodel.quantize_model(branched, plans, dtype=torch.bfloat16, stats=stats, smooth_alpha=0.5)
-import os
 path = os.path.abspath("tests/data/accel_v1_wan_tiny.safetensors")
 info = checkpoint.save_model(res.model, path, overwrite=True, other_dtype=torch.bfloat16)
-print(info, sorted({r.format for r in res.rows}), sum("smoothed" in r.reason for r in res.rows))
+logging.basicConfig(level=logging.INFO)
+logging.getLogger(__name__).info("%s; formats %s; %d smoothed layers", info, sorted({r.format for r in res.rows}),
+                                 sum("smoothed" in r.reason for r in res.rows))
