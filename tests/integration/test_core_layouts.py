@@ -202,3 +202,30 @@ def test_quantize_model_node_reports_the_layout_it_picked_for_this_device(wan):
         layers = [result.get_model_object("diffusion_model." + p) for p in qmodel.quantized_layers(result)]
         assert layers and all(isinstance(m, QuantLinear) != on_core for m in layers)
         assert (f"ComfyUI {name}" if on_core else f"ComfyUI-Accel {fmt}") in report
+
+
+def test_a_file_with_comfyui_layouts_loads_where_the_host_has_them_and_is_refused_elsewhere(wan, tmp_path):
+    # the version 1 file with one int8 layer (stored as int8_tensorwise stores it) declared in ComfyUI's layout
+    import safetensors
+    import safetensors.torch
+    with safetensors.safe_open(LEGACY_FILE, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    accel = json.loads(meta[checkpoint.META_KEY])
+    layer = "blocks.1.cross_attn.q"
+    info = accel["layers"].pop(layer)
+    assert info["format"] == "int8" and not info["extras"]
+    accel.update(format_version=2, core_layers={layer: {"comfy": {"format": "int8_tensorwise"}, **info}})
+    meta[checkpoint.META_KEY] = json.dumps(accel)
+    path = str(tmp_path / "v2.safetensors")
+    safetensors.torch.save_file(tensors, path, metadata=meta)
+    if "int8_tensorwise" not in compat.core_quant_formats():
+        with pytest.raises(checkpoint.CheckpointError, match="v2.safetensors has layers in ComfyUI's int8_tensorwise "
+                                                             "layout, which this ComfyUI .* cannot build"):
+            checkpoint.load_model(path)
+        return
+    loaded = checkpoint.load_model(path)
+    module = loaded.get_model_object("diffusion_model." + layer)
+    assert core.core_format(module) == "int8_tensorwise" and qmodel.layer_format(module) == "int8"
+    assert len(qmodel.quantized_layers(loaded)) == 45
+    assert psnr(sample(checkpoint.load_model(LEGACY_FILE), "wan21"), sample(loaded, "wan21")) > 40
