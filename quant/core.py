@@ -116,6 +116,8 @@ def _layout_args(core_name: str, shape: tuple[int, int], spec: Spec) -> tuple[di
 def choose(spec: Spec, shape: tuple[int, int], device: torch.device, *, smoothed: bool = False,
            branched: bool = False, calibrated: bool = False, kernels: str = "auto") -> Choice:
     """Core's layout for one planned layer, or our path, with the reason the report shows."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     name = CORE_NAMES.get(spec.format)
     if kernels == "ours":
         return Choice(None, "our kernels (asked)")
