@@ -229,3 +229,28 @@ def test_a_file_with_comfyui_layouts_loads_where_the_host_has_them_and_is_refuse
     assert core.core_format(module) == "int8_tensorwise" and qmodel.layer_format(module) == "int8"
     assert len(qmodel.quantized_layers(loaded)) == 45
     assert psnr(sample(checkpoint.load_model(LEGACY_FILE), "wan21"), sample(loaded, "wan21")) > 40
+
+
+def test_what_stays_on_our_layers_and_why(comfy):
+    from comfyui_accel.quant.formats import Spec
+    cpu = torch.device("cpu")
+    cases = [  # (spec, shape, options, words the reason must have)
+        (Spec("int4", 64), (64, 256), {}, "no int4 layout"),
+        (Spec("int8"), (64, 256), {"smoothed": True}, "SmoothQuant"),
+        (Spec("w4a4", 64), (64, 256), {"branched": True}, "svdquant_w4a4"),
+        (Spec("int8", None, False), (64, 256), {}, "always quantizes activations"),
+        (Spec("w4a8", 64), (64, 200), {}, "not a multiple of 16"),
+        (Spec("nvfp4_w4a4"), (64, 256), {}, "no FP4 matmul"),
+    ]
+    host_has_them = bool(compat.core_quant_formats())
+    for spec, shape, options, words in cases:
+        choice = core.choose(spec, shape, cpu, kernels="core", **options)
+        if not host_has_them and spec.format != "int4":
+            words = "this ComfyUI has no"  # 0.3.75: every format stays ours, for that reason first
+        assert choice.core is None and words in choice.reason, (spec, choice)
+    if "float8_e4m3fn" in compat.core_quant_formats():
+        # fp8 activations need a calibrated input scale; without one the layer is weight-only
+        assert core.choose(Spec("fp8_e4m3"), (64, 256), cpu, kernels="core").full_precision
+        assert not core.choose(Spec("fp8_e4m3"), (64, 256), cpu, kernels="core", calibrated=True).full_precision
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        core.choose(Spec("int8"), (64, 256), cpu, kernels="fastest")
