@@ -53,9 +53,10 @@ _CONVROT_SIZES = (256, 64, 16)  # ConvRot's regular Hadamard blocks are powers o
 # Where both paths exist, the faster one per kind of device, from bench/bench_quant.py's ``core <format>``
 # records on the ``wide`` fixtures (docs/quantization.md). Formats not listed use ComfyUI's kernels: on
 # GPUs that is every format, a choice made on paper (no GPU measured it; ours have never run on one).
-# CPU, ComfyUI 0.33 with comfy-kitchen 0.2.31's eager backend, wan21 wide (vs bf16, ours / core): int8
-# 2.53x / 2.33x (and 1.25-1.69x / 0.90-1.45x per layer at 1536 tokens), fp8 1.83x / 1.24x, w4a8 2.65x /
-# 1.25x, w4a4 2.17x / 1.72x: ours; nvfp4 1.01x / 1.26x, mxfp8 2.37x / 2.49x: ComfyUI's (ties go to it).
+# CPU, ComfyUI 0.33 with comfy-kitchen 0.2.31's eager backend, wan21 wide, two runs (vs bf16, ours / core):
+# int8 1.53x / 1.37x and 2.53x / 2.33x (per layer at 1536 tokens 1.25-1.69x / 0.90-1.45x), fp8 0.82x / 0.77x
+# and 1.83x / 1.24x, w4a8 1.37x / 0.82x and 2.65x / 1.25x, w4a4 1.35x / 0.59x and 2.17x / 1.72x: ours;
+# nvfp4 0.76x / 0.76x and 1.01x / 1.26x, mxfp8 0.82x / 0.82x and 2.37x / 2.49x: ComfyUI's (ties go to it).
 PREFERRED = {("cpu", "int8"): "ours", ("cpu", "fp8_e4m3"): "ours", ("cpu", "w4a8"): "ours", ("cpu", "w4a4"): "ours",
              ("cpu", "nvfp4"): "core", ("cpu", "mxfp8"): "core"}
 
