@@ -198,6 +198,15 @@ def build_layer(w: torch.Tensor, spec: Spec, choice: Choice, dtype: torch.dtype,
     return layer
 
 
+def layer_state(module, prefix: str, weight=None) -> dict:
+    """The tensors ComfyUI's ``Linear`` writes for ``module`` (weight and scales, ``comfy_quant``,
+    bias, input scale), with ``weight`` (a ``QuantizedTensor`` of its layout) in place of its own."""
+    sd = module.state_dict(prefix=prefix)
+    if weight is not None:
+        sd.update(weight.state_dict(prefix + "weight"))
+    return sd
+
+
 @torch.no_grad()
 def layer_output(layer, rows: torch.Tensor) -> torch.Tensor:
     """The layer's output on ``rows`` [M, K] (float32), computed as in sampling."""

@@ -254,3 +254,18 @@ def test_what_stays_on_our_layers_and_why(comfy):
         assert not core.choose(Spec("fp8_e4m3"), (64, 256), cpu, kernels="core", calibrated=True).full_precision
     with pytest.raises(ValueError, match="kernels must be one of"):
         core.choose(Spec("int8"), (64, 256), cpu, kernels="fastest")
+
+
+def test_lora_after_on_comfyui_layers_is_baked_into_the_file(wan, tmp_path):
+    require("int8_tensorwise")
+    import comfy.sd
+    model, _ = wan
+    q = quantize(model, "int8", kernels="core", dtype=torch.float32)
+    lora_model = with_lora(q.model, lora_for(model, core_paths(q), scale=0.5))
+    expected = sample(lora_model, "wan21")
+    assert psnr(expected, sample(q.model, "wan21")) < 40  # the LoRA changes the output
+    path = str(tmp_path / "lora.safetensors")
+    checkpoint.save_model(lora_model, path)
+    # requantized with ComfyUI's stochastic rounding seeded by the key, as its full load does
+    assert torch.equal(sample(comfy.sd.load_diffusion_model(path), "wan21"), expected)
+    assert torch.equal(sample(checkpoint.load_model(path), "wan21"), expected)
