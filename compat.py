@@ -82,9 +82,17 @@ from its own commit, none confirmed to be the 0.38.1 tag (comfyui_version.py 0.3
 - ``comfy/quant_ops.py`` layouts (``_quantization_metadata`` v1.0, ``int8_tensorwise`` with a
   per-row ``weight_scale`` [N, 1], ``float8_e4m3fn`` with a scalar ``weight_scale``): the same
   names and parameters in 0.33 and newer upstream (0.33 adds ``convrot_w4a4`` and
-  ``asym_w4a8_int8``, which the pack does not write). ``load_diffusion_model_state_dict`` gains
+  ``asym_w4a8_int8``). ``load_diffusion_model_state_dict`` gains
   ``disable_dynamic`` and skips ``convert_old_quants`` when given ``custom_operations`` (our
   loader's case: our files need no conversion).
+- ``comfy.quant_ops`` (quantized layers): 0.3.75 has its own fp8-only ``QuantizedTensor``; from 0.33 on
+  it wraps comfy-kitchen's (layouts ``float8_e4m3fn``, ``float8_e5m2``, ``nvfp4``, ``mxfp8``,
+  ``int8_tensorwise``, ``convrot_w4a4``, ``asym_w4a8_int8``; 0.38.1 adds ``awq_w4a16``; no release up
+  to 0.38.1 lists kitchen's ``svdquant_w4a4``) and ``comfy.ops.pick_operations`` gives the
+  mixed-precision ``Linear`` its loader uses for them. ``core_quant_formats`` lists the layouts this
+  host builds (empty on 0.3.75 or without comfy-kitchen), ``core_linear_class`` that ``Linear``;
+  Quantize Model uses them for its formats core has (``quant/core.py``) and keeps its own layers
+  elsewhere.
 """
 from __future__ import annotations
 
@@ -220,3 +228,54 @@ def complete_unet_config(config: dict) -> dict:
     fields = {f.name for f in dataclasses.fields(params)}
     fitted = {k: v for k, v in config.items() if k in fields or k == "image_model"}
     return {**{k: copy.deepcopy(v) for k, v in values.items() if k in fields}, **fitted}
+
+
+def core_quant_formats() -> frozenset:
+    """The names in ComfyUI's ``QUANT_ALGOS`` whose comfy-kitchen layout this host can build, or
+    an empty set where ``comfy.quant_ops`` is not kitchen's (0.3.75) or comfy-kitchen is missing
+    (then its ``QuantizedTensor`` is a placeholder, not a tensor class)."""
+    try:
+        import comfy.ops
+        import comfy.quant_ops
+    except ImportError:
+        return frozenset()  # ComfyUI not importable (yet): not remembered
+    return _core_quant_formats()
+
+
+@functools.cache
+def _core_quant_formats() -> frozenset:
+    import torch
+    import comfy.ops
+    import comfy.quant_ops as quant_ops
+    get_layout = getattr(quant_ops, "get_layout_class", None)
+    qt = getattr(quant_ops, "QuantizedTensor", None)
+    if (get_layout is None or not (isinstance(qt, type) and issubclass(qt, torch.Tensor))
+            or "model_config" not in inspect.signature(comfy.ops.pick_operations).parameters):
+        return frozenset()
+    names = set()
+    for name, conf in getattr(quant_ops, "QUANT_ALGOS", {}).items():
+        try:
+            layout = get_layout(conf["comfy_tensor_layout"])
+        except (KeyError, TypeError):
+            continue
+        if layout is not None:
+            names.add(name)
+    return frozenset(names)
+
+
+class _QuantizedModelConfig:
+    """What ``pick_operations`` reads from a model config to choose mixed-precision ops."""
+    quant_config = {"mixed_ops": True}
+
+
+@functools.lru_cache(maxsize=None)
+def core_ops(compute_dtype, load_device):
+    """The operations ComfyUI's loader uses for a quantized checkpoint computing in
+    ``compute_dtype`` on ``load_device``: its layouts the device cannot multiply natively
+    (nvfp4, mxfp8, fp8 without the GPU for them) run dequantized, as in a stock-loaded file."""
+    import comfy.ops
+    return comfy.ops.pick_operations(None, compute_dtype, load_device, model_config=_QuantizedModelConfig())
+
+
+def core_linear_class(compute_dtype, load_device):
+    return core_ops(compute_dtype, load_device).Linear

@@ -14,7 +14,9 @@ Variants, all timed side by side in one run (interleaved rounds, same seed):
 - ``comfy fp8``: ComfyUI's own fp8 weight dtype (``UNETLoader`` weight_dtype fp8_e4m3fn), as
   ComfyUI runs it on a CPU (fp32 compute);
 - ours: each format applied to the bf16 model (so kept layers are 16-bit, as in the bf16
-  baseline), compute in bf16; plus ``int8 @fp32`` from the fp32 model with fp32 compute.
+  baseline), compute in bf16; plus ``int8 @fp32`` from the fp32 model with fp32 compute;
+- ``core <format>``: the same format on ComfyUI's own layout and layer (``kernels="core"``: comfy-kitchen's
+  eager backend on a CPU), where the host has it; ``path`` says whose layers ran.
 
 Layer records: one QuantLinear against a bf16 and an fp32 linear at the shapes of real
 models (Flux-dev and Wan 2.1 14B widths, 4096 tokens), where the matmul dominates.
@@ -48,7 +50,10 @@ from . import measure
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("int8", "fp8_e4m3", "int4", "w4a8", "nvfp4", "mxfp4")
+FORMATS = ("int8", "fp8_e4m3", "int4", "w4a8", "nvfp4", "mxfp4", "mxfp8", "w4a4")
+# Formats ComfyUI has a layout for (quant/core.py): each also runs on ComfyUI's own layer and kernels, as
+# ``core <format>``, where the host has the layout (ComfyUI 0.33 on, with comfy-kitchen).
+CORE_FORMATS = ("int8", "fp8_e4m3", "w4a8", "nvfp4", "mxfp8", "w4a4")
 
 
 def _runner(model, family: str, steps: int, seed: int = 0, size: str = "medium"):
@@ -89,9 +94,14 @@ def bench_family(family: str, steps: int, repeat: int, size: str = "medium") -> 
     models = {"bf16": bf16_compute, "comfy fp8": fp8}
     results = {}
     for fmt in FORMATS:
-        results[fmt] = qmodel.quantize_model(bf16, plans_for(bf16, fmt, 64), dtype=torch.bfloat16)
+        results[fmt] = qmodel.quantize_model(bf16, plans_for(bf16, fmt, 64), dtype=torch.bfloat16, kernels="ours")
         models[fmt] = results[fmt].model
-    results["int8 @fp32"] = qmodel.quantize_model(fp32, plans_for(fp32, "int8", 64), dtype=torch.float32)
+    for fmt in CORE_FORMATS:
+        res = qmodel.quantize_model(bf16, plans_for(bf16, fmt, 64), dtype=torch.bfloat16, kernels="core")
+        if any(r.layout.startswith("ComfyUI ") for r in res.rows):
+            results[f"core {fmt}"] = res
+            models[f"core {fmt}"] = res.model
+    results["int8 @fp32"] = qmodel.quantize_model(fp32, plans_for(fp32, "int8", 64), dtype=torch.float32, kernels="ours")
     models["int8 @fp32"] = results["int8 @fp32"].model
 
     runs = {name: _runner(m, family, steps, size=size) for name, m in models.items()}
@@ -109,13 +119,14 @@ def bench_family(family: str, steps: int, repeat: int, size: str = "medium") -> 
     for name in models:
         t = timing["variants"][name]
         res = results.get(name)
-        bits = layers_ratio = None
+        bits = layers_ratio = path = None
         if res is not None:
             q = [r for r in res.rows if r.format != "keep"]
+            path = ", ".join(sorted({r.layout for r in q}))
             bits = sum(r.bits * r.params for r in q) / max(sum(r.params for r in q), 1)
             layers_ratio = res.summary["quantized layers vs bf16"]
         records.append(dict(
-            name=f"quant {family}", model=f"{family} {size}, {steps} steps", baseline="fp32", variant=name,
+            name=f"quant {family}", model=f"{family} {size}, {steps} steps", baseline="fp32", variant=name, path=path,
             speedup=t["speedup"], speedup_vs_bf16=bf16_time / t["median_s"], seconds=t["median_s"],
             psnr_db=measure.psnr(reference, outputs[name]), ssim=measure.ssim(reference, outputs[name]),
             # bf16 itself drifts from fp32 on some fixtures (flux wide: ~28 dB); the formats applied
@@ -246,6 +257,39 @@ def real_depth_bytes(family: str = "wan21") -> list[dict]:
     return records
 
 
+def reference_fidelity(name: str, steps: int) -> list[dict]:
+    """Each format of ``CORE_FORMATS`` on our layers and on ComfyUI's (where the host has the layout)
+    on a trained reference model: PSNR of the decoded picture and of the final latent against the
+    float model's, same seed and prompt (no timing: the reference models are too small for it)."""
+    from ..devtools import reference as ref
+    from ..metrics import psnr
+    from ..quant import model as qmodel
+    model = ref.load_reference(name)
+    positive, negative, latent = ref.make_conditioning(name, 0), ref.make_conditioning(name, ""), ref.empty_latent(name)
+
+    def sample(m):
+        import comfy.sample
+        x = comfy.sample.fix_empty_latent_channels(m, latent["samples"])
+        with torch.no_grad():
+            return comfy.sample.sample(m, comfy.sample.prepare_noise(x, 0), steps, 4.0, "euler", "simple", positive,
+                                       negative, x, seed=0, disable_pbar=True)
+    reference = sample(model)
+    picture = ref.decode(name, reference).float().clamp(0, 1)
+    records = []
+    for fmt in CORE_FORMATS:
+        for kernels in ("ours", "core"):
+            res = qmodel.quantize_model(model, plans_for(model, fmt, 64), kernels=kernels)
+            layouts = sorted({r.layout for r in res.rows if r.format != "keep"})
+            if kernels == "core" and not any(lay.startswith("ComfyUI ") for lay in layouts):
+                continue
+            out = sample(res.model)
+            records.append(dict(name=f"reference fidelity {name}", model=f"{name}, {steps} steps",
+                                baseline="float model", variant=f"core {fmt}" if kernels == "core" else fmt,
+                                path=", ".join(layouts), psnr_db=psnr(picture, ref.decode(name, out).float().clamp(0, 1)),
+                                latent_psnr_db=psnr(reference, out)))
+    return records
+
+
 def run(quick: bool) -> list[dict]:
     host.import_comfy()
     torch.manual_seed(0)
@@ -257,6 +301,7 @@ def run(quick: bool) -> list[dict]:
         for size in (("wide",) if quick else ("medium", "wide")):
             records += bench_family(family, steps, repeat, size)
         records += outlier_layer_sqnr(family, 2 if quick else 4)
+        records += reference_fidelity(f"ref_{family}", 8 if quick else 20)
     if not quick:
         records += real_depth_bytes()
     return records

@@ -104,10 +104,13 @@ def quantize(model, fmt: str):
 
 def quantized_bits(model) -> float | None:
     """Stored bits per weight of the quantized layers (codes and scales), weighted by size."""
+    from ..quant import core
     from ..quant import model as qmodel
-    layers = [m for _, m in qmodel.linear_layers(model) if isinstance(m, qmodel.QuantLinear)]
+    layers = [m for _, m in qmodel.linear_layers(model) if qmodel.is_ours(m)]
     numel = sum(m.weight.numel() for m in layers)
-    return sum(m.weight.bits_per_weight() * m.weight.numel() for m in layers) / numel if numel else None
+    nbytes = sum(m.weight.packed_nbytes() if isinstance(m, qmodel.QuantLinear) else core.packed_nbytes(m.weight)
+                 for m in layers)
+    return 8 * nbytes / numel if numel else None
 
 
 def svd_branch(subject: Subject, model, rank: int = 16):

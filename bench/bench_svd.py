@@ -121,10 +121,11 @@ def fidelity(subject: Subject, ranks: tuple[int, ...], settings=SAME_BITS, full:
         branched[rank] = (lowrank.branch_model(model, layers, rank, 0.5, stats).model, time.perf_counter() - start)
     for bits, fmt, group in settings:
         for alpha in (0.0, 0.5) if full else (0.0,):
-            res = qmodel.quantize_model(model, plans_for(model, fmt, group), stats=stats, smooth_alpha=alpha)
+            res = qmodel.quantize_model(model, plans_for(model, fmt, group), stats=stats, smooth_alpha=alpha,
+                                         kernels="ours")
             record(bits, "plain" + (" + SmoothQuant 0.5" if alpha else ""), res)
         for rank, (bmodel, build) in branched.items():
-            record(bits, f"SVDQuant r{rank}", qmodel.quantize_model(bmodel, plans_for(bmodel, fmt, group), stats=stats),
+            record(bits, f"SVDQuant r{rank}", qmodel.quantize_model(bmodel, plans_for(bmodel, fmt, group), stats=stats, kernels="ours"),
                    build)
             if full and fmt != "w4a8":   # the search is for W4A4 (where activations limit); it costs ~10x the build
                 start = time.perf_counter()

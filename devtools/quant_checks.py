@@ -25,23 +25,28 @@ def plans_for(model, fmt: str, group: int = 64, overrides: str = ""):
     return qmodel.plan_model(model, fmt, group, policy.parse_overrides(overrides))
 
 
-def quantize(model, fmt: str = "int8", group: int = 64, overrides: str = "", dtype=None):
-    return qmodel.quantize_model(model, plans_for(model, fmt, group, overrides), dtype=dtype)
+def quantize(model, fmt: str = "int8", group: int = 64, overrides: str = "", dtype=None, kernels: str = "ours"):
+    """Quantize Model's layers; our own (``QuantLinear``) unless ``kernels`` says otherwise
+    ("auto": what the node does on this host, "core": ComfyUI's layouts wherever they exist)."""
+    return qmodel.quantize_model(model, plans_for(model, fmt, group, overrides), dtype=dtype, kernels=kernels)
 
 
 def patcher_tensors(model) -> dict:
     """The diffusion model's tensors as this ModelPatcher sees them: its own object patches
     (or the originals while another clone's are installed) and clean weights (the backup
     while another clone's weight patches are applied in place)."""
+    import comfy.utils
     out = {}
-    for key in model.model.diffusion_model.state_dict():
-        path, _, name = key.rpartition(".")
-        full = "diffusion_model." + key
-        if full in model.backup:
-            out[key] = model.backup[full].weight.detach().clone()
-        else:
-            module = model.get_model_object("diffusion_model." + path) if path else model.model.diffusion_model
-            out[key] = getattr(module, name).detach().clone()
+    root = model.model.diffusion_model
+    for path, _ in root.named_modules():
+        module = model.get_model_object("diffusion_model." + path) if path else root
+        installed = comfy.utils.get_attr(model.model, "diffusion_model." + path) if path else root
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            key = f"{path}.{name}" if path else name
+            full = "diffusion_model." + key
+            if full in model.backup and installed is module:  # the backup is the installed module's
+                tensor = model.backup[full].weight
+            out[key] = tensor.detach().clone()
     return out
 
 

@@ -38,7 +38,7 @@ def _plot(rows: list[qmodel.LayerRow], title: str) -> torch.Tensor:
     labels = [r.layer.split(".")[-1] for r in quantized]
     what = "output SQNR (calibration data)" if use_output else "weight SQNR"
     return plots.bar_plot(labels, values, f"{title}: {what}", ylabel="dB",
-                          groups=[f"{r.format}/{r.activations}" for r in quantized])
+                          groups=[f"{r.layout or r.format}/{r.activations}" for r in quantized])
 
 
 def calibration_widgets() -> list:
@@ -83,7 +83,10 @@ class AccelQuantizeModel(AccelNode):
                          "quantized weight-only. A LoRA applied before this node is merged in; one applied "
                          "after it works too. With conditioning and a latent connected, a short sampling run "
                          "records activation statistics first (for smoothing, the report and 'auto'). "
-                         "Outputs a per-layer report and plot."),
+                         "On ComfyUI 0.33 and later, formats ComfyUI has a layout for (int8, fp8, nvfp4, mxfp8, "
+                         "w4a8, w4a4) run on ComfyUI's own quantized layers and comfy-kitchen's kernels where that "
+                         "is the faster path on this device; the rest run on ours. Outputs a per-layer report "
+                         "(with the layout each layer got and why) and plot."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to quantize (from a loader or LoRA node)."),
                 io.Combo.Input("format", options=[*formats.FORMATS, "auto"], default="int8",
@@ -204,11 +207,11 @@ class AccelSaveQuantized(AccelNode):
             display_name="Save Quantized Model",
             category=CATEGORY,
             description=("Writes a quantized model (from Quantize Model) to models/diffusion_models as "
-                         "safetensors, with any LoRA applied after quantization baked in. fp8 layers use "
-                         "ComfyUI's float8_e4m3fn layout and int8 layers its int8_tensorwise layout, so a "
-                         "file with only those loads in the stock Load Diffusion Model node (fp8: ComfyUI "
-                         "0.3.75 and later; int8: later releases only, 0.3.75 refuses the file with "
-                         "KeyError 'int8_tensorwise'). Other formats load with Load Quantized Model."),
+                         "safetensors, with any LoRA applied after quantization baked in. Layers on ComfyUI's own "
+                         "layouts are written in ComfyUI's checkpoint format, and fp8 and int8 layers of ours in "
+                         "its float8_e4m3fn and int8_tensorwise layouts, so a file with only those loads in the "
+                         "stock Load Diffusion Model node (fp8: ComfyUI 0.3.75 and later; the others 0.33 and "
+                         "later). Other formats load with Load Quantized Model, which reads every file."),
             inputs=[
                 io.Model.Input("model", tooltip="A model from Quantize Model or Load Quantized Model."),
                 io.String.Input("filename", default="quantized/model",
@@ -267,7 +270,7 @@ class AccelLoadQuantized(AccelNode):
         except checkpoint.CheckpointError as e:
             fail(node, "unet_name", f"cannot be loaded: {e}")
         layers = qmodel.quantized_layers(model)
-        formats_used = sorted({model.get_model_object(qmodel.PREFIX + n).weight.spec.format for n in layers})
+        formats_used = sorted({qmodel.layer_format(model.get_model_object(qmodel.PREFIX + n)) for n in layers})
         summary = {"file": unet_name, "quantized layers": len(layers), "formats": formats_used,
                    "compute dtype": checkpoint.dtype_name(qmodel.compute_dtype(model))}
         log.info("Load Quantized Model: %s, %d quantized layers (%s)", unet_name, len(layers), ", ".join(formats_used))

@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..quant import calibrate, lowrank, policy
+from ..quant.linear import QuantLinear
 from ..quant import model as qmodel
 from . import plots
 from .common import fail, progress, report_text
@@ -111,6 +112,11 @@ class AccelSVDLowRankBranch(AccelNode):
             fail(NODE, "layer_overrides", str(e))
         if after:
             layers = [(p, m) for p, m in layers if p in set(qmodel.quantized_layers(model))]
+            core_layers = [p for p, m in layers if not isinstance(m, QuantLinear)]
+            if core_layers and len(core_layers) == len(layers):
+                fail(NODE, "model", f"holds its quantized layers in ComfyUI's own layouts (e.g. {core_layers[0]}), "
+                                    "which have no place for a low-rank branch; put this node before Quantize Model")
+            layers = [(p, m) for p, m in layers if isinstance(m, QuantLinear)]
         if not layers:
             fail(NODE, "layer_overrides", "selects no layer" + (" that Quantize Model quantized" if after else "")
                  + "; check the patterns against the layer names in Quantize Model's report")

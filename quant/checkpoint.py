@@ -16,9 +16,14 @@ layout ``UNETLoader`` reads):
   ``TensorWiseINT8Layout``, which also quantizes activations per token). Every other
   layer is listed as ``accel_<format>`` so that a stock loader refuses the file with that
   name in its error instead of loading packed bytes as weights;
+- a layer on ComfyUI's own layout (``quant/core.py``): exactly as ComfyUI's ``Linear`` writes it
+  (``L.weight``, its scales, ``L.comfy_quant`` with the layer's JSON), listed under its format in
+  ``_quantization_metadata`` with the same JSON, so ComfyUI's stock loader builds the same layer;
 - header ``accel_quant``: our own description of every quantized layer (format, group size,
   activation mode, logical shape, compute dtype) and the model's configuration, which
-  ``load_quantized_state`` validates against the tensors before building anything;
+  ``load_quantized_state`` validates against the tensors before building anything; version 2
+  (written only when there are layers on ComfyUI's layouts) adds ``core_layers``: each such
+  layer's format of ours and ComfyUI's JSON;
 - header ``config``: ``{"transformer": <the model's configuration>}``, the metadata ComfyUI's
   detection reads for models whose configuration the weights alone do not fix (LTX-Video's
   attention heads); a loaded model does not keep its file's metadata, so it is written back
@@ -41,7 +46,8 @@ from .linear import QuantLinear
 from .qweight import EXTRA_PARTS, QuantWeight
 
 META_KEY = "accel_quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_PLAIN_VERSION = 1  # what files without layers on ComfyUI's layouts still say (readers of version 1 load them)
 MAX_SIDE = 1 << 20   # a linear layer's side in a file's metadata
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -55,10 +61,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def native_format(qw: QuantWeight) -> str | None:
-    """ComfyUI's name for this layer's layout, when ComfyUI reads it as is."""
+    """ComfyUI's name for this layer's layout, when ComfyUI computes it the same way as is."""
     if any(k in qw.parts for k in EXTRA_PARTS):
         return None  # smoothing factors have no place in ComfyUI's int8/fp8 layouts
+    if qw.fmt.name == "int8" and not qw.spec.act_quant:
+        return None  # ComfyUI's int8_tensorwise always quantizes activations
     return qw.fmt.comfy_native
+
+
+def native_conf(qw: QuantWeight, native: str) -> dict:
+    """The layer's ComfyUI JSON: our fp8 layers have no calibrated input scale, and ComfyUI would
+    cast the activations unscaled (clipping at 448) on fp8 GPUs: they load weight-only."""
+    return {"format": native, **({"full_precision_matrix_mult": True} if native.startswith("float8") else {})}
 
 
 def _file_key(layer: str, part: str) -> str:
@@ -79,13 +93,17 @@ def state_to_save(state: dict[str, torch.Tensor], other_dtype: torch.dtype | Non
     """Tensors and header metadata for a diffusion model state dict holding QuantWeights."""
     tensors: dict[str, torch.Tensor] = {}
     comfy_layers, accel_layers = {}, {}
+    # layers on ComfyUI's layout: their JSON goes in the header too, their tensors are written as they are
+    core_layers = {key[: -len(".comfy_quant")]: {"comfy": json.loads(bytes(value.tolist()).decode("utf-8"))}
+                   for key, value in state.items() if key.endswith(".comfy_quant")}
+    comfy_layers.update({layer: entry["comfy"] for layer, entry in core_layers.items()})
     dtypes = set()
     for key, value in state.items():
         if isinstance(value, QuantWeight):
             layer = key[: -len(".weight")]
             tensors.update(layer_tensors(layer, value))
             native = native_format(value)
-            comfy_layers[layer] = {"format": native or f"accel_{value.spec.format}"}
+            comfy_layers[layer] = native_conf(value, native) if native else {"format": f"accel_{value.spec.format}"}
             accel_layers[layer] = {**value.spec.to_json(), "shape": list(value.shape),
                                    "extras": [k for k in EXTRA_PARTS if k in value.parts]}
             if value.rank:
@@ -93,14 +111,18 @@ def state_to_save(state: dict[str, torch.Tensor], other_dtype: torch.dtype | Non
             dtypes.add(dtype_name(value.dtype))
             continue
         t = value.detach()
-        if other_dtype is not None and t.is_floating_point() and t.dtype.itemsize > 1:
+        if (other_dtype is not None and t.is_floating_point() and t.dtype.itemsize > 1
+                and key.rpartition(".")[0] not in core_layers):
             t = t.to(other_dtype)
         tensors[key] = t.contiguous().cpu()
     metadata = {}
-    if accel_layers:
+    if accel_layers or core_layers:
         metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": comfy_layers})
-        metadata[META_KEY] = json.dumps({"format_version": FORMAT_VERSION, "layers": accel_layers,
-                                         "compute_dtype": sorted(dtypes)[0] if dtypes else None})
+        accel = {"format_version": FORMAT_VERSION if core_layers else _PLAIN_VERSION, "layers": accel_layers,
+                 "compute_dtype": sorted(dtypes)[0] if dtypes else None}
+        if core_layers:
+            accel["core_layers"] = core_layers
+        metadata[META_KEY] = json.dumps(accel)
     return tensors, metadata
 
 
@@ -194,6 +216,16 @@ def load_quantized_state(path: str) -> tuple[dict, dict[str, QuantWeight], dict,
         with safetensors.safe_open(path, framework="pt") as f:
             keys = set(f.keys())
             used = set()
+            for layer, entry in core_layers(metadata).items():
+                for key in _core_keys(name, layer, entry):
+                    if key not in keys:
+                        raise CheckpointError(f"{name}: layer {layer} (ComfyUI's {entry['comfy']['format']}) is "
+                                              f"missing tensor {key}")
+                    try:
+                        plain[key] = f.get_tensor(key)
+                    except Exception as e:  # safetensors' own error types
+                        raise CheckpointError(f"{name}: tensor {key} cannot be read ({e}); the file is damaged") from None
+                    used.add(key)
             for layer, info in layers.items():
                 spec, shape, parts_spec = expected_parts(layer, info)
                 parts = {}
@@ -223,6 +255,23 @@ def load_quantized_state(path: str) -> tuple[dict, dict[str, QuantWeight], dict,
     return plain, packed, metadata, compute
 
 
+def core_layers(metadata: dict) -> dict[str, dict]:
+    """The layers a file holds in ComfyUI's layouts (version 2): {layer: {"comfy": its JSON, ...}}."""
+    return json.loads(metadata[META_KEY]).get("core_layers", {}) if META_KEY in metadata else {}
+
+
+def _core_keys(name: str, layer: str, entry: dict) -> list[str]:
+    from .core import FILE_PARTS
+    try:
+        fmt = entry["comfy"]["format"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{name}: layer {layer} has malformed ComfyUI layout metadata") from None
+    if fmt not in FILE_PARTS:
+        raise CheckpointError(f"{name}: layer {layer} uses ComfyUI's {fmt} layout, which this ComfyUI-Accel does "
+                              "not know: update the node pack")
+    return [f"{layer}.weight{suffix}" for suffix in FILE_PARTS[fmt]]
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -248,7 +297,10 @@ def install(diffusion_model: torch.nn.Module, packed: dict[str, QuantWeight], na
         except AttributeError:
             parent = None
         old = parent._modules.get(child) if parent is not None else None
-        if not isinstance(old, torch.nn.Linear) or tuple(old.weight.shape) != tuple(qw.shape):
+        # ComfyUI's mixed-precision Linear (a file with layers on ComfyUI's layouts) is no nn.Linear
+        linear = isinstance(old, torch.nn.Linear) or (
+            type(old).__qualname__.endswith("MixedPrecisionOps.Linear") and getattr(old, "weight", None) is not None)
+        if not linear or tuple(old.weight.shape) != tuple(qw.shape):
             what = "no such layer" if old is None else f"a {type(old).__name__}"
             raise CheckpointError(f"{name}: the metadata names layer {layer!r} as a {list(qw.shape)} linear layer, but "
                                   f"the model ComfyUI built from the file has {what} there")
@@ -277,12 +329,17 @@ def computed_state(patcher) -> dict[str, torch.Tensor]:
     import comfy.lora
     from .. import compat
     from .linear import packed_like
+    from . import core
     device = patcher.load_device
     out = {}
     for key in patcher.model.diffusion_model.state_dict():
         path, _, name = key.rpartition(".")
         full = "diffusion_model." + key
         module = patcher.get_model_object("diffusion_model." + path) if path else patcher.model.diffusion_model
+        if core.core_format(module) is not None:  # ComfyUI's own layer: its tensors, written once per layer
+            if f"{path}.weight" not in out:
+                out.update(_core_layer_state(patcher, path, module, device))
+            continue
         clean = patcher.backup[full].weight if full in patcher.backup else getattr(module, name)
         if full not in patcher.patches:
             out[key] = clean
@@ -300,6 +357,24 @@ def computed_state(patcher) -> dict[str, torch.Tensor]:
     return out
 
 
+def _core_layer_state(patcher, path: str, module, device) -> dict[str, torch.Tensor]:
+    """A layer on ComfyUI's layout as ``patcher`` computes it: its weight patches (a LoRA) applied
+    the way ComfyUI's full load does (dequantize, add, requantize with stochastic rounding)."""
+    import comfy.lora
+    import comfy.utils
+    from .. import compat
+    from . import core
+    full = f"diffusion_model.{path}.weight"
+    if full not in patcher.patches:
+        return core.layer_state(module, f"{path}.")
+    installed = comfy.utils.get_attr(patcher.model, f"diffusion_model.{path}")
+    clean = patcher.backup[full].weight if full in patcher.backup and installed is module else module.weight
+    w = module.convert_weight(clean.to(device=device, dtype=torch.float32, copy=True))
+    w = comfy.lora.calculate_weight(patcher.patches[full], w.float(), full)
+    weight = module.set_weight(w, seed=compat.string_to_seed(full), return_weight=True)
+    return core.layer_state(module, f"{path}.", weight)
+
+
 def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.dtype | None = None) -> dict:
     """Write the model as ``patcher`` computes it, its LoRA patches baked in (``computed_state``)."""
     tensors, metadata = state_to_save(computed_state(patcher), other_dtype)
@@ -308,6 +383,11 @@ def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.d
     config = model_config(patcher)
     accel = json.loads(metadata[META_KEY])
     accel["model_config"] = config
+    from .model import PREFIX
+    for layer, entry in accel.get("core_layers", {}).items():  # our format for the report (a stock-loaded layer has none)
+        module = patcher.get_model_object(PREFIX + layer)
+        if getattr(module, "accel_spec", None) is not None:
+            entry.update(module.accel_spec.to_json(), shape=list(module.weight.shape))
     metadata[META_KEY] = json.dumps(accel)
     metadata["config"] = json.dumps({"transformer": {k: v for k, v in config.items() if k != "image_model"}})
     write_atomic(tensors, metadata, path, overwrite)
@@ -318,10 +398,18 @@ def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.d
             "ComfyUI layouts": native, "ComfyUI-Accel layouts": private}
 
 
-def _loading_ops(quantized: set[str]):
-    """ComfyUI operations for building the model: quantized layers take a zero-stride stand-in
-    weight instead of copying it into a full-size tensor (so memory stays at the packed size)."""
+def _load_device():
+    import comfy.model_management
+    return comfy.model_management.get_torch_device()
+
+
+def _loading_ops(quantized: set[str], base=None):
+    """ComfyUI operations for building the model: our quantized layers take a zero-stride stand-in
+    weight instead of copying it into a full-size tensor (so memory stays at the packed size).
+    ``base``: ComfyUI's mixed-precision ops, for a file with layers in ComfyUI's layouts."""
     import comfy.ops
+    if base is not None:
+        return base  # its Linear keeps a stand-in that is in its compute dtype as it is (no copy)
 
     class QuantLoadOps(comfy.ops.manual_cast):
         class Linear(comfy.ops.manual_cast.Linear):
@@ -344,15 +432,25 @@ def _loading_ops(quantized: set[str]):
 def load_model(path: str):
     """A ModelPatcher for a file written by :func:`save_model` (validated first)."""
     import comfy.sd
+    from .. import compat
     plain, packed, metadata, compute = load_quantized_state(path)
+    name = os.path.basename(path)
     sd = dict(plain)
     for layer, qw in packed.items():
         sd[f"{layer}.weight"] = standin(qw)
+    core = core_layers(metadata)
+    missing = sorted({e["comfy"]["format"] for e in core.values()} - compat.core_quant_formats())
+    if missing:
+        raise CheckpointError(f"{name} has layers in ComfyUI's {', '.join(missing)} layout, which this ComfyUI "
+                              f"({compat.host_version()}) cannot build: it needs ComfyUI 0.33 or later with comfy-kitchen")
+    for layer, entry in core.items():  # what ComfyUI's loader reads to build the layer in its layout
+        sd[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(entry["comfy"]).encode("utf-8")), dtype=torch.uint8)
     # ComfyUI's detection may read file metadata (LTX-Video's "config"); not the quantization keys.
     meta = {k: v for k, v in metadata.items() if k not in ("_quantization_metadata", META_KEY)}
+    dtype = _DTYPES.get(compute or "", torch.float32)
+    ops = _loading_ops(set(packed), compat.core_ops(dtype, _load_device()) if core else None)
     try:
-        patcher = comfy.sd.load_diffusion_model_state_dict(
-            sd, model_options={"custom_operations": _loading_ops(set(packed))}, metadata=meta)
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops}, metadata=meta)
     except Exception as e:  # ComfyUI's detection and constructors on a file that does not fit them
         raise CheckpointError(f"ComfyUI could not build a model from {os.path.basename(path)} "
                               f"({type(e).__name__}: {e})") from None
@@ -364,6 +462,10 @@ def load_model(path: str):
                               f"than the model it was saved from ({model_config(patcher)} instead of {saved})")
     install(patcher.model.diffusion_model, {k: v.retarget(device=patcher.offload_device) for k, v in packed.items()},
             os.path.basename(path))
+    for layer, entry in core.items():  # ours to the report and to Quantize Model (which refuses to quantize twice)
+        if "format" in entry:
+            module = patcher.model.diffusion_model.get_submodule(layer)
+            module.accel_spec, module.accel_reason = Spec.from_json(entry), f"ComfyUI's {entry['comfy']['format']} (loaded)"
     dtype = _DTYPES.get(compute or "")
     current = getattr(patcher.model, "manual_cast_dtype", None) or patcher.model.get_dtype()
     if dtype is not None and dtype != current:

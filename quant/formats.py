@@ -375,7 +375,37 @@ class MXFP4(WeightFormat):
         return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
 
 
-FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(), NVFP4W4A4(), MXFP4())}
+class MXFP8(WeightFormat):
+    """OCP MXFP8: fp8 e4m3 values with a power-of-two (e8m0) scale per 32 along K, ComfyUI's
+    ``mxfp8`` layout (whose MXFP8 matmul, activations included, needs a Blackwell GPU). Here
+    it is computed through dequantization, as ComfyUI itself emulates it elsewhere."""
+    name = "mxfp8"
+    description = ("fp8 e4m3 weights with a power-of-two (e8m0) scale per 32 (OCP MXFP8, ComfyUI's mxfp8 layout); "
+                   "MXFP8 activations too on GPUs with MXFP8 matmul (Blackwell), weight-only elsewhere")
+    weight_bits = 8
+    act_bits = 8
+    act_type = "fp"
+    fixed_block = 32  # (core's mxfp8 files store the block scales swizzled: Quantize Model writes those from core's layer)
+
+    def part_specs(self, shape, spec):
+        n, k = shape
+        return {"weight": ((n, k), torch.float8_e4m3fn), "block_scale": ((n, k // 32), torch.uint8)}
+
+    def quantize(self, w, spec, generator=None):
+        n, k = w.shape
+        wb = w.reshape(n, k // 32, 32)
+        code = lowbit.e8m0_encode_ceil(_safe(wb.abs().amax(dim=-1) / lowbit.E4M3_MAX))
+        scaled = (wb / lowbit.e8m0_decode(code)[..., None]).clamp_(-lowbit.E4M3_MAX, lowbit.E4M3_MAX)
+        return {"weight": scaled.reshape(n, k).to(torch.float8_e4m3fn), "block_scale": code}
+
+    def dequantize(self, parts, shape, spec, dtype):
+        n, k = shape
+        w = parts["weight"].to(torch.float32).reshape(n, k // 32, 32) * lowbit.e8m0_decode(parts["block_scale"])[..., None]
+        return w.reshape(n, k).to(dtype)
+
+
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(), NVFP4W4A4(), MXFP4(),
+                                                        MXFP8())}
 
 # The vector-quantized formats (vq2, vq3, vq2x8) live in their own module and add themselves here.
 from . import vq_format  # noqa: E402,F401

@@ -16,6 +16,7 @@ Reading the weights the input model really uses:
 """
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,9 +24,11 @@ from typing import Callable
 import torch
 
 from ..metrics import sqnr_db
-from . import formats, policy
+from . import core, formats, policy
 from .linear import QuantLinear
 from .qweight import QuantWeight
+
+log = logging.getLogger(__name__)
 
 PREFIX = "diffusion_model."
 
@@ -50,6 +53,7 @@ class LayerRow:
     outlier_ratio: float | None = None    # largest / median per-channel activation absmax
     step_range_ratio: float | None = None  # largest / smallest activation absmax over the steps
     reason: str = ""
+    layout: str = ""                      # whose layer computes it: "ComfyUI <layout>" or "ComfyUI-Accel <format>"
 
 
 @dataclass
@@ -95,8 +99,19 @@ def plan_model(patcher, fmt: str, group_size: int | None, overrides: list[policy
     return plans
 
 
+def is_ours(module) -> bool:
+    """A layer Quantize Model made: our QuantLinear or ComfyUI's own layer it built."""
+    return isinstance(module, QuantLinear) or getattr(module, "accel_spec", None) is not None
+
+
+def layer_format(module) -> str:
+    """The format of ours a quantized layer of ours computes (``is_ours``)."""
+    spec = getattr(module, "accel_spec", None)
+    return (spec if spec is not None else module.weight.spec).format
+
+
 def quantized_layers(patcher) -> list[str]:
-    return [name for name, m in linear_layers(patcher) if isinstance(m, QuantLinear)]
+    return [name for name, m in linear_layers(patcher) if is_ours(m)]
 
 
 def compute_dtype(patcher) -> torch.dtype:
@@ -107,11 +122,14 @@ def compute_dtype(patcher) -> torch.dtype:
 def clean_param(patcher, path: str, name: str) -> torch.Tensor | None:
     """A layer's parameter as stored, before any clone's weight patches (the backup when a
     loaded clone has patched the shared weights in place)."""
+    import comfy.utils
     key = f"{PREFIX}{path}.{name}"
+    module = patcher.get_model_object(PREFIX + path)
     backup = patcher.backup.get(key)
-    if backup is not None:
+    # the backup is the installed module's: another clone's object patch may be installed there
+    if backup is not None and comfy.utils.get_attr(patcher.model, PREFIX + path) is module:
         return backup.weight
-    return getattr(patcher.get_model_object(PREFIX + path), name, None)
+    return getattr(module, name, None)
 
 
 @torch.no_grad()
@@ -167,26 +185,77 @@ def output_sqnr_db(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor) -> floa
     return sqnr_db(rows @ w.t(), qw.linear(rows.to(qw.dtype), None).float())
 
 
+def smooths(spec, stats, smooth_alpha: float) -> bool:
+    """SmoothQuant applies: statistics, an alpha, and a format that quantizes activations
+    (there is nothing to smooth otherwise)."""
+    return stats is not None and smooth_alpha > 0 and formats.get(spec.format).quantizes_activations(spec)
+
+
 def quantize_layer(w: torch.Tensor, spec, dtype: torch.dtype, stats=None, smooth_alpha: float = 0.0) -> QuantWeight:
-    """Pack one float weight; SmoothQuant factors when there are statistics, an alpha, and
-    the format quantizes activations (there is nothing to smooth otherwise). With statistics
-    the format also gets the inputs' per-channel mean square (the VQ formats use it)."""
+    """Pack one float weight, smoothed where ``smooths``. With statistics the format also gets
+    the inputs' per-channel mean square (the VQ formats use it)."""
     smooth = None
-    if stats is not None and smooth_alpha > 0 and formats.get(spec.format).quantizes_activations(spec):
+    if smooths(spec, stats, smooth_alpha):
         from .calibrate import smoothing_factors
         smooth = smoothing_factors(stats.absmax, w, smooth_alpha)
     input_sq = None if stats is None else stats.channel_mean_square()
     return QuantWeight.quantize(w, spec, dtype, smooth=smooth, input_sq=input_sq)
 
 
+def _ours(patcher, plan, w, module, dtype, layer_stats, smooth_alpha, store_device, act, before, reason):
+    """Our ``QuantLinear`` for one layer, and its report row."""
+    branch = getattr(module, "accel_branch", None)
+    if branch is not None:  # from SVD Low-Rank Branch: pack the residual with its smoothing
+        from .lowrank import quantize_branched
+        qw = quantize_branched(w, branch, plan.spec, dtype)
+    else:
+        qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
+    n, k = plan.shape
+    row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
+                   qw.bits_per_weight(), before, qw.packed_nbytes(),
+                   weight_sqnr_db=weight_sqnr_db(w, qw),
+                   reason=plan.reason + (", smoothed" if qw.smooth is not None else "")
+                   + (f", low-rank branch r={qw.rank}" if qw.rank else "") + f"; {reason}",
+                   layout=f"ComfyUI-Accel {plan.spec.format}", **act)
+    if layer_stats is not None and layer_stats.rows:
+        row.output_sqnr_db = output_sqnr_db(w, qw, layer_stats.sample())
+    qlinear = QuantLinear(qw.retarget(device=store_device), clean_bias(patcher, plan.path))
+    # what was merged in, so a branch fitted later knows the float weight this approximates
+    qlinear.baked_patches = patcher.patches.get(f"{PREFIX}{plan.path}.weight")
+    return qlinear, row
+
+
+def _core(patcher, plan, w, choice, dtype, layer_stats, store_device, act, before):
+    """ComfyUI's own layer (``core.build_layer``) for one layer, and its report row."""
+    absmax = None if layer_stats is None else float(layer_stats.absmax.max())
+    layer = core.build_layer(w, plan.spec, choice, dtype, clean_bias(patcher, plan.path), patcher.load_device,
+                             store_device, input_absmax=absmax)
+    n, k = plan.shape
+    nbytes = core.packed_nbytes(layer.weight)
+    deq = layer.weight.dequantize().float()
+    picks = torch.linspace(0, n - 1, max(1, min(n, _SQNR_MAX_ELEMENTS // k))).round().long().unique()
+    activations = "float" if choice.full_precision else act_label(plan.spec)
+    row = LayerRow(plan.path, plan.role, plan.spec.format, activations, n * k, 8.0 * nbytes / (n * k), before, nbytes,
+                   weight_sqnr_db=sqnr_db(w[picks.to(w.device)], deq[picks.to(deq.device)]),
+                   reason=f"{plan.reason}; {choice.reason}", layout=f"ComfyUI {choice.core}", **act)
+    if layer_stats is not None and layer_stats.rows:
+        rows = layer_stats.sample().to(w.device)
+        row.output_sqnr_db = sqnr_db(rows @ w.t(), core.layer_output(layer, rows))
+    return layer, row
+
+
 @torch.no_grad()
 def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | None = None,
                    stats: dict | None = None, smooth_alpha: float = 0.0,
-                   progress: Callable[[int], None] | None = None) -> Result:
+                   progress: Callable[[int], None] | None = None, kernels: str = "auto") -> Result:
     """Apply ``plans`` (one per linear layer) to a clone of ``patcher``.
 
     ``dtype``: the compute dtype of the result (None keeps the model's). ``stats``: per-layer
-    calibration statistics (``calibrate.LayerStats``), for smoothing and the report."""
+    calibration statistics (``calibrate.LayerStats``), for smoothing and the report. ``kernels``:
+    ``auto`` puts each layer on ComfyUI's own layout where ``core.choose`` allows and prefers it,
+    ``core`` wherever it allows, ``ours`` never. A layer the input already holds in ComfyUI's
+    layout (a stock-loaded quantized file) is passed through when that is the layout asked for,
+    else re-quantized from its dequantized weight."""
     already = quantized_layers(patcher)
     if already:
         raise AlreadyQuantized(f"the model already has {len(already)} quantized layers "
@@ -197,40 +266,49 @@ def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | 
     store_device = patcher.offload_device
     clone = patcher.clone()
     rows = []
+    fallbacks = {}
     for i, plan in enumerate(plans):
         module = patcher.get_model_object(PREFIX + plan.path)
         n, k = plan.shape
-        before = n * k * module.weight.element_size()
+        loaded = core.core_format(module)  # ComfyUI's layout the input already holds this layer in
+        before = core.packed_nbytes(module.weight) if loaded else n * k * module.weight.element_size()
         layer_stats = None if stats is None else stats.get(plan.path)
         act = {} if layer_stats is None else dict(outlier_ratio=layer_stats.outlier_ratio(),
                                                   step_range_ratio=layer_stats.step_range_ratio())
         if plan.spec is None:
-            rows.append(LayerRow(plan.path, plan.role, "keep", "float", n * k, 8.0 * module.weight.element_size(),
-                                 before, before, reason=plan.reason, **act))
+            rows.append(LayerRow(plan.path, plan.role, "keep", "float", n * k, 8.0 * before / (n * k),
+                                 before, before, reason=plan.reason + (f"; stays as loaded, ComfyUI {loaded}" if loaded else ""),
+                                 layout=f"ComfyUI {loaded}" if loaded else "", **act))
         else:
-            w = float_weight(patcher, plan.path, device=work_device)
-            branch = getattr(module, "accel_branch", None)
-            if branch is not None:  # from SVD Low-Rank Branch: pack the residual with its smoothing
-                from .lowrank import quantize_branched
-                qw = quantize_branched(w, branch, plan.spec, dtype)
+            branched = getattr(module, "accel_branch", None) is not None
+            choice = core.choose(plan.spec, plan.shape, work_device, branched=branched,
+                                 smoothed=not branched and smooths(plan.spec, layer_stats, smooth_alpha),
+                                 calibrated=layer_stats is not None, kernels=kernels)
+            if choice.fallback:
+                fallbacks.setdefault(plan.spec.format, choice.reason)
+            if loaded and choice.core == loaded and choice.full_precision == bool(
+                    getattr(module, "_full_precision_mm_config", False)):
+                rows.append(LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
+                                     8.0 * before / (n * k), before, before,
+                                     reason=f"{plan.reason}; passed through: the input holds it in ComfyUI's {loaded}",
+                                     layout=f"ComfyUI {loaded}", **act))
             else:
-                qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
-            row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
-                           qw.bits_per_weight(), before, qw.packed_nbytes(),
-                           weight_sqnr_db=weight_sqnr_db(w, qw),
-                           reason=plan.reason + (", smoothed" if qw.smooth is not None else "")
-                           + (f", low-rank branch r={qw.rank}" if qw.rank else ""), **act)
-            if layer_stats is not None and layer_stats.rows:
-                row.output_sqnr_db = output_sqnr_db(w, qw, layer_stats.sample())
-            qlinear = QuantLinear(qw.retarget(device=store_device), clean_bias(patcher, plan.path))
-            # what was merged in, so a branch fitted later knows the float weight this approximates
-            qlinear.baked_patches = patcher.patches.get(f"{PREFIX}{plan.path}.weight")
-            clone.add_object_patch(PREFIX + plan.path, qlinear)
-            clone.patches.pop(f"{PREFIX}{plan.path}.weight", None)
-            rows.append(row)
-            del w, qw
+                w = float_weight(patcher, plan.path, device=work_device)
+                if choice.core is not None:
+                    new, row = _core(patcher, plan, w, choice, dtype, layer_stats, store_device, act, before)
+                else:
+                    new, row = _ours(patcher, plan, w, module, dtype, layer_stats, smooth_alpha, store_device, act,
+                                     before, choice.reason)
+                if loaded:
+                    row.reason += f"; re-quantized from the input's ComfyUI {loaded} weight"
+                clone.add_object_patch(PREFIX + plan.path, new)
+                clone.patches.pop(f"{PREFIX}{plan.path}.weight", None)
+                rows.append(row)
+                del w, new
         if progress is not None:
             progress(i + 1)
+    for fmt, reason in fallbacks.items():
+        log.info("Quantize Model: %s: %s", fmt, reason)
     clone.patches_uuid = uuid.uuid4()
     if dtype != current:
         clone.set_model_compute_dtype(dtype)

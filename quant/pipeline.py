@@ -73,6 +73,8 @@ def hardware_notice(fmt: str, device: torch.device) -> str | None:
     if fmt == "fp8_e4m3" and not formats.fp8_matmul_available(device):
         return ("this device has no fp8 matmul (needs CUDA compute capability 8.9+): fp8 layers run "
                 "weight-only, dequantized to the compute dtype")
+    if fmt == "mxfp8" and not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0)):
+        return "mxfp8 activations need an MXFP8 matmul (Blackwell GPUs): mxfp8 layers run weight-only here"
     if fmt in ("nvfp4", "mxfp4"):
         return "fp4 weights are dequantized for the matmul (no FP4 units are used)"
     if fmt == "nvfp4_w4a4":

@@ -29,11 +29,13 @@ def write(tmp_path, st, name="m.safetensors"):
 
 
 def test_fp8_and_int8_use_comfyui_layouts(tmp_path):
-    for fmt, native, scale_shape, wdtype in [("fp8_e4m3", "float8_e4m3fn", (), torch.float8_e4m3fn),
-                                             ("int8", "int8_tensorwise", (32, 1), torch.int8)]:
+    # our fp8 layers have no calibrated input scale: ComfyUI loads them weight-only, as they run on a CPU
+    for fmt, native, scale_shape, wdtype in [
+            ("fp8_e4m3", {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}, (), torch.float8_e4m3fn),
+            ("int8", {"format": "int8_tensorwise"}, (32, 1), torch.int8)]:
         path, tensors, meta = write(tmp_path, state(fmt), f"{fmt}.safetensors")
         layers = json.loads(meta["_quantization_metadata"])["layers"]
-        assert layers == {"blocks.0.q": {"format": native}}
+        assert layers == {"blocks.0.q": native}
         with safetensors.safe_open(path, "pt") as f:
             assert f.get_tensor("blocks.0.q.weight").dtype == wdtype
             scale = f.get_tensor("blocks.0.q.weight_scale")
@@ -41,9 +43,17 @@ def test_fp8_and_int8_use_comfyui_layouts(tmp_path):
             assert set(f.keys()) == {"blocks.0.q.weight", "blocks.0.q.weight_scale", "blocks.0.q.bias", "norm.weight"}
 
 
-def test_smoothed_and_4bit_layers_are_marked_private(tmp_path):
-    for st, expected in [(state("int8", smooth=True), "accel_int8"), (state("int4"), "accel_int4")]:
-        _, _, meta = write(tmp_path, st, expected + ".safetensors")
+def weight_only(st):
+    qw = st["blocks.0.q.weight"]
+    return {**st, "blocks.0.q.weight": QuantWeight(qw.parts, Spec(qw.spec.format, qw.spec.group_size, False),
+                                                   tuple(qw.shape), qw.dtype)}
+
+
+def test_smoothed_weight_only_int8_and_4bit_layers_are_marked_private(tmp_path):
+    # ComfyUI's int8_tensorwise always quantizes activations: a weight-only int8 layer would compute otherwise
+    for st, expected in [(state("int8", smooth=True), "accel_int8"), (state("int4"), "accel_int4"),
+                         (weight_only(state("int8")), "accel_int8")]:
+        _, _, meta = write(tmp_path, st, f"{expected}{len(os.listdir(tmp_path))}.safetensors")
         assert json.loads(meta["_quantization_metadata"])["layers"]["blocks.0.q"]["format"] == expected
 
 
