@@ -20,16 +20,16 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m comfyui_accel.devtools.demo
+	$(PY) -m lab.demo
 
 bench: setup
-	$(PY) -m comfyui_accel.bench.run $(BENCH_ARGS)
+	$(PY) -m lab.bench.run $(BENCH_ARGS)
 
 bench-quick: setup
-	$(PY) -m comfyui_accel.bench.run --quick $(BENCH_ARGS)
+	$(PY) -m lab.bench.run --quick $(BENCH_ARGS)
 
 serve: setup
-	$(PY) -m comfyui_accel.devtools.serve
+	$(PY) -m lab.serve
 
 clean:
 	rm -rf out .pytest_cache

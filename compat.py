@@ -78,7 +78,7 @@ from its own commit, none confirmed to be the 0.38.1 tag (comfyui_version.py 0.3
   upstream (through ``_io_public``/``_ui_public``, plus a new ``sdk``); outputs' display names
   default to their ids from 0.33, so our nodes name them. ``io.DynamicCombo``
   (``COMFY_DYNAMICCOMBO_V3``, 0.33+) is used by stock nodes only (SaveVideo's ``format``); our
-  nodes declare none; ``devtools/workflows.py`` converts the stock nodes that do.
+  nodes declare none; ``lab/workflows.py`` converts the stock nodes that do.
 - ``comfy/quant_ops.py`` layouts (``_quantization_metadata`` v1.0, ``int8_tensorwise`` with a
   per-row ``weight_scale`` [N, 1], ``float8_e4m3fn`` with a scalar ``weight_scale``): the same
   names and parameters in 0.33 and newer upstream (0.33 adds ``convrot_w4a4`` and

@@ -1,7 +1,7 @@
 """Fidelity metrics: PSNR, SQNR, SSIM. Torch only.
 
 One home for the numbers every report and benchmark quotes: the nodes' reports (layer
-SQNR, reconstruction PSNR) and ``bench/`` use the same definitions.
+SQNR, reconstruction PSNR) and ``lab/bench/`` use the same definitions.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ CPU timing, 1024x3072x3072, 2 cores with AVX-512 VNNI (same-run medians):
 - idle machine: fp32 matmul 133 ms, bf16 45 ms, ``torch._int_mm`` 25 ms: int8 is 1.8x bf16 as in
   DESIGN's 105/25/14 ms (a faster machine). Per-token quantization of x costs 1-2 ms and the fp32
   epilogue (scales, bias, cast) 1-2 ms, small beside the GEMM.
-- bench/bench_int8_gemm.py, other jobs loading the 2 cores to ~8, OMP_WAIT_POLICY=PASSIVE:
+- lab/bench/bench_int8_gemm.py, other jobs loading the 2 cores to ~8, OMP_WAIT_POLICY=PASSIVE:
   fp32 614 ms, bf16 212 ms, int8 end to end 147 ms (1.44x bf16, 4.2x fp32; _int_mm alone 108 ms).
   With the default spinning OpenMP barriers the int8 path's small elementwise ops stall under
   that load and it fell behind bf16 (324 vs 304 ms).

@@ -27,7 +27,7 @@ nearest code once the screen's rounding is bounded (``_screen_slack``: from |x|,
 dtype's unit roundoff) is scored again exactly in float32, usually 1-3 groups; the others provably
 cannot hold it, so the result is the float32 search's. The N x K score matrix is never
 materialised: blocks of ``_BLOCK_N x _BLOCK_K`` stay in cache. On several cores, row ranges run
-in threads (see ``_in_threads``). bench/bench_vq.py compares it with faiss (whose fused float32
+in threads (see ``_in_threads``). lab/bench/bench_vq.py compares it with faiss (whose fused float32
 distance + argmin kernel never writes scores): at D=16 about 0.9-1.2x faiss's time on one thread
 and 1.15-1.45x on two, at D=64 about 0.6x, on this 2-core AVX512-BF16 VM (whose timings move by
 +-20% from minute to minute).

@@ -13,7 +13,7 @@ from ..attention.layout import unsupported
 from ..cache.adapters import find_adapter
 from ..attention.report import matrices
 from ..attention.sparse import BLOCK_SIZES, SparseConfig, apply_sparse_attention, find_patches
-from .common import fail, report_text, require_diffusion_model
+from .common import CATEGORY, fail, node_name, report_text, require_diffusion_model
 from .plots import heatmap
 from .validate import AccelNode
 
@@ -28,7 +28,7 @@ class AccelSparseAttention(AccelNode):
         return io.Schema(
             node_id="AccelSparseAttention",
             display_name="Sparse Attention",
-            category="accel/attention",
+            category=f"{CATEGORY}/attention",
             description=(
                 "Makes the model's self-attention over the video/image latent block-sparse: each block of "
                 "queries attends only to the key blocks a policy keeps; text tokens stay dense. Returns a "
@@ -94,15 +94,15 @@ class AccelSparseAttention(AccelNode):
                               dense_first_layers=int(dense_first_layers), dense_last_layers=int(dense_last_layers),
                               min_tokens=int(min_tokens), retention=bool(retention), probe_rows=int(probe_rows))
         for name, message in config.problems():
-            fail("Sparse Attention", name, message)
+            fail(node_name(cls), name, message)
         dm = getattr(getattr(model, "model", None), "diffusion_model", None)
         if dm is None:
-            fail("Sparse Attention", "model", "has no diffusion model whose attention could be patched")
-        require_diffusion_model("Sparse Attention", model)
+            fail(node_name(cls), "model", "has no diffusion model whose attention could be patched")
+        require_diffusion_model(node_name(cls), model)
         reason = unsupported(dm)
         if reason is not None:
             also = "; TeaCache works on it too" if find_adapter(dm) is not None else ""
-            fail("Sparse Attention", "model", f"is {families.a_model(model)}: {reason}. Quantize Model and "
+            fail(node_name(cls), "model", f"is {families.a_model(model)}: {reason}. Quantize Model and "
                                               f"TaylorSeer work on it{also}.")
         report_dir = None
         if save_report:
@@ -118,7 +118,7 @@ class AccelSparseAttentionReport(AccelNode):
         return io.Schema(
             node_id="AccelSparseAttentionReport",
             display_name="Sparse Attention Report",
-            category="accel/attention",
+            category=f"{CATEGORY}/attention",
             description=(
                 "The report of the sampling run that made the connected LATENT with a model patched by Sparse "
                 "Attention: per layer and head "
@@ -137,11 +137,11 @@ class AccelSparseAttentionReport(AccelNode):
     def execute(cls, model, latent) -> io.NodeOutput:
         patches = find_patches(model)
         if not patches:
-            fail("Sparse Attention Report", "model", "carries no Sparse Attention patch: connect the MODEL output "
+            fail(node_name(cls), "model", "carries no Sparse Attention patch: connect the MODEL output "
                                                       "of a Sparse Attention node")
         report = patches[0].history.find(latent["samples"])
         if report is None:
-            fail("Sparse Attention Report", "latent", "comes from no sampling run with this model that is still "
+            fail(node_name(cls), "latent", "comes from no sampling run with this model that is still "
                                                        "kept: connect the LATENT output of the sampler that used it")
         summary = dict(report["summary"])
         if patches[0].last_report_path:

@@ -18,7 +18,7 @@ from ..cache import adapters, engine
 from ..cache.presets import PRESETS
 from ..cache.profile import CacheProfile, from_recording
 from .. import families
-from .common import fail, progress, report_text, require_diffusion_model
+from .common import CATEGORY, fail, node_name, progress, report_text, require_diffusion_model
 from .plots import line_plot
 from .validate import AccelNode, custom_type
 
@@ -57,7 +57,7 @@ class AccelTeaCache(AccelNode):
         return io.Schema(
             node_id="AccelTeaCache",
             display_name="TeaCache",
-            category="accel/cache",
+            category=f"{CATEGORY}/cache",
             description=(
                 "Timestep-embedding-aware cache: at each step the first transformer block's modulated input is "
                 "compared with the previous step's; the relative change, rescaled by a polynomial, is added up, "
@@ -96,7 +96,7 @@ class AccelTeaCache(AccelNode):
     @classmethod
     def execute(cls, model, threshold, start, end, coefficients, cache_device, short_schedule,
                 profile: CacheProfile | None = None) -> io.NodeOutput:
-        node = "TeaCache"
+        node = node_name(cls)
         _check_window(node, start, end)
         require_diffusion_model(node, model)
         dm = _diffusion_model(model)
@@ -139,7 +139,7 @@ class AccelTaylorSeer(AccelNode):
         return io.Schema(
             node_id="AccelTaylorSeer",
             display_name="TaylorSeer",
-            category="accel/cache",
+            category=f"{CATEGORY}/cache",
             description=(
                 "Computes the model fully on the first warm-up steps and then once every N steps; the steps in "
                 "between are forecast by a Taylor expansion (order 0-2) of the last computed values, with "
@@ -176,7 +176,7 @@ class AccelTaylorSeer(AccelNode):
     @classmethod
     def execute(cls, model, interval, order, warmup_steps, end, forecast, cache_device,
                 short_schedule) -> io.NodeOutput:
-        node = "TaylorSeer"
+        node = node_name(cls)
         _check_window(node, 0.0, end)
         require_diffusion_model(node, model)
         if not 1 <= interval:
@@ -194,7 +194,7 @@ class AccelForecastCache(AccelNode):
         return io.Schema(
             node_id="AccelForecastCache",
             display_name="Forecast Cache",
-            category="accel/cache",
+            category=f"{CATEGORY}/cache",
             description=(
                 "Computes the model on a schedule spaced for the speedup you ask (the first and last steps, and "
                 "gaps that grow along the run, for any step count) and forecasts the steps between by linear "
@@ -227,7 +227,7 @@ class AccelForecastCache(AccelNode):
 
     @classmethod
     def execute(cls, model, speedup, forecast, verify, cache_device, short_schedule) -> io.NodeOutput:
-        node = "Forecast Cache"
+        node = node_name(cls)
         require_diffusion_model(node, model)
         if not speedup >= 1.0:
             fail(node, "speedup", f"must be at least 1.0 (steps / computed steps), got {speedup}.")
@@ -243,7 +243,7 @@ class AccelCacheCalibrate(AccelNode):
         return io.Schema(
             node_id="AccelCacheCalibrate",
             display_name="Cache Calibrate",
-            category="accel/cache",
+            category=f"{CATEGORY}/cache",
             description=(
                 "Calibrates TeaCache for this very model: runs one real, uncached sampling pass with your "
                 "conditioning, records at every step how much the first block's signal and the blocks' output "
@@ -295,7 +295,7 @@ class AccelCacheCalibrate(AccelNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise, target_speedup, start, end, signal) -> io.NodeOutput:
         import comfy.sample
-        node = "Cache Calibrate"
+        node = node_name(cls)
         _check_window(node, start, end)
         require_diffusion_model(node, model)
         dm = _diffusion_model(model)
@@ -350,7 +350,7 @@ class AccelCacheReport(AccelNode):
         return io.Schema(
             node_id="AccelCacheReport",
             display_name="Cache Report",
-            category="accel/cache",
+            category=f"{CATEGORY}/cache",
             description=(
                 "Shows what TeaCache, TaylorSeer or Forecast Cache did in a sampling run: steps computed and reused per cond, "
                 "compute fraction, the bound speedup (steps / computed steps), the accumulated signal per step "
@@ -373,7 +373,7 @@ class AccelCacheReport(AccelNode):
     def execute(cls, model, latent) -> io.NodeOutput:
         setup = engine.setup_of(model)
         if setup is None:
-            fail("Cache Report", "model", "carries no TeaCache, TaylorSeer or Forecast Cache: connect the MODEL "
+            fail(node_name(cls), "model", "carries no TeaCache, TaylorSeer or Forecast Cache: connect the MODEL "
                                           "output of one of those nodes (or a model made from it, e.g. after a LoRA).")
         report = setup.find_report(latent["samples"])
         if report is None:

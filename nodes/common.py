@@ -10,12 +10,22 @@ import comfy.utils
 from .. import families
 
 
+CATEGORY = "accel"  # the pack's menu; each family adds its folder: f"{CATEGORY}/quant"
+
+
 class AccelInputError(ValueError):
     """Bad input to one of our nodes. ComfyUI shows the message; the server keeps running."""
 
 
+def node_name(node) -> str:
+    """How every message names a node: the display name the user sees on the canvas and the id a
+    workflow file holds, e.g. ``Quantize Model (AccelQuantizeModel)``. ``node``: a node class or schema."""
+    schema = node.define_schema() if hasattr(node, "define_schema") else node
+    return f"{schema.display_name} ({schema.node_id})"
+
+
 def fail(node: str, input_name: str, message: str) -> None:
-    """Raise an error that names the node, the input and what is allowed."""
+    """Raise an error that names the node (:func:`node_name`), the input and what is allowed."""
     raise AccelInputError(f"{node}: input '{input_name}' {message}")
 
 

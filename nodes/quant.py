@@ -9,12 +9,11 @@ from comfy_api.latest import io
 from ..quant import auto, checkpoint, formats, pipeline, policy
 from ..quant import model as qmodel
 from . import plots
-from .common import fail, progress, report_text, require_diffusion_model
+from .common import CATEGORY, fail, node_name, progress, report_text, require_diffusion_model
 from .validate import AccelNode, folder_file, output_folder
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "accel/quant"
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 _FORMAT_HELP = "; ".join(f"{f.name}: {f.description}" for f in formats.FORMATS.values())
@@ -76,7 +75,7 @@ class AccelQuantizeModel(AccelNode):
         return io.Schema(
             node_id="AccelQuantizeModel",
             display_name="Quantize Model",
-            category=CATEGORY,
+            category=f"{CATEGORY}/quant",
             description=("Quantizes the linear layers of the loaded diffusion model (any family) and returns a "
                          "new model; the input model is untouched. Layers known to be fragile (embeddings, "
                          "timestep path, final projection) stay in high precision; modulation layers are "
@@ -132,7 +131,7 @@ class AccelQuantizeModel(AccelNode):
     def execute(cls, model, format, group_size, compute_dtype, smooth_alpha, calibration_steps, seed, cfg,
                 auto_formats, auto_budget, auto_min_sqnr_db, layer_overrides, positive=None, negative=None,
                 latent=None) -> io.NodeOutput:
-        node = "Quantize Model"
+        node = node_name(cls)
         require_diffusion_model(node, model)
         try:
             overrides = policy.parse_overrides(layer_overrides)
@@ -205,7 +204,7 @@ class AccelSaveQuantized(AccelNode):
         return io.Schema(
             node_id="AccelSaveQuantized",
             display_name="Save Quantized Model",
-            category=CATEGORY,
+            category=f"{CATEGORY}/quant",
             description=("Writes a quantized model (from Quantize Model) to models/diffusion_models as "
                          "safetensors, with any LoRA applied after quantization baked in. Layers on ComfyUI's own "
                          "layouts are written in ComfyUI's checkpoint format, and fp8 and int8 layers of ours in "
@@ -229,7 +228,7 @@ class AccelSaveQuantized(AccelNode):
 
     @classmethod
     def execute(cls, model, filename, overwrite, other_weights_dtype) -> io.NodeOutput:
-        node = "Save Quantized Model"
+        node = node_name(cls)
         if not qmodel.quantized_layers(model):
             fail(node, "model", "has no quantized layers; connect the output of Quantize Model")
         path = _target_path(node, filename)
@@ -249,7 +248,7 @@ class AccelLoadQuantized(AccelNode):
         return io.Schema(
             node_id="AccelLoadQuantized",
             display_name="Load Quantized Model",
-            category=CATEGORY,
+            category=f"{CATEGORY}/quant",
             description=("Loads a model written by Save Quantized Model (any format), checking the file's "
                          "metadata against its tensors first."),
             inputs=[
@@ -262,7 +261,7 @@ class AccelLoadQuantized(AccelNode):
     @classmethod
     def execute(cls, unet_name) -> io.NodeOutput:
         import folder_paths
-        node = "Load Quantized Model"
+        node = node_name(cls)
         path = folder_file(node, "unet_name", unet_name, folder_paths.get_folder_paths("diffusion_models"),
                            "a file in models/diffusion_models")
         try:

@@ -9,7 +9,7 @@ from ..quant import calibrate, lowrank, policy
 from ..quant.linear import QuantLinear
 from ..quant import model as qmodel
 from . import plots
-from .common import fail, progress, report_text
+from .common import CATEGORY, fail, node_name, progress, report_text
 from .quant import calibration_sockets, calibration_widgets, check_calibration
 from .validate import AccelNode
 
@@ -42,7 +42,7 @@ class AccelSVDLowRankBranch(AccelNode):
         return io.Schema(
             node_id="AccelSVDLowRankBranch",
             display_name=NODE,
-            category="accel/quant",
+            category=f"{CATEGORY}/quant",
             description=("SVDQuant inside the graph. Before Quantize Model: smooths each attention/MLP linear "
                          "layer with activation statistics (moving activation outliers into the weight), splits "
                          "the smoothed weight by SVD into a 16-bit rank-r branch and a residual, and Quantize "
@@ -99,39 +99,39 @@ class AccelSVDLowRankBranch(AccelNode):
         try:
             overrides = policy.parse_overrides(layer_overrides)
         except ValueError as e:
-            fail(NODE, "layer_overrides", str(e))
-        check_calibration(NODE, positive, latent)
+            fail(node_name(cls), "layer_overrides", str(e))
+        check_calibration(node_name(cls), positive, latent)
         already = lowrank.branched_layers(model)
         if already:
-            fail(NODE, "model", f"already has a low-rank branch ({len(already)} layers, e.g. {already[0]}); "
+            fail(node_name(cls), "model", f"already has a low-rank branch ({len(already)} layers, e.g. {already[0]}); "
                                 "connect the model from before the first SVD Low-Rank Branch node")
         after = bool(qmodel.quantized_layers(model))
         try:
             layers = lowrank.select_layers(model, overrides)
         except (policy.PatternError, policy.LayerError) as e:
-            fail(NODE, "layer_overrides", str(e))
+            fail(node_name(cls), "layer_overrides", str(e))
         if after:
             layers = [(p, m) for p, m in layers if p in set(qmodel.quantized_layers(model))]
             core_layers = [p for p, m in layers if not isinstance(m, QuantLinear)]
             if core_layers and len(core_layers) == len(layers):
-                fail(NODE, "model", f"holds its quantized layers in ComfyUI's own layouts (e.g. {core_layers[0]}), "
+                fail(node_name(cls), "model", f"holds its quantized layers in ComfyUI's own layouts (e.g. {core_layers[0]}), "
                                     "which have no place for a low-rank branch; put this node before Quantize Model")
             layers = [(p, m) for p, m in layers if isinstance(m, QuantLinear)]
         if not layers:
-            fail(NODE, "layer_overrides", "selects no layer" + (" that Quantize Model quantized" if after else "")
+            fail(node_name(cls), "layer_overrides", "selects no layer" + (" that Quantize Model quantized" if after else "")
                  + "; check the patterns against the layer names in Quantize Model's report")
         for path, module in layers:
             shape = tuple(module.weight.shape)
             if rank > lowrank.max_rank(shape):
-                fail(NODE, "rank", f"{rank} is too large for layer {path} {list(shape)}: at most "
+                fail(node_name(cls), "rank", f"{rank} is too large for layer {path} {list(shape)}: at most "
                                    f"{lowrank.max_rank(shape)} (half its smaller side); lower the rank or leave "
                                    f"the layer out with layer_overrides ('{path} = keep')")
             problem = lowrank.patch_shape_problem(model.patches.get(f"{qmodel.PREFIX}{path}.weight", []), shape)
             if problem:
-                fail(NODE, "model", f"carries {problem} on layer {path}, whose weight is {list(shape)}: the LoRA "
+                fail(node_name(cls), "model", f"carries {problem} on layer {path}, whose weight is {list(shape)}: the LoRA "
                                     "was made for another model; remove it or use a matching one")
         if after and any(lowrank.original_float_weight(model, p, m) is None for p, m in layers):
-            fail(NODE, "model", "has quantized layers without their float weights (loaded from a quantized file?): "
+            fail(node_name(cls), "model", "has quantized layers without their float weights (loaded from a quantized file?): "
                                 "after Quantize Model the branch needs the original weights; put this node before "
                                 "Quantize Model instead")
         paths = [p for p, _ in layers]

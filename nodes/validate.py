@@ -29,7 +29,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import files
-from .common import AccelInputError, fail
+from .common import AccelInputError, fail, node_name
 
 MAX_TEXT = 1024                 # characters of a one-line STRING input
 MAX_MULTILINE_TEXT = 64 * 1024  # ... and of a multiline one
@@ -64,7 +64,7 @@ def _checked(run):
         try:
             bound = signature.bind(cls, *args, **kwargs)
         except TypeError as e:  # a missing or unknown input
-            raise AccelInputError(f"{schema.display_name or schema.node_id}: {e}") from None
+            raise AccelInputError(f"{node_name(schema)}: {e}") from None
         return run(cls, **check_inputs(schema, dict(list(bound.arguments.items())[1:])))
 
     execute._accel_checked = True
@@ -75,7 +75,7 @@ def check_inputs(schema: io.Schema, values: dict) -> dict:
     """``values`` checked against ``schema`` (see the module notes), combo strings mapped to
     their options' type; raises AccelInputError naming the node, the input, the value and what
     is allowed."""
-    node = schema.display_name or schema.node_id
+    node = node_name(schema)
     out = dict(values)
     for spec in schema.inputs:
         name = spec.id

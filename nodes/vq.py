@@ -18,7 +18,7 @@ from .. import files, metrics
 from ..vq import codebook as cb
 from ..vq import tokens as tk
 from ..vq.codebook import Codebook
-from .common import check_interrupt, fail, progress, report_text
+from .common import CATEGORY, check_interrupt, fail, node_name, progress, report_text
 from .plots import bar_plot
 from .validate import AccelNode, annotated_file, comfy_folders, custom_type, folder_file, output_folder
 
@@ -28,7 +28,6 @@ CODEBOOK = custom_type("ACCEL_VQ_CODEBOOK", Codebook, "a codebook (from VQ Fit C
 TOKENS = custom_type("ACCEL_VQ_TOKENS", tk.Tokens, "VQ tokens (from VQ Encode, VQGAN Encode or VQ Load Tokens)")
 CODEBOOK_FOLDER = "vq_codebooks"   # models/vq_codebooks
 TOKENS_SUBFOLDER = "vq_tokens"      # output/vq_tokens, input/ also listed
-CATEGORY = "accel/vq"
 
 _TIP_LEVELS_USE = ("Residual levels to use, 0 = all the codebook has. Each level costs log2(codebook size) bits "
                    "per vector and adds detail; fewer levels = lower bitrate.")
@@ -121,7 +120,7 @@ class AccelVQFitCodebook(AccelNode):
         return io.Schema(
             node_id="AccelVQFitCodebook",
             display_name="VQ Fit Codebook",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description=(
                 "Fits a vector-quantization codebook to a LATENT batch with k-means (k-means++ seeding, fixed seed, "
                 "codes that end up unused are re-seeded). A vector is one latent pixel's channels (patch 1) or a "
@@ -149,7 +148,7 @@ class AccelVQFitCodebook(AccelNode):
 
     @classmethod
     def execute(cls, latent, codebook_size, patch_size, residual_levels, iterations, seed) -> io.NodeOutput:
-        node = "VQ Fit Codebook"
+        node = node_name(cls)
         samples = _samples(node, latent)
         vectors, _ = cb.latent_to_vectors(samples, patch_size)
         if codebook_size > vectors.shape[0]:
@@ -170,7 +169,7 @@ class AccelVQShrinkCodebook(AccelNode):
         return io.Schema(
             node_id="AccelVQShrinkCodebook",
             display_name="VQ Shrink Codebook",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description=(
                 "Makes a smaller codebook from a big one by k-means of its codes, weighted by how often each was used "
                 "in the fit: one big fit, then cheaper bitrates without the latents (variable-bitrate VQ)."),
@@ -189,7 +188,7 @@ class AccelVQShrinkCodebook(AccelNode):
 
     @classmethod
     def execute(cls, codebook, codebook_size, iterations, seed, latent=None) -> io.NodeOutput:
-        node = "VQ Shrink Codebook"
+        node = node_name(cls)
         if codebook_size >= codebook.size:
             fail(node, "codebook_size", f"is {codebook_size}; it must be smaller than the codebook's {codebook.size} codes")
         book = cb.shrink(codebook, codebook_size, iterations, seed, progress(codebook.depth * iterations))
@@ -215,7 +214,7 @@ class AccelVQSaveCodebook(AccelNode):
         return io.Schema(
             node_id="AccelVQSaveCodebook",
             display_name="VQ Save Codebook",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description=("Saves a codebook to models/vq_codebooks/ (safetensors) so token files can refer to it by "
                          "name and hash instead of embedding it. Never replaces an existing file."),
             inputs=[CODEBOOK.Input("codebook", tooltip="The codebook to save."),
@@ -229,7 +228,7 @@ class AccelVQSaveCodebook(AccelNode):
     @classmethod
     def execute(cls, codebook, filename_prefix) -> io.NodeOutput:
         import folder_paths
-        node = "VQ Save Codebook"
+        node = node_name(cls)
         _register_folder()
         root = folder_paths.get_folder_paths(CODEBOOK_FOLDER)[0]
         folder, stem = output_folder(node, "filename_prefix", filename_prefix, root, f"models/{CODEBOOK_FOLDER}")
@@ -249,7 +248,7 @@ class AccelVQLoadCodebook(AccelNode):
         return io.Schema(
             node_id="AccelVQLoadCodebook",
             display_name="VQ Load Codebook",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description="Loads a codebook saved by VQ Save Codebook from models/vq_codebooks/.",
             inputs=[io.Combo.Input("codebook_name", options=folder_paths.get_filename_list(CODEBOOK_FOLDER),
                                    tooltip="A codebook file in models/vq_codebooks/.")],
@@ -259,7 +258,7 @@ class AccelVQLoadCodebook(AccelNode):
     @classmethod
     def execute(cls, codebook_name) -> io.NodeOutput:
         import folder_paths
-        node = "VQ Load Codebook"
+        node = node_name(cls)
         _register_folder()
         path = folder_file(node, "codebook_name", codebook_name, folder_paths.get_folder_paths(CODEBOOK_FOLDER),
                            f"a codebook file in models/{CODEBOOK_FOLDER}/")
@@ -275,7 +274,7 @@ class AccelVQEncode(AccelNode):
         return io.Schema(
             node_id="AccelVQEncode",
             display_name="VQ Encode",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description=("Turns a LATENT into VQ tokens: each vector (latent pixel or patch) becomes the index of its "
                          "nearest code, level by level. Reports the bitrate in bits per pixel of the decoded image "
                          "(fixed-length, empirical entropy, actual rANS-coded size) and the latent PSNR."),
@@ -299,7 +298,7 @@ class AccelVQEncode(AccelNode):
     @classmethod
     def execute(cls, latent, codebook, residual_levels, vae=None, spatial_compression=8,
                 temporal_compression=4) -> io.NodeOutput:
-        node = "VQ Encode"
+        node = node_name(cls)
         samples = _samples(node, latent)
         if samples.shape[1] != codebook.channels:
             fail(node, "codebook", f"is for {codebook.channels}-channel latents but the latent has {samples.shape[1]} "
@@ -318,7 +317,7 @@ class AccelVQDecode(AccelNode):
         return io.Schema(
             node_id="AccelVQDecode",
             display_name="VQ Decode",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description="Turns VQ tokens back into a LATENT (the sum of each level's chosen codes), for VAE Decode.",
             inputs=[
                 TOKENS.Input("tokens", tooltip="Tokens from VQ Encode or VQ Load Tokens."),
@@ -331,7 +330,7 @@ class AccelVQDecode(AccelNode):
 
     @classmethod
     def execute(cls, tokens, residual_levels, codebook=None) -> io.NodeOutput:
-        node = "VQ Decode"
+        node = node_name(cls)
         if tokens.kind != "latent":
             fail(node, "tokens", "are Stable Cascade Stage A image tokens; decode them with VQGAN Decode (Stage A)")
         levels = _levels(node, "residual_levels", residual_levels, tokens.depth)
@@ -348,7 +347,7 @@ class AccelVQSaveTokens(AccelNode):
         return io.Schema(
             node_id="AccelVQSaveTokens",
             display_name="VQ Save Tokens",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description=("Saves tokens to output/vq_tokens/ as a .vqt file (safetensors): rANS entropy-coded indices "
                          "with their frequency tables, and the codebook or its hash and file name. Reports the real "
                          "file size in bits per pixel. Never replaces an existing file (a counter is added)."),
@@ -368,7 +367,7 @@ class AccelVQSaveTokens(AccelNode):
     @classmethod
     def execute(cls, tokens, filename_prefix, embed_codebook) -> io.NodeOutput:
         import folder_paths
-        node = "VQ Save Tokens"
+        node = node_name(cls)
         if not embed_codebook and not tokens.codebook_name and tokens.kind == "latent":
             fail(node, "embed_codebook", "is off but the codebook has no file: save it first with VQ Save Codebook "
                  "(and encode with that codebook), or turn embed_codebook on")
@@ -417,7 +416,7 @@ class AccelVQLoadTokens(AccelNode):
         return io.Schema(
             node_id="AccelVQLoadTokens",
             display_name="VQ Load Tokens",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description=("Loads a .vqt token file (from input/, or output/ marked [output]) and checks it: complete, "
                          "undamaged, and made with the connected codebook (same hash and channels)."),
             inputs=[
@@ -437,7 +436,7 @@ class AccelVQLoadTokens(AccelNode):
 
     @classmethod
     def execute(cls, token_file, codebook=None) -> io.NodeOutput:
-        node = "VQ Load Tokens"
+        node = node_name(cls)
         name, root = annotated_file(token_file)
         path = folder_file(node, "token_file", name, [root], "a token file in input/ or output/vq_tokens/")
         try:
@@ -500,7 +499,7 @@ class AccelVQGANEncode(AccelNode):
         return io.Schema(
             node_id="AccelVQGANEncode",
             display_name="VQGAN Encode (Stage A)",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description=("Encodes an IMAGE to the discrete tokens of Stable Cascade's Stage A VQGAN (its own 8192-code "
                          "codebook, one token per 4x4 pixels) and reports the bitrate in bits per pixel and, "
                          "optionally, the PSNR of the decoded image."),
@@ -537,7 +536,7 @@ class AccelVQGANDecode(AccelNode):
         return io.Schema(
             node_id="AccelVQGANDecode",
             display_name="VQGAN Decode (Stage A)",
-            category=CATEGORY,
+            category=f"{CATEGORY}/vq",
             description="Decodes Stable Cascade Stage A tokens back to an IMAGE with the same Stage A VAE.",
             inputs=[TOKENS.Input("tokens", tooltip="Tokens from VQGAN Encode (Stage A) or VQ Load Tokens."),
                     io.Vae.Input("vae", tooltip="The Stage A VAE the tokens were made with (its codebook must match).")],

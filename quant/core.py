@@ -50,7 +50,7 @@ KERNELS = ("auto", "core", "ours")
 _ALWAYS_QUANTIZE_INPUT = ("int8_tensorwise", "asym_w4a8_int8", "convrot_w4a4")
 _CONVROT_SIZES = (256, 64, 16)  # ConvRot's regular Hadamard blocks are powers of 4
 
-# Where both paths exist, the faster one per kind of device, from bench/bench_quant.py's ``core <format>``
+# Where both paths exist, the faster one per kind of device, from lab/bench/bench_quant.py's ``core <format>``
 # records on the ``wide`` fixtures (docs/quantization.md). Formats not listed use ComfyUI's kernels: on
 # GPUs that is every format, a choice made on paper (no GPU measured it; ours have never run on one).
 # CPU, ComfyUI 0.33 with comfy-kitchen 0.2.31's eager backend, wan21 wide, two runs (vs bf16, ours / core):

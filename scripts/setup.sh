@@ -91,11 +91,12 @@ if [ ! -f "$req_stamp" ] || [ "$COMFY/requirements.txt" -nt "$req_stamp" ] || [ 
   touch "$req_stamp"
 fi
 
-# The pack as an importable package named comfyui_accel (PYTHONPATH=.host/pkgroot),
-# so tests, benchmarks and tools import it without putting the repo root, whose
-# nodes/ would shadow ComfyUI's nodes.py, on sys.path.
+# The pack as an importable package named comfyui_accel, and the lab (tests' harness, benchmarks,
+# demo, workflow generator) beside it as the package lab (PYTHONPATH=.host/pkgroot), without
+# putting the repo root, whose nodes/ would shadow ComfyUI's nodes.py, on sys.path.
 mkdir -p "$HOST/pkgroot"
 ln -sfn "$ROOT" "$HOST/pkgroot/comfyui_accel"
+ln -sfn "$ROOT/lab" "$HOST/pkgroot/lab"
 
 # Our pack in our own ComfyUI copy's custom_nodes (never into a user's tree:
 # with COMFYUI_PATH, `make serve` adds it through an extra_model_paths file).

@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def comfy():
     """Real ComfyUI, imported in-process (CPU mode when there is no GPU)."""
-    from comfyui_accel.devtools import host
+    from lab import host
     host.import_comfy()
     import comfy.model_management
     return comfy
@@ -39,7 +39,7 @@ def comfy_server(tmp_path_factory):
 
     Tests write the model files they need into ``comfy_server.models_dir``.
     """
-    from comfyui_accel.devtools import host
+    from lab import host
     server = host.ComfyServer(base_dir=tmp_path_factory.mktemp("comfy-base"))
     server.start()
     yield server

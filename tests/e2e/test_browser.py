@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from comfyui_accel.devtools import make_workflows, workflows
-from comfyui_accel.devtools.browser import Frontend
+from lab import make_workflows, workflows
+from lab.browser import Frontend
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +70,7 @@ def test_every_workflow_loads_cleanly_and_converts_like_the_frontend(frontend, c
         shot = make_workflows.SCREENSHOT_DIR / f"{path.stem}.png"
         if not shot.is_file():
             problems.append(f"{path.name}: no screenshot {shot.name} in docs/workflows/ "
-                            "(python -m comfyui_accel.devtools.make_workflows --screenshots)")
+                            "(python -m lab.make_workflows --screenshots)")
     assert not problems, "\n".join(problems)
 
 

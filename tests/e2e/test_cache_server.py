@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.host import PromptError
-from comfyui_accel.devtools.prompts import read_latent, sampling_prompt
+from lab import fixtures
+from lab.host import PromptError
+from lab.prompts import read_latent, sampling_prompt
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from comfyui_accel.devtools import make_workflows, workflows
+from lab import make_workflows, workflows
 
 pytestmark = pytest.mark.e2e
 
@@ -22,14 +22,14 @@ REPORT_TITLES = {"AccelCacheReport": "Cache report", "AccelCacheCalibrate": "Cac
 
 
 def test_there_are_example_workflows():
-    assert WORKFLOWS, "example_workflows/ is empty: run python -m comfyui_accel.devtools.make_workflows"
+    assert WORKFLOWS, "example_workflows/ is empty: run python -m lab.make_workflows"
 
 
 def test_workflows_are_what_the_generator_writes(comfy_server, tmp_path):
     written, skipped = make_workflows.build_all(comfy_server.object_info(), tmp_path)
     fresh = {p.name: p.read_text() for p in written}
     committed = {p.name: p.read_text() for p in WORKFLOWS}
-    hint = "regenerate them: python -m comfyui_accel.devtools.make_workflows --screenshots"
+    hint = "regenerate them: python -m lab.make_workflows --screenshots"
     assert sorted(fresh) == sorted(committed), f"workflow files differ from the generator's ({skipped}); {hint}"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"{stale} differ from what the generator writes now; {hint}"

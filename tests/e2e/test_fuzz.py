@@ -38,9 +38,9 @@ import requests
 import safetensors.torch
 import torch
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.host import ComfyServer
-from comfyui_accel.devtools.prompts import QUANTIZE_DEFAULTS, read_latent, sampling_prompt
+from lab import fixtures
+from lab.host import ComfyServer
+from lab.prompts import QUANTIZE_DEFAULTS, read_latent, sampling_prompt
 from comfyui_accel.vq import codebook as cb
 from comfyui_accel.vq import entropy
 from comfyui_accel.vq import tokens as tk
@@ -614,7 +614,7 @@ def unclear(case: Case, outcome: Outcome, schemas: Schemas) -> str | None:
         return f"rejected without naming input {case.inputs} of node {case.node}: {json.dumps(outcome.detail)[:300]}"
     if outcome.kind == "error":
         d = outcome.detail
-        node = schemas.display(case_node_type(case))
+        node = f"{schemas.display(case_node_type(case))} ({case_node_type(case)})"   # display name and id
         message = d.get("exception_message", "")
         if (d.get("node_id") == case.node and str(d.get("exception_type", "")).endswith("AccelInputError")
                 and any(message.startswith(f"{node}: input '{name}' ") for name in case.inputs)):

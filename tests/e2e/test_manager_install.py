@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_accel.devtools import node_schema
-from comfyui_accel.devtools.host import PACK_ROOT, ComfyServer, comfyui_dir
+from lab import node_schema
+from lab.host import PACK_ROOT, ComfyServer, comfyui_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "triton"}

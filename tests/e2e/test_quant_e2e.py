@@ -4,9 +4,9 @@ stock loader and ours, and bad input answered with an error while the server sta
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.host import PromptError
-from comfyui_accel.devtools.prompts import QUANTIZE_DEFAULTS, quantize_step, read_latent, sampling_prompt
+from lab import fixtures
+from lab.host import PromptError
+from lab.prompts import QUANTIZE_DEFAULTS, quantize_step, read_latent, sampling_prompt
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +68,7 @@ def test_quantize_sample_save_and_reload(comfy_server, wan):
 
 
 def test_bad_input_is_an_error_and_the_server_stays_up(comfy_server, wan):
-    with pytest.raises(PromptError, match=r"Quantize Model: input 'group_size'.*does not divide"):
+    with pytest.raises(PromptError, match=r"Quantize Model [(]AccelQuantizeModel[)]: input 'group_size'.*does not divide"):
         comfy_server.run(sampling_prompt(wan, seed=3, steps=2, chain=[quantize_step(format="int4", group_size=96)]))
     with pytest.raises(PromptError, match=r"input 'layer_overrides'"):
         comfy_server.run(sampling_prompt(wan, seed=3, steps=2, chain=[quantize_step(layer_overrides="blocks.*")]))

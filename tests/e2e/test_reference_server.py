@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_accel.devtools import reference as ref
+from lab import reference as ref
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,7 @@ def test_reference_wan_samples_pictures_through_the_server(comfy_server):
 
 
 def test_a_bad_caption_is_a_clear_error(comfy_server):
-    from comfyui_accel.devtools.host import PromptError
+    from lab.host import PromptError
     prompt = {
         "2": {"class_type": "AccelTestReferencePrompt",
               "inputs": {"model": "ref_wan21", "caption": "purple circle", "batch": 1}},

@@ -4,8 +4,8 @@ import json
 import pytest
 import requests
 
-from comfyui_accel.devtools import fixtures as fx
-from comfyui_accel.devtools.host import PromptError
+from lab import fixtures as fx
+from lab.host import PromptError
 
 pytestmark = pytest.mark.e2e
 

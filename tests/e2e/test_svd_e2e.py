@@ -4,9 +4,9 @@ on the prompt's own conditioning and latent) -> Quantize Model (w4a4) [-> stock 
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.host import PromptError
-from comfyui_accel.devtools.prompts import SVD_DEFAULTS, quantize_step, read_latent, sampling_prompt, svd_step
+from lab import fixtures
+from lab.host import PromptError
+from lab.prompts import SVD_DEFAULTS, quantize_step, read_latent, sampling_prompt, svd_step
 from comfyui_accel.metrics import psnr
 
 pytestmark = pytest.mark.e2e
@@ -45,6 +45,6 @@ def test_svd_then_quantize_then_sample(comfy_server):
     assert torch.isfinite(with_lora).all() and psnr(svdq, with_lora) < 60
 
     # bad input: an error naming node and input, and the server keeps serving
-    with pytest.raises(PromptError, match=r"SVD Low-Rank Branch: input 'model' already has a low-rank branch"):
+    with pytest.raises(PromptError, match=r"SVD Low-Rank Branch [(]AccelSVDLowRankBranch[)]: input 'model' already has a low-rank branch"):
         comfy_server.run(sampling_prompt(wan, seed=4, steps=1, chain=[svd_step(), svd_step()], prefix="bad"))
     assert comfy_server.object_info()["AccelSVDLowRankBranch"]

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def files(comfy_server):
-    from comfyui_accel.devtools import host
+    from lab import host
     host.import_comfy()  # the fixtures read ComfyUI's model classes for their shapes
-    from comfyui_accel.devtools import vq_fixtures as fx
+    from lab import vq_fixtures as fx
     vae_dir = comfy_server.models_dir / "vae"
     vae_dir.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(fx.taesd_state_dict(seed=0), str(vae_dir / "accel_vq_taesd.safetensors"))
@@ -63,8 +63,8 @@ def test_fit_encode_save_load_decode(comfy_server, files):
 
 
 def test_bad_input_is_a_clear_error_and_the_server_stays_up(comfy_server, files):
-    from comfyui_accel.devtools.host import PromptError
-    with pytest.raises(PromptError, match="VQ Fit Codebook: input 'codebook_size' is 5000 but the latent has only 80"):
+    from lab.host import PromptError
+    with pytest.raises(PromptError, match="VQ Fit Codebook [(]AccelVQFitCodebook[)]: input 'codebook_size' is 5000 but the latent has only 80"):
         comfy_server.run(encode_prompt(files, 5000))
     assert comfy_server.get("/system_stats")["system"]
     # And it still runs work afterwards (another size, so nothing comes from ComfyUI's cache).

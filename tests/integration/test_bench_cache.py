@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_accel.bench import bench_cache, bench_stack, run as bench_run
+from lab.bench import bench_cache, bench_stack, run as bench_run
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_accel.bench import bench_stack, run as bench_run
+from lab.bench import bench_stack, run as bench_run
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,17 @@ from comfyui_accel.cache import adapters, engine, rules
 
 pytestmark = pytest.mark.integration
 
-# Hooked families that devtools.fixtures has (DiTs consult patches_replace["dit"]; the UNets
+# Hooked families that lab.fixtures has (DiTs consult patches_replace["dit"]; the UNets
 # get DeepCache through object patches) ...
 FIXTURE_FAMILIES = ["flux", "wan21", "wan22_5b", "hunyuan_video", "ltxv", "sd3", "sd15", "sdxl"]
-# ... and the other hooked families, from the family registry (devtools.families).
+# ... and the other hooked families, from the family registry (lab.families).
 BUILT = ["chroma", "qwen_image", "mochi", "auraflow", "hunyuan3d", "hunyuan_dit"]
 HOOKED = FIXTURE_FAMILIES + list(BUILT)
 
 
 @functools.lru_cache(maxsize=None)
 def fixture_model(family: str, seed: int = 0):
-    from comfyui_accel.devtools import families, fixtures
+    from lab import families, fixtures
     if family in BUILT:
         return families.build(family, seed)
     return fixtures.load_model(family, "tiny", seed=seed)
@@ -34,9 +34,9 @@ def fixture_model(family: str, seed: int = 0):
 
 def sample(m, family, steps=10, seed=0, cfg=3.0, sampler="euler", **kw):
     if family in BUILT:
-        from comfyui_accel.devtools import families
+        from lab import families
         return families.sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler)
-    from comfyui_accel.devtools.sampling import sample as _sample
+    from lab.sampling import sample as _sample
     return _sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler, **kw)
 
 
@@ -81,7 +81,7 @@ def fx(comfy):
     # thread pool oversubscribes (10-20x slower).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    from comfyui_accel.devtools import fixtures
+    from lab import fixtures
     yield fixtures
     torch.set_num_threads(threads)
     fixture_model.cache_clear()
@@ -147,7 +147,7 @@ def test_qwen_edit_signal_with_a_zero_timestep_reference(fx):
     # half. The signal must still be what the block feeds its attention, cond and uncond batched.
     import inspect
     import comfy.sample
-    from comfyui_accel.devtools import families
+    from lab import families
     m = fixture_model("qwen_image")
     block = m.get_model_object("diffusion_model").transformer_blocks[0]
     if "timestep_zero_index" not in inspect.signature(block._modulate).parameters:
@@ -632,7 +632,7 @@ def test_teacache_node_picks_published_coefficients_or_explains(fx):
 
 
 def test_calibrate_then_teacache_reaches_the_target(fx, output_dir):
-    from comfyui_accel.devtools.fixtures import empty_latent, make_conditioning
+    from lab.fixtures import empty_latent, make_conditioning
     from comfyui_accel.nodes.cache import AccelCacheCalibrate, AccelCacheReport, AccelTeaCache
     from comfyui_accel.cache.profile import CacheProfile
     m = fixture_model("wan22_5b")
@@ -660,7 +660,7 @@ def test_calibrate_then_teacache_reaches_the_target(fx, output_dir):
 def test_a_30_step_profile_holds_its_speedup_at_20_and_50_steps(fx, output_dir):
     # On the trained Wan reference (real trajectories): Cache Calibrate at 30 steps for 2x, then
     # TeaCache with the threshold on auto sets it for each run's own schedule.
-    from comfyui_accel.bench import bench_stack
+    from lab.bench import bench_stack
     from comfyui_accel.nodes.cache import AccelTeaCache
     s30 = bench_stack.reference_subject("ref_wan21", 30)
     profile = bench_stack.calibrate(s30, s30.model, 2.0)

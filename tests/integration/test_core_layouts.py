@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from comfyui_accel import compat
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.quant_checks import (assert_unchanged, full_and_lowvram_outputs, lora_for, quantize,
+from lab import fixtures
+from lab.quant_checks import (assert_unchanged, full_and_lowvram_outputs, lora_for, quantize,
                                                  sample, snapshot, with_lora)
 from comfyui_accel.metrics import psnr
 from comfyui_accel.quant import checkpoint, core
@@ -174,7 +174,7 @@ def test_damaged_core_file_is_refused_naming_the_tensor(wan, tmp_path):
 
 
 def test_load_quantized_reads_the_format_version_1_file(wan):
-    # written by the pack before ComfyUI layouts (devtools/make_legacy_quant_file.py): every format of
+    # written by the pack before ComfyUI layouts (lab/make_legacy_quant_file.py): every format of
     # ours, SmoothQuant factors and a low-rank branch
     model, reference = wan
     assert json.loads(checkpoint.read_header(LEGACY_FILE)[checkpoint.META_KEY])["format_version"] == 1

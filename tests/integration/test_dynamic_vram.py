@@ -1,5 +1,5 @@
 """Our layers under ComfyUI's dynamic-VRAM loader (``ModelPatcherDynamic``, the default on GPUs
-from 0.33), run on the CPU with ComfyUI's own loader code (devtools.dynamic_vram): quantized and
+from 0.33), run on the CPU with ComfyUI's own loader code (lab.dynamic_vram): quantized and
 branched models compute what the plain loader computes, LoRAs loaded before and after take
 effect, clones sharing one model keep their own outputs, Save Quantized Model and the UNet cache
 work. Only what a GPU runs (VRAM arena, pinned buffers, prefetch) is left to the README's notes.
@@ -13,8 +13,8 @@ import torch
 
 from comfyui_accel import compat
 from comfyui_accel.cache import adapters, engine
-from comfyui_accel.devtools import dynamic_vram, fixtures
-from comfyui_accel.devtools.quant_checks import lora_for, quantize, sample, with_lora
+from lab import dynamic_vram, fixtures
+from lab.quant_checks import lora_for, quantize, sample, with_lora
 from comfyui_accel.quant import checkpoint, lowrank
 from comfyui_accel.quant.linear import QuantLinear
 

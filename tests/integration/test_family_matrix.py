@@ -1,8 +1,8 @@
 """Every diffusion family this ComfyUI ships through the four nodes: the family x node matrix.
 
-Each family of ``devtools.families`` (a tiny build from the host's own classes, seeded weights,
+Each family of ``lab.families`` (a tiny build from the host's own classes, seeded weights,
 the conditioning its forward takes) goes through Quantize Model (int8), TeaCache, TaylorSeer and
-Sparse Attention as ``devtools.family_matrix`` describes; a node that cannot patch a family must
+Sparse Attention as ``lab.family_matrix`` describes; a node that cannot patch a family must
 refuse it by name with what works instead. The run is written as Markdown and JSON under
 ``out/`` (``family_matrix_<ComfyUI version>``), and the README's matrix must agree with it.
 Families this host lacks are skipped, by a check for their config class.
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from comfyui_accel import families as family_names
-from comfyui_accel.devtools import families, family_matrix
+from lab import families, family_matrix
 
 pytestmark = pytest.mark.integration
 

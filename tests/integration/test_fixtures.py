@@ -4,7 +4,7 @@ import hashlib
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures as fx
+from lab import fixtures as fx
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +133,7 @@ def test_outlier_fixture_loads_and_differs(comfy, tmp_path):
 
 
 def test_fixture_nodes_run_in_process(comfy):
-    from comfyui_accel.devtools import fixture_nodes as fn
+    from lab import fixture_nodes as fn
     cond = fn.AccelTestConditioning.execute("flux", "tiny", 0, 2, 0).result[0]
     assert cond[0][0].shape == (2, 32, 4096) and cond[0][1]["pooled_output"].shape == (2, 768)
     latent = fn.AccelTestEmptyLatent.execute("wan22_5b", 256, 256, 9, 1).result[0]

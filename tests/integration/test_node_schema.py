@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from comfyui_accel.devtools import node_schema
+from lab import node_schema
 
 pytestmark = pytest.mark.integration
 

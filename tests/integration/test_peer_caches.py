@@ -10,8 +10,9 @@ cast does on a GPU) gives a picture close to the uncached one.
 import pytest
 import torch
 
-from comfyui_accel.bench import bench_stack, measure
-from comfyui_accel.bench.bench_cache import _comfy_cache, hand_over_a_copy
+from lab.bench import bench_stack
+from comfyui_accel import metrics
+from lab.bench.bench_cache import _comfy_cache, hand_over_a_copy
 
 pytestmark = pytest.mark.integration
 
@@ -47,13 +48,13 @@ def _easycache(model, copy: bool):
 def test_easycache_returns_the_sampler_latent_in_fp32_and_a_copy_fixes_it(subject):
     s, reference = subject
     plain, seen = _easycache(s.model, copy=False)
-    psnr_plain = measure.psnr(reference, s.picture(s.sample(plain)), data_range=1.0)
+    psnr_plain = metrics.psnr(reference, s.picture(s.sample(plain)), data_range=1.0)
     if not seen["returned_input"]:
         pytest.skip("this host's EasyCache no longer returns its input tensor on reused steps")
     assert 0 < seen["returned_input"] < seen["calls"]
     assert psnr_plain < 15            # the reused steps destroy the picture
     copied, seen_copy = _easycache(s.model, copy=True)
-    psnr_copy = measure.psnr(reference, s.picture(s.sample(copied)), data_range=1.0)
+    psnr_copy = metrics.psnr(reference, s.picture(s.sample(copied)), data_range=1.0)
     assert seen_copy["returned_input"] > 0   # it still skips (and returns its own copy) ...
     assert psnr_copy > 20                     # ... and the picture stays
 
@@ -64,4 +65,4 @@ def test_bench_peers_skip_and_keep_the_picture(subject):
         m, counter = _comfy_cache(s.model, kind, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95)
         out = s.sample(m)
         assert 0 < counter["calls"] < s.steps, kind
-        assert measure.psnr(reference, s.picture(out), data_range=1.0) > 20, kind
+        assert metrics.psnr(reference, s.picture(out), data_range=1.0) > 20, kind

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from comfyui_accel.bench import projection as p
-from comfyui_accel.devtools import fixtures as fx
+from lab.bench import projection as p
+from lab import fixtures as fx
 
 
 def _meta_params(comfy, model_config_name: str, config: dict) -> int:

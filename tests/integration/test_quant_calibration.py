@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.quant_checks import assert_unchanged, plans_for, sample, snapshot
+from lab import fixtures
+from lab.quant_checks import assert_unchanged, plans_for, sample, snapshot
 from comfyui_accel.quant import auto, calibrate
 from comfyui_accel.quant import model as qmodel
 
@@ -89,7 +89,7 @@ def test_report_rows_carry_the_activation_statistics(calibrated):
 def test_a_lora_clone_sampled_after_calibration_gets_its_lora(calibrated):
     # regression: the calibration clone shared the input's patches uuid, so ComfyUI left the
     # original modules flagged as patched and the next clone's LoRA was silently not applied
-    from comfyui_accel.devtools.quant_checks import lora_for, with_lora
+    from lab.quant_checks import lora_for, with_lora
     from comfyui_accel.metrics import psnr
     model, _, reference, _, _ = calibrated
     lora_model = with_lora(model, lora_for(model, ["blocks.0.ffn.2"], rank=4, scale=0.5, seed=3))

@@ -3,8 +3,8 @@ loader reading our fp8 files, LoRA baked in at save time."""
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.quant_checks import lora_for, quantize, sample, with_lora
+from lab import fixtures
+from lab.quant_checks import lora_for, quantize, sample, with_lora
 from comfyui_accel.metrics import psnr
 from comfyui_accel.quant import checkpoint
 from comfyui_accel.quant import model as qmodel

@@ -1,8 +1,8 @@
 """The Quantize Model node in-process: report and plot outputs, notices, and clear errors."""
 import pytest
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.prompts import QUANTIZE_DEFAULTS
+from lab import fixtures
+from lab.prompts import QUANTIZE_DEFAULTS
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_outputs_report_plot_and_notice(node):
 ])
 def test_bad_inputs_name_node_and_input(node, inputs, name, text):
     run, AccelInputError, _ = node
-    with pytest.raises(AccelInputError, match=rf"Quantize Model: input '{name}'.*{text}"):
+    with pytest.raises(AccelInputError, match=rf"Quantize Model [(]AccelQuantizeModel[)]: input '{name}'.*{text}"):
         run(**inputs)
 
 

@@ -4,10 +4,10 @@ loaded with ComfyUI's own loader take effect before and after quantization."""
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures
+from lab import fixtures
 from comfyui_accel.quant import model as qmodel
 from comfyui_accel.quant.linear import QuantLinear
-from comfyui_accel.devtools.quant_checks import (assert_unchanged, full_and_lowvram_outputs, lora_for, quantize, sample,
+from lab.quant_checks import (assert_unchanged, full_and_lowvram_outputs, lora_for, quantize, sample,
                                                  snapshot, with_lora, with_weights)
 from comfyui_accel.metrics import psnr
 
@@ -153,7 +153,7 @@ def test_a_layer_another_node_replaced_is_chained_not_replaced(wan):
 def test_weight_bytes_follow_each_clone_while_another_clone_runs(wan):
     """Clones share one module and the last one run has its layers installed in it: each
     clone's weight bytes must still be its own (the bench's int4 model once counted as int8)."""
-    from comfyui_accel.bench.measure import model_weight_bytes
+    from lab.measure import model_weight_bytes
     model, _ = wan
     base = sum(t.numel() * t.element_size() for t in fixtures.state_dict("wan21", "tiny").values())
     int8, int4 = quantize(model, "int8"), quantize(model, "int4", 64)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_accel.devtools import reference as ref
-from comfyui_accel.devtools.reference import autoencoder as ae
-from comfyui_accel.devtools.reference import data, samples, train
+from lab import reference as ref
+from lab.reference import autoencoder as ae
+from lab.reference import data, samples, train
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +138,7 @@ def test_the_caption_helps_the_trained_model(comfy, models, name):
 
 
 def test_fixture_nodes_serve_the_reference_models(comfy):
-    from comfyui_accel.devtools import fixture_nodes as fn
+    from lab import fixture_nodes as fn
     model = fn.AccelTestFluxLoader.execute("ref_flux", "tiny", 0, False).result[0]
     assert type(model.model).__name__ == "Flux"
     assert model.model.diffusion_model.hidden_size == 192

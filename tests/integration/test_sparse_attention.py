@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures as fx
+from lab import fixtures as fx
 
 pytestmark = pytest.mark.integration
 

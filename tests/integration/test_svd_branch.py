@@ -4,9 +4,9 @@ after, save/load of a branched model, the input untouched, and clear errors."""
 import pytest
 import torch
 
-from comfyui_accel.devtools import fixtures
-from comfyui_accel.devtools.prompts import SVD_DEFAULTS
-from comfyui_accel.devtools.quant_checks import (assert_unchanged, full_and_lowvram_outputs, lora_for, quantize, sample,
+from lab import fixtures
+from lab.prompts import SVD_DEFAULTS
+from lab.quant_checks import (assert_unchanged, full_and_lowvram_outputs, lora_for, quantize, sample,
                                                  snapshot, with_lora)
 from comfyui_accel.metrics import psnr
 from comfyui_accel.quant import checkpoint
@@ -171,10 +171,10 @@ def test_save_and_load_a_branched_model(wan, tmp_path):
 def test_bad_inputs_name_node_and_input(wan):
     from comfyui_accel.nodes.common import AccelInputError
     model, _, _, branched, _, _ = wan
-    with pytest.raises(AccelInputError, match=r"SVD Low-Rank Branch: input 'rank' is 136; allowed: 16 to 128"):
+    with pytest.raises(AccelInputError, match=r"SVD Low-Rank Branch [(]AccelSVDLowRankBranch[)]: input 'rank' is 136; allowed: 16 to 128"):
         run_node(model, calibrate=False, rank=136)
     # the output projection [64, 256], brought in by an override, holds at most rank 32
-    with pytest.raises(AccelInputError, match=r"SVD Low-Rank Branch: input 'rank' 64 is too large for layer "
+    with pytest.raises(AccelInputError, match=r"SVD Low-Rank Branch [(]AccelSVDLowRankBranch[)]: input 'rank' 64 is too large for layer "
                                               r"head.head \[64, 256\]: at most 32"):
         run_node(model, calibrate=False, rank=64, layer_overrides="^head[.]head$ = int8")
     with pytest.raises(AccelInputError, match=r"input 'model' already has a low-rank branch"):

@@ -59,7 +59,7 @@ def test_bad_values_name_node_input_value_and_what_is_allowed(nodes, node_id, na
     with pytest.raises(AccelInputError) as e:
         check_inputs(schema, {name: value})
     text = str(e.value)
-    assert text.startswith(f"{schema.display_name}: input '{name}' ") and message in text, text
+    assert text.startswith(f"{schema.display_name} ({node_id}): input '{name}' ") and message in text, text
 
 
 def test_good_values_pass_and_combo_strings_become_their_options(nodes):
@@ -73,14 +73,14 @@ def test_good_values_pass_and_combo_strings_become_their_options(nodes):
 
 
 def test_execute_checks_before_the_node_runs(nodes, comfy):
-    from comfyui_accel.devtools import fixtures
+    from lab import fixtures
     from comfyui_accel.nodes.common import AccelInputError
     model = fixtures.load_model("wan21", "tiny", seed=0)
-    with pytest.raises(AccelInputError, match="TeaCache: input 'threshold' must be a finite number"):
+    with pytest.raises(AccelInputError, match="TeaCache [(]AccelTeaCache[)]: input 'threshold' must be a finite number"):
         nodes["AccelTeaCache"].execute(model, float("nan"), 0.0, 1.0, "auto", "model device", "skip caching")
-    with pytest.raises(AccelInputError, match="TaylorSeer: input 'cache_device' is 'gpu'"):
+    with pytest.raises(AccelInputError, match="TaylorSeer [(]AccelTaylorSeer[)]: input 'cache_device' is 'gpu'"):
         nodes["AccelTaylorSeer"].execute(model, 3, 1, 3, 1.0, "auto", "gpu", "skip caching")
-    with pytest.raises(AccelInputError, match="TaylorSeer: .*missing a required argument: 'order'"):
+    with pytest.raises(AccelInputError, match="TaylorSeer [(]AccelTaylorSeer[)]: .*missing a required argument: 'order'"):
         nodes["AccelTaylorSeer"].execute(model, interval=3)
 
 
@@ -120,7 +120,7 @@ def test_token_files_outside_comfyuis_folders_are_never_opened(nodes, folders):
         messages[name] = str(e.value).replace(repr(name), "NAME")
     # No existence oracle: a file that exists outside and one that exists nowhere read alike.
     assert len(set(messages.values())) == 1, messages
-    assert "VQ Load Tokens: input 'token_file' is NAME, which is not an option" in messages["missing.vqt"]
+    assert "VQ Load Tokens (AccelVQLoadTokens): input 'token_file' is NAME, which is not an option" in messages["missing.vqt"]
     assert load.fingerprint_inputs("link.vqt") == "" and load.fingerprint_inputs("good.vqt") != ""
     # Behind the combo check (which lists no symbolic link), paths are resolved before opening too.
     from comfyui_accel.nodes.validate import folder_file
@@ -149,7 +149,7 @@ def test_save_names_stay_in_the_output_folder(nodes, folders):
     save = nodes["AccelVQSaveTokens"]
     for prefix, message in [("../../outside/x", "must be a relative file name"), (str(outside / "x"), "relative"),
                             ("escape/x", "inside the output folder"), ("a\x00b", "NUL"), ("x" * 300, "longer than")]:
-        with pytest.raises(AccelInputError, match=f"VQ Save Tokens: input 'filename_prefix' .*{message}"):
+        with pytest.raises(AccelInputError, match=f"VQ Save Tokens [(]AccelVQSaveTokens[)]: input 'filename_prefix' .*{message}"):
             save.execute(tokens, prefix, True)
     assert list(outside.iterdir()) == []
     report = save.execute(tokens, "vq_tokens/ok", True)

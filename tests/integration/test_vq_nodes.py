@@ -15,7 +15,7 @@ def env(comfy, tmp_path_factory):
     import comfy.sd
     import folder_paths
 
-    from comfyui_accel.devtools import vq_fixtures as fx
+    from lab import vq_fixtures as fx
     from comfyui_accel.nodes import vq as nv
 
     # Output, input and codebook folders in a temporary place, never the host ComfyUI's own.
@@ -89,16 +89,16 @@ def test_shrink_node(env):
 def test_bad_inputs_name_node_and_input(env):
     from comfyui_accel.nodes.common import AccelInputError
     nv, latent = env["nv"], env["latent"]
-    with pytest.raises(AccelInputError, match="VQ Fit Codebook: input 'codebook_size'.*only 576 vectors"):
+    with pytest.raises(AccelInputError, match="VQ Fit Codebook [(]AccelVQFitCodebook[)]: input 'codebook_size'.*only 576 vectors"):
         run(nv.AccelVQFitCodebook, latent=latent, codebook_size=1000, patch_size=1, residual_levels=1,
             iterations=2, seed=0)
     wrong = run(nv.AccelVQFitCodebook, latent={"samples": torch.randn(1, 16, 8, 8)}, codebook_size=8,
                 patch_size=1, residual_levels=1, iterations=2, seed=0).args[0]
-    with pytest.raises(AccelInputError, match="VQ Encode: input 'codebook'.*16-channel.*4 channels"):
+    with pytest.raises(AccelInputError, match="VQ Encode [(]AccelVQEncode[)]: input 'codebook'.*16-channel.*4 channels"):
         run(nv.AccelVQEncode, latent=latent, codebook=wrong, residual_levels=0)
     book = run(nv.AccelVQFitCodebook, latent=latent, codebook_size=8, patch_size=1, residual_levels=1,
                iterations=2, seed=0).args[0]
-    with pytest.raises(AccelInputError, match="VQ Encode: input 'residual_levels'"):
+    with pytest.raises(AccelInputError, match="VQ Encode [(]AccelVQEncode[)]: input 'residual_levels'"):
         run(nv.AccelVQEncode, latent=latent, codebook=book, residual_levels=3)
     with pytest.raises(AccelInputError, match=r"VQGAN Encode \(Stage A\): input 'vae'.*Stage A"):
         run(nv.AccelVQGANEncode, image=env["images"], vae=env["taesd"], report_psnr=False)
@@ -112,7 +112,7 @@ def test_token_files_through_the_nodes(env):
     book = run(nv.AccelVQFitCodebook, latent=latent, codebook_size=16, patch_size=2, residual_levels=1,
                iterations=4, seed=0).args[0]
     tokens = run(nv.AccelVQEncode, latent=latent, codebook=book, residual_levels=0).args[0]
-    with pytest.raises(AccelInputError, match="VQ Save Tokens: input 'embed_codebook'.*VQ Save Codebook"):
+    with pytest.raises(AccelInputError, match="VQ Save Tokens [(]AccelVQSaveTokens[)]: input 'embed_codebook'.*VQ Save Codebook"):
         run(nv.AccelVQSaveTokens, tokens=tokens, filename_prefix="vq_tokens/t", embed_codebook=False)
 
     first = run(nv.AccelVQSaveTokens, tokens=tokens, filename_prefix="vq_tokens/t", embed_codebook=True)
@@ -131,14 +131,14 @@ def test_token_files_through_the_nodes(env):
 
     other = run(nv.AccelVQFitCodebook, latent=latent, codebook_size=16, patch_size=2, residual_levels=1,
                 iterations=4, seed=1).args[0]
-    with pytest.raises(AccelInputError, match="VQ Load Tokens: input 'codebook'.*another codebook"):
+    with pytest.raises(AccelInputError, match="VQ Load Tokens [(]AccelVQLoadTokens[)]: input 'codebook'.*another codebook"):
         run(nv.AccelVQLoadTokens, token_file=choice, codebook=other)
 
     path = folder_paths.get_annotated_filepath(choice)
     data = open(path, "rb").read()
     cut = env["tmp"] / "output" / "vq_tokens" / "cut.vqt"
     cut.write_bytes(data[: len(data) - 40])
-    with pytest.raises(AccelInputError, match="VQ Load Tokens: input 'token_file'.*(truncated|damaged)"):
+    with pytest.raises(AccelInputError, match="VQ Load Tokens [(]AccelVQLoadTokens[)]: input 'token_file'.*(truncated|damaged)"):
         run(nv.AccelVQLoadTokens, token_file="vq_tokens/cut.vqt [output]")
 
     # By reference: save the codebook, encode with it, save tokens without it, load finds it by name.
@@ -180,5 +180,5 @@ def test_stage_a_vqgan_tokens_match_the_models_own_quantizer(env, tmp_path):
     assert image.shape == (2, 48, 40, 3)
     assert torch.allclose(image, direct, atol=1e-4)
     assert torch.equal(vae.first_stage_model.vquantizer.codebook.weight, codebook_before)  # model untouched
-    with pytest.raises(Exception, match="VQ Decode: input 'tokens'.*VQGAN Decode"):
+    with pytest.raises(Exception, match="VQ Decode [(]AccelVQDecode[)]: input 'tokens'.*VQGAN Decode"):
         run(nv.AccelVQDecode, tokens=loaded, residual_levels=0)

@@ -1,10 +1,10 @@
-"""bench/run.py's report plumbing: sections, the projection at the end, and publishing into
+"""lab/bench/run.py's report plumbing: sections, the projection at the end, and publishing into
 docs/ and the README's marked block without touching the rest of the README."""
 import types
 
 import pytest
 
-from comfyui_accel.bench import run as bench_run
+from lab.bench import run as bench_run
 
 INFO = {"date": "2026-01-01 00:00", "quick": True,
         "machine": {"processor": "Test CPU", "cores": 2, "cpus": 1, "platform": "Linux", "torch": "2.x",

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from comfyui_accel.devtools import demo
+from lab import demo
 
 
 def report(summary: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """The README's family matrix block: rewritten in place, everything outside it untouched."""
 import pytest
 
-from comfyui_accel.devtools import families, family_matrix
+from lab import families, family_matrix
 
 
 def run(host, status="measured", absent=()):

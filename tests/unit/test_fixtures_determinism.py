@@ -2,7 +2,7 @@
 conditioning, and the activation-outlier planting."""
 import torch
 
-from comfyui_accel.devtools import fixtures as fx
+from lab import fixtures as fx
 
 
 def test_every_family_has_both_sizes_and_a_known_loader():

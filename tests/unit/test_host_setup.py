@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_accel.devtools import host
+from lab import host
 
 ROOT = Path(__file__).resolve().parents[2]
 

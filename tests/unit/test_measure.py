@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from comfyui_accel.bench import measure
+from lab import measure
+from comfyui_accel import metrics
 
 
 # ---------------------------------------------------------------- PSNR / SQNR
@@ -13,8 +14,8 @@ from comfyui_accel.bench import measure
 
 def test_psnr_of_identical_tensors_is_infinite():
     x = torch.randn(2, 4, 16, 16)
-    assert measure.psnr(x, x.clone()) == math.inf
-    assert measure.sqnr_db(x, x.clone()) == math.inf
+    assert metrics.psnr(x, x.clone()) == math.inf
+    assert metrics.sqnr_db(x, x.clone()) == math.inf
 
 
 def test_psnr_matches_the_formula_for_known_noise():
@@ -25,15 +26,15 @@ def test_psnr_matches_the_formula_for_known_noise():
     x = ref + (torch.rand(ref.shape, generator=g) * 2 - 1) * a
     mse = ((ref.double() - x.double()) ** 2).mean().item()
     assert mse == pytest.approx(a**2 / 3, rel=0.05)
-    assert measure.psnr(ref, x, data_range=1.0) == pytest.approx(10 * math.log10(1.0 / mse), abs=1e-9)
+    assert metrics.psnr(ref, x, data_range=1.0) == pytest.approx(10 * math.log10(1.0 / mse), abs=1e-9)
     # Default data range: the reference's max - min.
     span = (ref.max() - ref.min()).item()
-    assert measure.psnr(ref, x) == pytest.approx(10 * math.log10(span**2 / mse), abs=1e-9)
+    assert metrics.psnr(ref, x) == pytest.approx(10 * math.log10(span**2 / mse), abs=1e-9)
 
 
 def test_psnr_needs_a_range_for_a_constant_reference():
     with pytest.raises(ValueError, match="data_range"):
-        measure.psnr(torch.ones(4, 4), torch.zeros(4, 4))
+        metrics.psnr(torch.ones(4, 4), torch.zeros(4, 4))
 
 
 def test_sqnr_matches_an_independent_computation():
@@ -43,8 +44,8 @@ def test_sqnr_matches_an_independent_computation():
     # Signal power 9, noise power 0.01: about 29.5 dB; compare with a plain-Python sum.
     signal = sum(v * v for v in ref.double().flatten().tolist())
     noise = sum((a - b) ** 2 for a, b in zip(ref.double().flatten().tolist(), x.double().flatten().tolist()))
-    assert measure.sqnr_db(ref, x) == pytest.approx(10 * math.log10(signal / noise), abs=1e-9)
-    assert measure.sqnr_db(ref, x) == pytest.approx(10 * math.log10(9 / 0.01), abs=0.3)
+    assert metrics.sqnr_db(ref, x) == pytest.approx(10 * math.log10(signal / noise), abs=1e-9)
+    assert metrics.sqnr_db(ref, x) == pytest.approx(10 * math.log10(9 / 0.01), abs=0.3)
 
 
 # ---------------------------------------------------------------- SSIM
@@ -55,20 +56,20 @@ def test_ssim_of_identical_is_one_on_latents_video_and_images():
     latent = torch.randn(2, 4, 32, 32, generator=g)
     video = torch.randn(1, 16, 5, 24, 24, generator=g)
     image = torch.rand(2, 48, 40, 3, generator=g)
-    assert measure.ssim(latent, latent.clone()) == pytest.approx(1.0, abs=1e-12)
-    assert measure.ssim(video, video.clone()) == pytest.approx(1.0, abs=1e-12)
-    assert measure.ssim_image(image, image.clone()) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim(latent, latent.clone()) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim(video, video.clone()) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim_image(image, image.clone()) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_ssim_falls_with_noise_and_is_symmetric():
     g = torch.Generator().manual_seed(3)
     ref = torch.randn(1, 4, 48, 48, generator=g)
     noise = torch.randn(ref.shape, generator=g)
-    scores = [measure.ssim(ref, ref + s * noise, data_range=8.0) for s in (0.01, 0.1, 0.5, 1.0)]
+    scores = [metrics.ssim(ref, ref + s * noise, data_range=8.0) for s in (0.01, 0.1, 0.5, 1.0)]
     assert all(a > b for a, b in zip(scores, scores[1:])), scores
     assert scores[0] > 0.99 and scores[-1] < 0.6
     other = ref + 0.3 * noise
-    assert measure.ssim(ref, other, data_range=8.0) == pytest.approx(measure.ssim(other, ref, data_range=8.0), abs=1e-12)
+    assert metrics.ssim(ref, other, data_range=8.0) == pytest.approx(metrics.ssim(other, ref, data_range=8.0), abs=1e-12)
 
 
 def test_ssim_of_two_constant_planes_is_the_luminance_term():
@@ -76,23 +77,23 @@ def test_ssim_of_two_constant_planes_is_the_luminance_term():
     a, b, data_range = 0.3, 0.5, 1.0
     c1 = (0.01 * data_range) ** 2
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
-    got = measure.ssim(torch.full((1, 1, 20, 20), a), torch.full((1, 1, 20, 20), b), data_range=data_range)
+    got = metrics.ssim(torch.full((1, 1, 20, 20), a), torch.full((1, 1, 20, 20), b), data_range=data_range)
     assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_ssim_works_on_planes_smaller_than_the_window():
     g = torch.Generator().manual_seed(4)
     ref = torch.randn(1, 4, 6, 8, generator=g)
-    assert measure.ssim(ref, ref.clone()) == pytest.approx(1.0, abs=1e-12)
-    assert measure.ssim(ref, ref + torch.randn(ref.shape, generator=g)) < 0.9
+    assert metrics.ssim(ref, ref.clone()) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim(ref, ref + torch.randn(ref.shape, generator=g)) < 0.9
 
 
 def test_ssim_image_channels_are_planes():
     g = torch.Generator().manual_seed(5)
     image = torch.rand(1, 32, 32, 3, generator=g)
     noisy = (image + 0.1 * torch.randn(image.shape, generator=g)).clamp(0, 1)
-    channel_first = measure.ssim(image.permute(0, 3, 1, 2), noisy.permute(0, 3, 1, 2), data_range=1.0)
-    assert measure.ssim_image(image, noisy) == pytest.approx(channel_first, abs=1e-12)
+    channel_first = metrics.ssim(image.permute(0, 3, 1, 2), noisy.permute(0, 3, 1, 2), data_range=1.0)
+    assert metrics.ssim_image(image, noisy) == pytest.approx(channel_first, abs=1e-12)
 
 
 # ---------------------------------------------------------------- timing

@@ -1,11 +1,11 @@
-"""The projection's formulas (bench/projection.py) against independent figures: published
+"""The projection's formulas (lab/bench/projection.py) against independent figures: published
 parameter counts, the bytes our quantizers really store, and roofline arithmetic."""
 import math
 
 import pytest
 import torch
 
-from comfyui_accel.bench import projection as p
+from lab.bench import projection as p
 from comfyui_accel.quant import formats
 
 

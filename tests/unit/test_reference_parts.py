@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from comfyui_accel.devtools import reference as ref
-from comfyui_accel.devtools.reference import autoencoder as ae
-from comfyui_accel.devtools.reference import data
+from lab import reference as ref
+from lab.reference import autoencoder as ae
+from lab.reference import data
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 3, 6, 16, 24), (1, 3, 1, 2, 2)])

@@ -9,8 +9,8 @@ an optional ``bit_depth``; its PreviewAny gained a STRING output.
 """
 from __future__ import annotations
 
-from comfyui_accel.devtools import workflows
-from comfyui_accel.devtools.make_workflows import Graph
+from lab import workflows
+from lab.make_workflows import Graph
 
 DC = workflows.DYNAMIC_COMBO
 ENCODING = [DC, {"options": [{"key": "auto", "inputs": {"required": {}}},

@@ -1,1 +1,0 @@
-"""Developer tools: the ComfyUI host, model fixtures, the demo. Not used by the nodes."""
