@@ -8,7 +8,7 @@ import torch
 from lab import host, fixtures
 host.import_comfy()
 from lab.quant_checks import plans_for
-from comfyui_accel.quant import model as qmodel, checkpoint, calibrate, lowrank
+from comfyui_accel.quant import model as qmodel, checkpoint, calibrate, svdquant
 model = fixtures.load_model("wan21", "tiny")
 ov = ("^(text_embedding|time_embedding|time_projection)\\. = int4 weight_only\n"
       "blocks\\.0\\.self_attn = int8\nblocks\\.0\\.cross_attn\\.[qk]$ = fp8_e4m3\nblocks\\.0\\.cross_attn = nvfp4\n"
@@ -19,7 +19,7 @@ layers = [p.path for p in plans if p.spec is not None]
 stats = calibrate.calibrate(model, layers, fixtures.make_conditioning("wan21","tiny",seed=1),
                             fixtures.make_conditioning("wan21","tiny",seed=2), fixtures.empty_latent("wan21","tiny"), 2, 0, 3.0)
 branch_layers = [p for p in layers if p.startswith("blocks.2.")]
-branched = lowrank.branch_model(model, branch_layers, 16, 0.5, stats).model
+branched = svdquant.branch_model(model, branch_layers, 16, 0.5, stats).model
 plans = plans_for(branched, "int8", 64, ov)
 res = qmodel.quantize_model(branched, plans, dtype=torch.bfloat16, stats=stats, smooth_alpha=0.5)
 path = os.path.abspath("tests/data/accel_v1_wan_tiny.safetensors")

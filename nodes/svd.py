@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..quant import calibrate, lowrank, policy
+from ..quant import calibrate, lowrank, policy, svdquant
 from ..quant.linear import QuantLinear
 from ..quant import model as qmodel
 from . import plots
@@ -22,7 +22,7 @@ NODE = "SVD Low-Rank Branch"
 REPORT_FORMATS = ("w4a4", "nvfp4_w4a4", "w4a8", "int4", "nvfp4", "mxfp4", "int8")
 
 
-def _plot(rows: list[lowrank.LayerRow], names: tuple[str, str]) -> "torch.Tensor":  # noqa: F821
+def _plot(rows: list[svdquant.LayerRow], names: tuple[str, str]) -> "torch.Tensor":  # noqa: F821
     measured = [r for r in rows if r.sqnr_plain_db is not None]
     if not measured:
         return plots.bar_plot([r.layer.split(".")[-1] for r in rows], [100 * r.energy for r in rows],
@@ -63,7 +63,7 @@ class AccelSVDLowRankBranch(AccelNode):
                                        "ignored after Quantize Model (its smoothing is kept)."),
                 io.Boolean.Input("search_alpha", default=False,
                                  tooltip="Choose the smoothing strength per layer instead: each alpha of "
-                                         f"{', '.join(map(str, lowrank.ALPHA_GRID))} is tried and the one whose "
+                                         f"{', '.join(map(str, svdquant.ALPHA_GRID))} is tried and the one whose "
                                          "branched layer (branch + residual in report_format) best reproduces the "
                                          "calibration outputs is kept. About 7x the branch build time; needs the "
                                          "calibration inputs; smooth_alpha is then unused."),
@@ -101,13 +101,13 @@ class AccelSVDLowRankBranch(AccelNode):
         except ValueError as e:
             fail(node_name(cls), "layer_overrides", str(e))
         check_calibration(node_name(cls), positive, latent)
-        already = lowrank.branched_layers(model)
+        already = svdquant.branched_layers(model)
         if already:
             fail(node_name(cls), "model", f"already has a low-rank branch ({len(already)} layers, e.g. {already[0]}); "
                                 "connect the model from before the first SVD Low-Rank Branch node")
         after = bool(qmodel.quantized_layers(model))
         try:
-            layers = lowrank.select_layers(model, overrides)
+            layers = svdquant.select_layers(model, overrides)
         except (policy.PatternError, policy.LayerError) as e:
             fail(node_name(cls), "layer_overrides", str(e))
         if after:
@@ -122,15 +122,15 @@ class AccelSVDLowRankBranch(AccelNode):
                  + "; check the patterns against the layer names in Quantize Model's report")
         for path, module in layers:
             shape = tuple(module.weight.shape)
-            if rank > lowrank.max_rank(shape):
+            if rank > svdquant.max_rank(shape):
                 fail(node_name(cls), "rank", f"{rank} is too large for layer {path} {list(shape)}: at most "
-                                   f"{lowrank.max_rank(shape)} (half its smaller side); lower the rank or leave "
+                                   f"{svdquant.max_rank(shape)} (half its smaller side); lower the rank or leave "
                                    f"the layer out with layer_overrides ('{path} = keep')")
-            problem = lowrank.patch_shape_problem(model.patches.get(f"{qmodel.PREFIX}{path}.weight", []), shape)
+            problem = svdquant.patch_shape_problem(model.patches.get(f"{qmodel.PREFIX}{path}.weight", []), shape)
             if problem:
                 fail(node_name(cls), "model", f"carries {problem} on layer {path}, whose weight is {list(shape)}: the LoRA "
                                     "was made for another model; remove it or use a matching one")
-        if after and any(lowrank.original_float_weight(model, p, m) is None for p, m in layers):
+        if after and any(svdquant.original_float_weight(model, p, m) is None for p, m in layers):
             fail(node_name(cls), "model", "has quantized layers without their float weights (loaded from a quantized file?): "
                                 "after Quantize Model the branch needs the original weights; put this node before "
                                 "Quantize Model instead")
@@ -143,8 +143,8 @@ class AccelSVDLowRankBranch(AccelNode):
         elif smooth_alpha > 0 and not after:
             notices.append("smoothing skipped: it needs the calibration inputs (positive, latent)")
         report_spec = policy.make_spec(report_format, group_size, act_quant=True)
-        alpha = lowrank.AUTO_ALPHA if search_alpha and stats is not None else smooth_alpha
-        result = lowrank.branch_model(model, paths, rank, alpha, stats, svd, report_spec,
+        alpha = svdquant.AUTO_ALPHA if search_alpha and stats is not None else smooth_alpha
+        result = svdquant.branch_model(model, paths, rank, alpha, stats, svd, report_spec,
                                       progress=progress(len(paths)))
         summary = dict(result.summary)
         if not after:

@@ -21,6 +21,7 @@ import torch
 
 from . import formats, policy
 from .formats import Spec
+from .model import float_weight, output_sqnr_db, quantize_layer, weight_sqnr_db
 
 
 class BudgetError(ValueError):
@@ -59,7 +60,6 @@ def parse_candidates(text: str) -> list[str]:
 def layer_options(w: torch.Tensor, plan: policy.LayerPlan, candidates: list[str], group_size: int,
                   dtype: torch.dtype, stats=None, smooth_alpha: float = 0.0) -> list[Option]:
     """Every candidate applied to one layer, measured; plus 16-bit."""
-    from .model import output_sqnr_db, quantize_layer, weight_sqnr_db
     n, k = plan.shape
     rows = stats.sample() if stats is not None and stats.rows else None
     options = [Option(None, 2 * n * k, float("inf"))]
@@ -150,7 +150,6 @@ def measure(patcher, plans: list[policy.LayerPlan], candidates: list[str], group
             dtype: torch.dtype, stats: dict | None = None, smooth_alpha: float = 0.0,
             progress=None) -> dict[str, list[Option]]:
     """The options of every ``auto`` plan, measured on its own weights (one layer at a time)."""
-    from .model import float_weight
     table = {}
     for i, plan in enumerate(p for p in plans if p.auto):
         w = float_weight(patcher, plan.path, device=patcher.load_device)

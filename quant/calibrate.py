@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .. import compat
+from .model import PREFIX, clean_param
 
 _observer_classes: dict[type, type] = {}
 
@@ -136,7 +137,6 @@ def calibrate(patcher, layers: list[str], positive, negative, latent: dict, step
               progress: Callable[[int], None] | None = None) -> dict[str, LayerStats]:
     """Run ``steps`` sampling steps on a calibration clone; statistics for ``layers``."""
     import comfy.sample
-    from .model import PREFIX, clean_param
 
     clone = patcher.clone()
     # A fresh uuid makes ComfyUI unpatch the shared modules before installing the observers.
@@ -167,12 +167,3 @@ def calibrate(patcher, layers: list[str], positive, negative, latent: dict, step
     finally:
         recorder.active = False  # the observers may stay installed until another clone loads
     return stats
-
-
-def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant: ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``; the layer then computes
-    ``(X / s) @ (W * s)^T``, moving activation outliers into the weights by ``alpha``."""
-    w_absmax = weight.abs().amax(dim=0).float().cpu().clamp(min=1e-5)
-    a = act_absmax.float().clamp(min=1e-5)
-    s = a.pow(alpha) / w_absmax.pow(1.0 - alpha)
-    return s.clamp(min=1e-4, max=1e4)

@@ -39,10 +39,11 @@ import os
 
 import torch
 
-from .. import files
-from . import formats
+from .. import compat, files
+from . import core, formats
 from .formats import Spec
-from .linear import QuantLinear
+from .linear import QuantLinear, packed_like
+from .model import PREFIX
 from .qweight import EXTRA_PARTS, QuantWeight
 
 META_KEY = "accel_quant"
@@ -261,15 +262,14 @@ def core_layers(metadata: dict) -> dict[str, dict]:
 
 
 def _core_keys(name: str, layer: str, entry: dict) -> list[str]:
-    from .core import FILE_PARTS
     try:
         fmt = entry["comfy"]["format"]
     except (KeyError, TypeError):
         raise CheckpointError(f"{name}: layer {layer} has malformed ComfyUI layout metadata") from None
-    if fmt not in FILE_PARTS:
+    if fmt not in core.FILE_PARTS:
         raise CheckpointError(f"{name}: layer {layer} uses ComfyUI's {fmt} layout, which this ComfyUI-Accel does "
                               "not know: update the node pack")
-    return [f"{layer}.weight{suffix}" for suffix in FILE_PARTS[fmt]]
+    return [f"{layer}.weight{suffix}" for suffix in core.FILE_PARTS[fmt]]
 
 
 def _numel(shape) -> int:
@@ -327,9 +327,6 @@ def computed_state(patcher) -> dict[str, torch.Tensor]:
     loaded: 0.33's dynamic-VRAM loader refuses ``force_patch_weights``, the old way to bake them."""
     import comfy.float
     import comfy.lora
-    from .. import compat
-    from .linear import packed_like
-    from . import core
     device = patcher.load_device
     out = {}
     for key in patcher.model.diffusion_model.state_dict():
@@ -362,8 +359,6 @@ def _core_layer_state(patcher, path: str, module, device) -> dict[str, torch.Ten
     the way ComfyUI's full load does (dequantize, add, requantize with stochastic rounding)."""
     import comfy.lora
     import comfy.utils
-    from .. import compat
-    from . import core
     full = f"diffusion_model.{path}.weight"
     if full not in patcher.patches:
         return core.layer_state(module, f"{path}.")
@@ -383,7 +378,6 @@ def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.d
     config = model_config(patcher)
     accel = json.loads(metadata[META_KEY])
     accel["model_config"] = config
-    from .model import PREFIX
     for layer, entry in accel.get("core_layers", {}).items():  # our format for the report (a stock-loaded layer has none)
         module = patcher.get_model_object(PREFIX + layer)
         if getattr(module, "accel_spec", None) is not None:
@@ -432,23 +426,22 @@ def _loading_ops(quantized: set[str], base=None):
 def load_model(path: str):
     """A ModelPatcher for a file written by :func:`save_model` (validated first)."""
     import comfy.sd
-    from .. import compat
     plain, packed, metadata, compute = load_quantized_state(path)
     name = os.path.basename(path)
     sd = dict(plain)
     for layer, qw in packed.items():
         sd[f"{layer}.weight"] = standin(qw)
-    core = core_layers(metadata)
-    missing = sorted({e["comfy"]["format"] for e in core.values()} - compat.core_quant_formats())
+    in_core = core_layers(metadata)
+    missing = sorted({e["comfy"]["format"] for e in in_core.values()} - compat.core_quant_formats())
     if missing:
         raise CheckpointError(f"{name} has layers in ComfyUI's {', '.join(missing)} layout, which this ComfyUI "
                               f"({compat.host_version()}) cannot build: it needs ComfyUI 0.33 or later with comfy-kitchen")
-    for layer, entry in core.items():  # what ComfyUI's loader reads to build the layer in its layout
+    for layer, entry in in_core.items():  # what ComfyUI's loader reads to build the layer in its layout
         sd[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(entry["comfy"]).encode("utf-8")), dtype=torch.uint8)
     # ComfyUI's detection may read file metadata (LTX-Video's "config"); not the quantization keys.
     meta = {k: v for k, v in metadata.items() if k not in ("_quantization_metadata", META_KEY)}
     dtype = _DTYPES.get(compute or "", torch.float32)
-    ops = _loading_ops(set(packed), compat.core_ops(dtype, _load_device()) if core else None)
+    ops = _loading_ops(set(packed), compat.core_ops(dtype, _load_device()) if in_core else None)
     try:
         patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops}, metadata=meta)
     except Exception as e:  # ComfyUI's detection and constructors on a file that does not fit them
@@ -462,7 +455,7 @@ def load_model(path: str):
                               f"than the model it was saved from ({model_config(patcher)} instead of {saved})")
     install(patcher.model.diffusion_model, {k: v.retarget(device=patcher.offload_device) for k, v in packed.items()},
             os.path.basename(path))
-    for layer, entry in core.items():  # ours to the report and to Quantize Model (which refuses to quantize twice)
+    for layer, entry in in_core.items():  # ours to the report and to Quantize Model (which refuses to quantize twice)
         if "format" in entry:
             module = patcher.model.diffusion_model.get_submodule(layer)
             module.accel_spec, module.accel_reason = Spec.from_json(entry), f"ComfyUI's {entry['comfy']['format']} (loaded)"

@@ -1,142 +1,19 @@
-"""Weight formats: how a linear layer's weight [N, K] is stored, restored and multiplied.
-
-Each format is a small stateless object in ``FORMATS``:
-
-- ``quantize(w, spec, generator=None) -> parts``: a dict of tensors (the packed weight and
-  its scales). ``w`` is float32 [N, K]; ``generator`` switches integer rounding to
-  stochastic rounding (used when a LoRA is baked into an already quantized layer, as
-  ComfyUI does for its own fp8 weights).
-- ``quantize_for_inputs(w, spec, input_sq) -> parts``: the same, choosing the parts for the
-  layer's output error on inputs whose per-channel mean square is ``input_sq`` [K] (from
-  calibration); formats that cannot use it quantize as without it (the VQ formats use it).
-- ``dequantize(parts, shape, spec, dtype) -> w``.
-- ``linear(x, parts, shape, spec, bias, inv_smooth=None) -> y``: ``x`` is 2-D [M, K]; the
-  compute goes through the ``kernels/`` dispatchers (Triton on CUDA, PyTorch reference
-  elsewhere). ``inv_smooth`` (SmoothQuant) is applied to ``x`` first; formats that
-  quantize activations fold it into that step.
-- ``part_specs(shape, spec)``: the shape and dtype of every stored tensor, used to check a
-  file against its metadata and to count bytes.
-- ``problem(shape, spec)``: why this format cannot hold a weight of that shape, or None.
-
-A layer's choices (format, group size, whether activations are quantized) are a ``Spec``.
-Things that do not depend on the format (SmoothQuant factors; later a low-rank branch)
-live in ``qweight.QuantWeight`` around the format's parts, so every format gets them.
-"""
+"""The weight formats (``FORMATS``): int8, fp8, int4, W4A8, W4A4, NVFP4, MXFP4, MXFP8 here, VQ in
+``vq_format``. The interface they implement is ``format_base.WeightFormat``."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
 from ..kernels import int8_gemm, lowbit, lowbit_gemm, lowrank_gemm
 from ..kernels.quant_primitives import quantize_per_token_int8
-
-
-@dataclass(frozen=True)
-class Spec:
-    """How one layer is stored and computed."""
-    format: str
-    group_size: int | None = None
-    act_quant: bool = True  # quantize activations too, when the format can (W8A8, W4A8)
-
-    def to_json(self) -> dict:
-        return {"format": self.format, "group_size": self.group_size, "act_quant": self.act_quant}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Spec":
-        """The spec a file's metadata gives; ValueError for a field of the wrong type."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a layer's metadata must be a JSON object, got {type(d).__name__}")
-        fmt, group, act = d.get("format"), d.get("group_size"), d.get("act_quant", True)
-        if not isinstance(fmt, str):
-            raise ValueError(f"'format' must be a format name, got {fmt!r}")
-        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or not 0 < group <= 1 << 20):
-            raise ValueError(f"'group_size' must be a positive whole number or null, got {group!r}")
-        if not isinstance(act, bool):
-            raise ValueError(f"'act_quant' must be true or false, got {act!r}")
-        return cls(fmt, group, act)
-
-
-def _round(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Round to nearest, or stochastically (unbiased) when a generator is given."""
-    if generator is None:
-        return torch.round(x)
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.floor(x + noise)
-
-
-def _safe(scale: torch.Tensor) -> torch.Tensor:
-    """Scales of all-zero rows/groups become 1 so nothing divides by zero."""
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
-def _smoothed(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
-    return x if inv_smooth is None else x * inv_smooth.to(x.dtype)
+from .format_base import Spec, WeightFormat, rounded, safe_scale, smoothed
+from .vq_format import VQ_FORMATS
 
 
 def fp8_matmul_available(device: torch.device) -> bool:
     """FP8 tensor-core matmul (torch._scaled_mm) needs CUDA compute capability 8.9+."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
             and hasattr(torch, "_scaled_mm"))
-
-
-class WeightFormat:
-    name = ""
-    description = ""
-    weight_bits = 16
-    act_bits: int | None = None   # activation bits when activations are quantized
-    act_type = "int"              # "int" or "fp" activations (the report's label: int8, fp8, fp4)
-    grouped = False               # takes a group size along K
-    fixed_block: int | None = None  # block size fixed by the format (NVFP4 16, MXFP4 32)
-    comfy_native: str | None = None  # ComfyUI's name for this layout (its loader reads it)
-
-    def problem(self, shape: tuple[int, int], spec: Spec) -> str | None:
-        n, k = shape
-        block = self.block(spec)
-        if block and k % block:
-            what = "group size" if self.grouped else f"{self.name} block size"
-            return f"{what} {block} does not divide the layer's input width {k}"
-        if self.weight_bits == 4 and k % 2:
-            return f"4-bit packing needs an even input width, got {k}"
-        return None
-
-    def block(self, spec: Spec) -> int | None:
-        return spec.group_size if self.grouped else self.fixed_block
-
-    def part_specs(self, shape, spec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        raise NotImplementedError
-
-    def quantize(self, w, spec, generator=None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def quantize_for_inputs(self, w, spec, input_sq: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.quantize(w, spec)
-
-    def dequantize(self, parts, shape, spec, dtype) -> torch.Tensor:
-        raise NotImplementedError
-
-    def linear(self, x, parts, shape, spec, bias, inv_smooth=None) -> torch.Tensor:
-        """``x [M, K]``; ``inv_smooth`` [K] float32 multiplies ``x`` first (SmoothQuant).
-        Default: weight-only, dequantize then a high-precision matmul."""
-        return F.linear(_smoothed(x, inv_smooth), self.dequantize(parts, shape, spec, x.dtype), bias)
-
-    def linear_with_branch(self, x, parts, shape, spec, bias, inv_smooth, down, up) -> torch.Tensor:
-        """``linear`` plus a low-rank branch ``((x * inv_smooth) @ down) @ up`` (SVDQuant). Formats
-        with a fused kernel override this; the default adds the branch after the matmul."""
-        y = self.linear(x, parts, shape, spec, bias, inv_smooth)
-        return y.add_(lowrank_gemm.branch_output(_smoothed(x, inv_smooth), down, up).to(y.dtype))
-
-    def quantizes_activations(self, spec: Spec) -> bool:
-        return self.act_bits is not None and spec.act_quant
-
-    def bits_per_weight(self, shape, spec) -> float:
-        return 8 * self.nbytes(shape, spec) / (shape[0] * shape[1])
-
-    def nbytes(self, shape, spec) -> int:
-        return sum(math.prod(s) * torch.empty((), dtype=d).element_size()
-                   for s, d in self.part_specs(shape, spec).values())
 
 
 class Int8(WeightFormat):
@@ -151,8 +28,8 @@ class Int8(WeightFormat):
         return {"weight": ((n, k), torch.int8), "scale": ((n,), torch.float32)}
 
     def quantize(self, w, spec, generator=None):
-        scale = _safe(w.abs().amax(dim=1) / 127.0)
-        q = _round(w / scale[:, None], generator).clamp_(-127, 127).to(torch.int8)
+        scale = safe_scale(w.abs().amax(dim=1) / 127.0)
+        q = rounded(w / scale[:, None], generator).clamp_(-127, 127).to(torch.int8)
         return {"weight": q, "scale": scale}
 
     def dequantize(self, parts, shape, spec, dtype):
@@ -160,7 +37,7 @@ class Int8(WeightFormat):
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
         if not spec.act_quant:
-            return lowbit_gemm.w8a16_linear(_smoothed(x, inv_smooth), parts["weight"], parts["scale"], bias)
+            return lowbit_gemm.w8a16_linear(smoothed(x, inv_smooth), parts["weight"], parts["scale"], bias)
         return int8_gemm.int8_linear(x, parts["weight"], parts["scale"], bias, inv_smooth)
 
 
@@ -177,7 +54,7 @@ class FP8E4M3(WeightFormat):
         return {"weight": (tuple(shape), torch.float8_e4m3fn), "scale": ((), torch.float32)}
 
     def quantize(self, w, spec, generator=None):
-        scale = _safe(w.abs().amax() / lowbit.E4M3_MAX)
+        scale = safe_scale(w.abs().amax() / lowbit.E4M3_MAX)
         q = (w / scale).clamp_(-lowbit.E4M3_MAX, lowbit.E4M3_MAX).to(torch.float8_e4m3fn)
         return {"weight": q, "scale": scale.reshape(())}
 
@@ -185,13 +62,13 @@ class FP8E4M3(WeightFormat):
         return (parts["weight"].to(torch.float32) * parts["scale"]).to(dtype)
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
-        x = _smoothed(x, inv_smooth)
+        x = smoothed(x, inv_smooth)
         n, k = shape
         # cuBLASLt's row-wise scaled fp8 GEMM: K and N multiples of 16, bf16 output
         if spec.act_quant and fp8_matmul_available(x.device) and k % 16 == 0 and n % 16 == 0:
             x32 = x.to(torch.float32, copy=True)  # scaled in place below: never the caller's tensor
             amax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
-            xs = _safe(amax / lowbit.E4M3_MAX)
+            xs = safe_scale(amax / lowbit.E4M3_MAX)
             xq = x32.div_(xs).to(torch.float8_e4m3fn)
             ws = parts["scale"].float().reshape(1, 1).expand(1, n).contiguous()
             out = torch._scaled_mm(xq, parts["weight"].t(), scale_a=xs, scale_b=ws,
@@ -218,10 +95,10 @@ class Int4(WeightFormat):
         lo = wg.amin(dim=-1).clamp(max=0)
         hi = wg.amax(dim=-1).clamp(min=0)
         # Quantize against the fp16-rounded scale so that dequantization sees the same one.
-        scale = _safe((hi - lo) / 15.0).to(torch.float16)
+        scale = safe_scale((hi - lo) / 15.0).to(torch.float16)
         s = scale.float()
         zero = torch.round(-lo / s).clamp_(0, 15)
-        q = (_round(wg / s[..., None], generator) + zero[..., None]).clamp_(0, 15)
+        q = (rounded(wg / s[..., None], generator) + zero[..., None]).clamp_(0, 15)
         return {"weight": lowbit.pack_int4(q.reshape(n, k).to(torch.uint8)), "scale": scale,
                 "zero": zero.to(torch.uint8)}
 
@@ -229,7 +106,7 @@ class Int4(WeightFormat):
         return lowbit_gemm.dequant_int4(parts["weight"], parts["scale"], parts["zero"], spec.group_size).to(dtype)
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
-        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "int4", parts["weight"], parts["scale"], parts["zero"],
+        return lowbit_gemm.lowbit_linear(smoothed(x, inv_smooth), "int4", parts["weight"], parts["scale"], parts["zero"],
                                          block=spec.group_size, bias=bias)
 
 
@@ -252,10 +129,10 @@ class W4A8(WeightFormat):
 
     def quantize(self, w, spec, generator=None):
         n, k = w.shape
-        scale = _safe(w.abs().amax(dim=1) / self._LEVEL1)
+        scale = safe_scale(w.abs().amax(dim=1) / self._LEVEL1)
         wg = (w / scale[:, None]).reshape(n, k // spec.group_size, spec.group_size)
         gscale = torch.ceil(wg.abs().amax(dim=-1) / 7.0).clamp_(1, 17)
-        q = _round(wg / gscale[..., None], generator).clamp_(-7, 7) + 8
+        q = rounded(wg / gscale[..., None], generator).clamp_(-7, 7) + 8
         return {"weight": lowbit.pack_int4(q.reshape(n, k).to(torch.uint8)),
                 "group_scale": gscale.to(torch.uint8), "scale": scale}
 
@@ -309,7 +186,7 @@ class NVFP4(WeightFormat):
                 "global_scale": ((), torch.float32)}
 
     def quantize(self, w, spec, generator=None):
-        gscale = _safe(w.abs().amax() / (lowbit.E4M3_MAX * lowbit.E2M1_MAX))
+        gscale = safe_scale(w.abs().amax() / (lowbit.E4M3_MAX * lowbit.E2M1_MAX))
         codes, bscale = lowbit.nvfp4_encode(w, gscale)
         return {"weight": lowbit.pack_int4(codes), "block_scale": bscale, "global_scale": gscale.reshape(())}
 
@@ -317,7 +194,7 @@ class NVFP4(WeightFormat):
         return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 16, parts["global_scale"]).to(dtype)
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
-        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "nvfp4", parts["weight"], parts["block_scale"],
+        return lowbit_gemm.lowbit_linear(smoothed(x, inv_smooth), "nvfp4", parts["weight"], parts["block_scale"],
                                          global_scale=parts["global_scale"], block=16, bias=bias)
 
 
@@ -339,7 +216,7 @@ class NVFP4W4A4(NVFP4):
             return super().linear(x, parts, shape, spec, bias, inv_smooth)
         x32 = x.to(torch.float32) if inv_smooth is None else x.to(torch.float32) * inv_smooth
         amax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg())
-        token_scale = _safe(amax / (lowbit.E4M3_MAX * lowbit.E2M1_MAX))
+        token_scale = safe_scale(amax / (lowbit.E4M3_MAX * lowbit.E2M1_MAX))
         codes, block_scale = lowbit.nvfp4_encode(x32, token_scale)
         m, k = x32.shape
         # e2m1 x e4m3 has at most 6 significant bits: exact in bf16 and fp16
@@ -364,7 +241,7 @@ class MXFP4(WeightFormat):
         n, k = w.shape
         wb = w.reshape(n, k // 32, 32)
         amax = wb.abs().amax(dim=-1)
-        code = lowbit.e8m0_encode_ceil(_safe(amax / lowbit.E2M1_MAX))
+        code = lowbit.e8m0_encode_ceil(safe_scale(amax / lowbit.E2M1_MAX))
         codes = lowbit.e2m1_encode(wb / lowbit.e8m0_decode(code)[..., None])
         return {"weight": lowbit.pack_int4(codes.reshape(n, k)), "block_scale": code}
 
@@ -372,7 +249,7 @@ class MXFP4(WeightFormat):
         return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 32).to(dtype)
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
-        return lowbit_gemm.lowbit_linear(_smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
+        return lowbit_gemm.lowbit_linear(smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
 
 
 class MXFP8(WeightFormat):
@@ -394,7 +271,7 @@ class MXFP8(WeightFormat):
     def quantize(self, w, spec, generator=None):
         n, k = w.shape
         wb = w.reshape(n, k // 32, 32)
-        code = lowbit.e8m0_encode_ceil(_safe(wb.abs().amax(dim=-1) / lowbit.E4M3_MAX))
+        code = lowbit.e8m0_encode_ceil(safe_scale(wb.abs().amax(dim=-1) / lowbit.E4M3_MAX))
         scaled = (wb / lowbit.e8m0_decode(code)[..., None]).clamp_(-lowbit.E4M3_MAX, lowbit.E4M3_MAX)
         return {"weight": scaled.reshape(n, k).to(torch.float8_e4m3fn), "block_scale": code}
 
@@ -404,11 +281,8 @@ class MXFP8(WeightFormat):
         return w.reshape(n, k).to(dtype)
 
 
-FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(), NVFP4W4A4(), MXFP4(),
-                                                        MXFP8())}
-
-# The vector-quantized formats (vq2, vq3, vq2x8) live in their own module and add themselves here.
-from . import vq_format  # noqa: E402,F401
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(),
+                                                        NVFP4W4A4(), MXFP4(), MXFP8(), *VQ_FORMATS)}
 
 
 def get(name: str) -> WeightFormat:

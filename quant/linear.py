@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import compat
+from .lowrank import absorb_patch
 from .qweight import QuantWeight
 
 
@@ -132,6 +133,5 @@ def packed_like(template: QuantWeight, weight: torch.Tensor, seed: int | None = 
         return current
     if template.branch is not None:
         # a LoRA on a layer with a low-rank branch: its factors join the branch, no requantization
-        from .lowrank import absorb_patch
         return absorb_patch(current, weight, seed=seed)
     return current.requantize(weight, seed=seed)

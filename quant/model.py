@@ -26,7 +26,8 @@ import torch
 from ..metrics import sqnr_db
 from . import core, formats, policy
 from .linear import QuantLinear
-from .qweight import QuantWeight
+from .lowrank import quantize_branched
+from .qweight import QuantWeight, smoothing_factors
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,6 @@ def quantize_layer(w: torch.Tensor, spec, dtype: torch.dtype, stats=None, smooth
     the inputs' per-channel mean square (the VQ formats use it)."""
     smooth = None
     if smooths(spec, stats, smooth_alpha):
-        from .calibrate import smoothing_factors
         smooth = smoothing_factors(stats.absmax, w, smooth_alpha)
     input_sq = None if stats is None else stats.channel_mean_square()
     return QuantWeight.quantize(w, spec, dtype, smooth=smooth, input_sq=input_sq)
@@ -206,7 +206,6 @@ def _ours(patcher, plan, w, module, dtype, layer_stats, smooth_alpha, store_devi
     """Our ``QuantLinear`` for one layer, and its report row."""
     branch = getattr(module, "accel_branch", None)
     if branch is not None:  # from SVD Low-Rank Branch: pack the residual with its smoothing
-        from .lowrank import quantize_branched
         qw = quantize_branched(w, branch, plan.spec, dtype)
     else:
         qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)

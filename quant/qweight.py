@@ -37,6 +37,15 @@ EXTRA_PARTS = ("smooth", "lora_down", "lora_up")
 aten = torch.ops.aten
 
 
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant: ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``; the layer then computes
+    ``(X / s) @ (W * s)^T``, moving activation outliers into the weights by ``alpha``."""
+    w_absmax = weight.abs().amax(dim=0).float().cpu().clamp(min=1e-5)
+    a = act_absmax.float().clamp(min=1e-5)
+    s = a.pow(alpha) / w_absmax.pow(1.0 - alpha)
+    return s.clamp(min=1e-4, max=1e4)
+
+
 class QuantWeight(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 

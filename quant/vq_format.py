@@ -32,8 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kmeans as km
-from . import formats
-from .formats import Spec, WeightFormat, _safe
+from .format_base import Spec, WeightFormat, safe_scale
 
 FIT_VECTORS_PER_CODE = 64  # k-means runs on a fixed random subset of this many sub-vectors per code
 FIT_ITERS = 8
@@ -125,7 +124,7 @@ class VQWeights(WeightFormat):
         m = k // self.dim
         # An all-zero row keeps scale 0 (it dequantizes to zeros whatever its codes).
         scale = w.square().mean(dim=1).sqrt().to(torch.float16)
-        s = _safe(scale.float())
+        s = safe_scale(scale.float())
         residual = (w / s[:, None]).reshape(n, m, self.dim)
         position_weight = element_weight = None
         if input_sq is not None:
@@ -171,4 +170,3 @@ class VQWeights(WeightFormat):
 
 
 VQ_FORMATS = (VQWeights("vq2", 2), VQWeights("vq3", 3), VQWeights("vq2x8", 2, dim=8, levels=2))
-formats.FORMATS.update({f.name: f for f in VQ_FORMATS})

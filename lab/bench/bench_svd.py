@@ -94,12 +94,12 @@ SAME_BITS = (("W4A4 int4 g64", "w4a4", 64), ("W4A4 nvfp4 g16", "nvfp4_w4a4", Non
 def fidelity(subject: Subject, ranks: tuple[int, ...], settings=SAME_BITS, full: bool = True) -> list[dict]:
     """Each setting plain, with SmoothQuant 0.5 (``full``), and as SVDQuant's residual at each rank
     with smoothing alpha 0.5 and (``full``, W4A4 settings) alpha searched per layer in that setting."""
-    from comfyui_accel.quant import calibrate, lowrank
+    from comfyui_accel.quant import calibrate, svdquant
     from comfyui_accel.quant import model as qmodel
     from comfyui_accel.quant.formats import Spec
     model = subject.model
     reference = subject.sample(model)
-    layers = [p for p, _ in lowrank.select_layers(model, [])]
+    layers = [p for p, _ in svdquant.select_layers(model, [])]
     stats = calibrate.calibrate(model, layers, **subject.calibration)
     bf16_bytes = 2 * sum(m.weight.numel() for _, m in qmodel.linear_layers(model))
     records = []
@@ -119,7 +119,7 @@ def fidelity(subject: Subject, ranks: tuple[int, ...], settings=SAME_BITS, full:
     branched = {}
     for rank in ranks:   # alpha 0.5 does not depend on the setting: one branched model per rank
         start = time.perf_counter()
-        branched[rank] = (lowrank.branch_model(model, layers, rank, 0.5, stats).model, time.perf_counter() - start)
+        branched[rank] = (svdquant.branch_model(model, layers, rank, 0.5, stats).model, time.perf_counter() - start)
     for bits, fmt, group in settings:
         for alpha in (0.0, 0.5) if full else (0.0,):
             res = qmodel.quantize_model(model, plans_for(model, fmt, group), stats=stats, smooth_alpha=alpha,
@@ -130,7 +130,7 @@ def fidelity(subject: Subject, ranks: tuple[int, ...], settings=SAME_BITS, full:
                    build)
             if full and fmt != "w4a8":   # the search is for W4A4 (where activations limit); it costs ~10x the build
                 start = time.perf_counter()
-                searched = lowrank.branch_model(model, layers, rank, lowrank.AUTO_ALPHA, stats,
+                searched = svdquant.branch_model(model, layers, rank, svdquant.AUTO_ALPHA, stats,
                                                 report_spec=Spec(fmt, group)).model
                 build = time.perf_counter() - start
                 record(bits, f"SVDQuant r{rank}, alpha searched",
@@ -142,7 +142,7 @@ def layer_same_bits(width: int, tokens: int, rank: int = 32) -> list[dict]:
     """One layer with activation outlier channels, at each quantization setting: plain,
     SmoothQuant 0.5, and SVDQuant (SmoothQuant 0.5 + rank-``rank`` branch + quantized residual);
     output SQNR on held-out tokens (the smoothing factors come from other tokens)."""
-    from comfyui_accel.quant import calibrate, lowrank
+    from comfyui_accel.quant import lowrank, qweight
     from comfyui_accel.quant.formats import Spec
     from comfyui_accel.quant.qweight import QuantWeight
     g = torch.Generator().manual_seed(3)
@@ -154,7 +154,7 @@ def layer_same_bits(width: int, tokens: int, rank: int = 32) -> list[dict]:
         x[:, outliers] *= 30
         return x
     calib, x = tokens_(tokens), tokens_(tokens)
-    smooth = calibrate.smoothing_factors(calib.abs().amax(0), w, 0.5)
+    smooth = qweight.smoothing_factors(calib.abs().amax(0), w, 0.5)
     branch, energy = lowrank.make_branch(w, rank, smooth)
     ref = x @ w.t()
     records = []

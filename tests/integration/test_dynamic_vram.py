@@ -15,7 +15,8 @@ from comfyui_accel import compat
 from comfyui_accel.cache import adapters, engine
 from lab import dynamic_vram, fixtures
 from lab.quant_checks import lora_for, quantize, sample, with_lora
-from comfyui_accel.quant import checkpoint, lowrank
+from comfyui_accel.quant import checkpoint
+from comfyui_accel.quant.svdquant import branch_model, select_layers
 from comfyui_accel.quant.linear import QuantLinear
 
 pytestmark = pytest.mark.integration
@@ -65,8 +66,8 @@ def quantized_paths(result, fmt):
 
 def svdquant(model):
     """SVD Low-Rank Branch (rank 16, no calibration), then Quantize Model w4a4."""
-    layers = [name for name, _ in lowrank.select_layers(model, [])]
-    return quantize(lowrank.branch_model(model, layers, 16, 0.0).model, "w4a4", 64)
+    layers = [name for name, _ in select_layers(model, [])]
+    return quantize(branch_model(model, layers, 16, 0.0).model, "w4a4", 64)
 
 
 def layer(model, path):
@@ -160,11 +161,11 @@ def test_branch_copies_start_without_the_loaders_state(both):
     original = layer(dynamic, path)
     carried = [a for a in compat.LOADER_MODULE_STATE if a in original.__dict__]
     assert "weight_lowvram_function" in carried and "seed_key" in carried
-    branched = lowrank.branch_model(dynamic, [path], 16, 0.0).model
+    branched = branch_model(dynamic, [path], 16, 0.0).model
     copy = layer(branched, path)
     assert copy is not original and copy.accel_branch is not None
     assert not [a for a in carried if a in copy.__dict__]
-    expected = sample(lowrank.branch_model(plain, [path], 16, 0.0).model, "wan21")
+    expected = sample(branch_model(plain, [path], 16, 0.0).model, "wan21")
     assert torch.equal(sample(branched, "wan21"), expected)
 
 

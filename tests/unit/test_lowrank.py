@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from comfyui_accel.metrics import sqnr_db
-from comfyui_accel.quant import calibrate, formats, lowrank
+from comfyui_accel.quant import formats, lowrank, qweight, svdquant
 from comfyui_accel.quant.qweight import QuantWeight
 
 W4A4 = formats.Spec("w4a4", 64, True)
@@ -35,7 +35,7 @@ def test_svd_factors_are_the_best_rank_r_approximation(method):
 
 def test_svdquant_split_beats_plain_w4a4_on_outliers():
     w, x = outlier_layer(1)
-    smooth = calibrate.smoothing_factors(x.abs().amax(0), w, 0.5)
+    smooth = qweight.smoothing_factors(x.abs().amax(0), w, 0.5)
     branch, energy = lowrank.make_branch(w, 32, smooth)
     assert 0 < energy < 1
     svdq = lowrank.quantize_branched(w, branch, W4A4, torch.float32)
@@ -99,14 +99,14 @@ def test_best_smoothing_picks_the_grid_alpha_with_the_best_layer_output():
     of the full layer (branch + 4-bit residual) on the rows, computed here independently."""
     w, x = outlier_layer(3)
     absmax = x.abs().amax(0)
-    chosen = lowrank.best_smoothing(w, absmax, x, 16, "full", W4A4, torch.float32)
+    chosen = svdquant.best_smoothing(w, absmax, x, 16, "full", W4A4, torch.float32)
 
     def layer_db(smooth):
         branch, _ = lowrank.make_branch(w, 16, smooth, "full")
         y = lowrank.quantize_branched(w, branch, W4A4, torch.float32).linear(x, None)
         return sqnr_db(x @ w.t(), y.float())
 
-    grid = {a: calibrate.smoothing_factors(absmax, w, a) for a in lowrank.ALPHA_GRID}
+    grid = {a: qweight.smoothing_factors(absmax, w, a) for a in svdquant.ALPHA_GRID}
     picked = [a for a, s in grid.items() if torch.equal(s, chosen)]
     assert len(picked) == 1
     scores = {a: layer_db(s) for a, s in grid.items()}
