@@ -21,7 +21,7 @@ import torch
 
 from . import formats, policy
 from .formats import Spec
-from .model import float_weight, output_sqnr_db, quantize_layer, weight_sqnr_db
+from .model import float_weight, layer_sqnr_db, quantize_layer
 
 
 class BudgetError(ValueError):
@@ -68,8 +68,7 @@ def layer_options(w: torch.Tensor, plan: policy.LayerPlan, candidates: list[str]
         if formats.get(name).problem(plan.shape, spec):
             continue
         qw = quantize_layer(w, spec, dtype, stats, smooth_alpha)
-        sq = output_sqnr_db(w, qw, rows) if rows is not None else weight_sqnr_db(w, qw)
-        options.append(Option(spec, qw.packed_nbytes(), sq))
+        options.append(Option(spec, qw.packed_nbytes(), layer_sqnr_db(w, qw, rows)))
     return options
 
 

@@ -43,7 +43,7 @@ from .. import compat, files
 from . import core, formats
 from .formats import Spec
 from .linear import QuantLinear, packed_like
-from .model import PREFIX
+from .model import PREFIX, clean_param, merged_float
 from .qweight import EXTRA_PARTS, QuantWeight
 
 META_KEY = "accel_quant"
@@ -326,7 +326,6 @@ def computed_state(patcher) -> dict[str, torch.Tensor]:
     ``set_weight``, float weights are rounded stochastically, both seeded by the key). Nothing is
     loaded: 0.33's dynamic-VRAM loader refuses ``force_patch_weights``, the old way to bake them."""
     import comfy.float
-    import comfy.lora
     device = patcher.load_device
     out = {}
     for key in patcher.model.diffusion_model.state_dict():
@@ -337,15 +336,11 @@ def computed_state(patcher) -> dict[str, torch.Tensor]:
             if f"{path}.weight" not in out:
                 out.update(_core_layer_state(patcher, path, module, device))
             continue
-        clean = patcher.backup[full].weight if full in patcher.backup else getattr(module, name)
+        clean = clean_param(patcher, path, name)
         if full not in patcher.patches:
             out[key] = clean
             continue
-        w = clean.to(device=device, dtype=torch.float32, copy=True)
-        convert = getattr(module, "convert_" + name, None)
-        if convert is not None:
-            w = convert(w, inplace=True)
-        w = comfy.lora.calculate_weight(patcher.patches[full], w, full)
+        w = merged_float(clean, patcher.patches[full], full, device, getattr(module, "convert_" + name, None))
         seed = compat.string_to_seed(full)
         if isinstance(clean, QuantWeight):
             out[key] = packed_like(clean, w, seed)
@@ -357,15 +352,10 @@ def computed_state(patcher) -> dict[str, torch.Tensor]:
 def _core_layer_state(patcher, path: str, module, device) -> dict[str, torch.Tensor]:
     """A layer on ComfyUI's layout as ``patcher`` computes it: its weight patches (a LoRA) applied
     the way ComfyUI's full load does (dequantize, add, requantize with stochastic rounding)."""
-    import comfy.lora
-    import comfy.utils
     full = f"diffusion_model.{path}.weight"
     if full not in patcher.patches:
         return core.layer_state(module, f"{path}.")
-    installed = comfy.utils.get_attr(patcher.model, f"diffusion_model.{path}")
-    clean = patcher.backup[full].weight if full in patcher.backup and installed is module else module.weight
-    w = module.convert_weight(clean.to(device=device, dtype=torch.float32, copy=True))
-    w = comfy.lora.calculate_weight(patcher.patches[full], w.float(), full)
+    w = merged_float(clean_param(patcher, path, "weight"), patcher.patches[full], full, device, module.convert_weight)
     weight = module.set_weight(w, seed=compat.string_to_seed(full), return_weight=True)
     return core.layer_state(module, f"{path}.", weight)
 

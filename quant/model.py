@@ -121,34 +121,37 @@ def compute_dtype(patcher) -> torch.dtype:
 
 
 def clean_param(patcher, path: str, name: str) -> torch.Tensor | None:
-    """A layer's parameter as stored, before any clone's weight patches (the backup when a
-    loaded clone has patched the shared weights in place)."""
+    """A parameter as stored, before any clone's weight patches (the backup when a loaded clone
+    has patched the shared weights in place). ``path`` "" is the diffusion model itself."""
     import comfy.utils
-    key = f"{PREFIX}{path}.{name}"
-    module = patcher.get_model_object(PREFIX + path)
-    backup = patcher.backup.get(key)
+    where = (PREFIX + path).rstrip(".")
+    module = patcher.get_model_object(where)
+    backup = patcher.backup.get(f"{where}.{name}")
     # the backup is the installed module's: another clone's object patch may be installed there
-    if backup is not None and comfy.utils.get_attr(patcher.model, PREFIX + path) is module:
+    if backup is not None and comfy.utils.get_attr(patcher.model, where) is module:
         return backup.weight
     return getattr(module, name, None)
 
 
 @torch.no_grad()
-def float_weight(patcher, path: str, device=None) -> torch.Tensor:
-    """The float32 weight the input model computes with, LoRA patches merged."""
-    key = f"{PREFIX}{path}.weight"
-    module = patcher.get_model_object(PREFIX + path)
-    w = clean_param(patcher, path, "weight")
+def merged_float(w: torch.Tensor, patches: list | None, key: str, device=None, convert=None) -> torch.Tensor:
+    """A float32 copy of ``w`` on ``device`` with ``patches`` (a LoRA) merged in, as ComfyUI's
+    ``patch_weight_to_device`` does: the layer's ``convert`` first (a packed weight dequantized)."""
+    import comfy.lora
     w = w.to(device=device or w.device, dtype=torch.float32, copy=True)
-    convert = getattr(module, "convert_weight", None)
     if convert is not None:
         w = convert(w, inplace=True)
     if isinstance(w, QuantWeight):
         w = w.dequantize(torch.float32)
-    if key in patcher.patches:
-        import comfy.lora
-        w = comfy.lora.calculate_weight(patcher.patches[key], w, key)
-    return w.float()
+    w = w.float()
+    return comfy.lora.calculate_weight(patches, w, key) if patches else w
+
+
+def float_weight(patcher, path: str, device=None) -> torch.Tensor:
+    """The float32 weight the input model computes with, LoRA patches merged."""
+    key = f"{PREFIX}{path}.weight"
+    convert = getattr(patcher.get_model_object(PREFIX + path), "convert_weight", None)
+    return merged_float(clean_param(patcher, path, "weight"), patcher.patches.get(key), key, device, convert)
 
 
 def clean_bias(patcher, path: str) -> torch.Tensor | None:
@@ -184,6 +187,11 @@ def output_sqnr_db(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor) -> floa
     """SQNR of the quantized layer's output against the float layer's, on recorded inputs."""
     rows = rows.to(w.device)
     return sqnr_db(rows @ w.t(), qw.linear(rows.to(qw.dtype), None).float())
+
+
+def layer_sqnr_db(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor | None) -> float:
+    """The output SQNR on ``rows`` where there are any, else the weight SQNR."""
+    return output_sqnr_db(w, qw, rows) if rows is not None and rows.shape[0] else weight_sqnr_db(w, qw)
 
 
 def smooths(spec, stats, smooth_alpha: float) -> bool:

@@ -106,18 +106,7 @@ def original_float_weight(patcher, path: str, qlinear: QuantLinear) -> torch.Ten
         return None
     backup = patcher.backup.get(key + ".weight")
     w = backup.weight if backup is not None and not isinstance(backup.weight, QuantWeight) else original.weight
-    w = w.to(torch.float32, copy=True)
-    if getattr(qlinear, "baked_patches", None):
-        import comfy.lora
-        w = comfy.lora.calculate_weight(qlinear.baked_patches, w, key + ".weight")
-    return w
-
-
-@torch.no_grad()
-def _sqnr(w: torch.Tensor, qw: QuantWeight, rows: torch.Tensor | None) -> float:
-    if rows is not None and rows.shape[0]:
-        return qmodel.output_sqnr_db(w, qw, rows)
-    return qmodel.weight_sqnr_db(w, qw)
+    return qmodel.merged_float(w, getattr(qlinear, "baked_patches", None), key + ".weight")
 
 
 @torch.no_grad()
@@ -132,7 +121,7 @@ def best_smoothing(w: torch.Tensor, act_absmax: torch.Tensor, rows: torch.Tensor
     for alpha in ALPHA_GRID:
         smooth = smoothing_factors(act_absmax, w, alpha).to(w.device)
         branch, _ = make_branch(w, rank, smooth, method)
-        db = _sqnr(w, quantize_branched(w, branch, spec, dtype), rows)
+        db = qmodel.layer_sqnr_db(w, quantize_branched(w, branch, spec, dtype), rows)
         if db > best_db:
             best, best_db = smooth, db
     return best
@@ -167,7 +156,7 @@ def branch_model(patcher, layers: list[str], rank: int, smooth_alpha: float, sta
             branched, energy = fit_error_branch(w.to(device), qw, rank, method)
             ms = 1000 * (time.perf_counter() - start)
             smooth = qw.smooth
-            plain_db, branched_db = _sqnr(w, qw, sample), _sqnr(w, branched, sample)
+            plain_db, branched_db = qmodel.layer_sqnr_db(w, qw, sample), qmodel.layer_sqnr_db(w, branched, sample)
             new = QuantLinear(branched.retarget(device=patcher.offload_device), qmodel.clean_bias(patcher, path))
             new.baked_patches = getattr(module, "baked_patches", None)
         else:
@@ -182,8 +171,8 @@ def branch_model(patcher, layers: list[str], rank: int, smooth_alpha: float, sta
             ms = 1000 * (time.perf_counter() - start)
             plain_db = branched_db = None
             if report_spec is not None and not formats.get(report_spec.format).problem((n, k), report_spec):
-                plain_db = _sqnr(w, QuantWeight.quantize(w, report_spec, dtype), sample)
-                branched_db = _sqnr(w, quantize_branched(w, branch, report_spec, dtype), sample)
+                plain_db = qmodel.layer_sqnr_db(w, QuantWeight.quantize(w, report_spec, dtype), sample)
+                branched_db = qmodel.layer_sqnr_db(w, quantize_branched(w, branch, report_spec, dtype), sample)
             store = patcher.offload_device
             branch = Branch(branch.down.to(store), branch.up.to(store), None if smooth is None else smooth.to(store))
             key = f"{qmodel.PREFIX}{path}.weight"
