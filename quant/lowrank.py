@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .qweight import QuantWeight
+from .qweight import QuantWeight, branch_weight
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,7 @@ class Branch:
         return self.down.shape[1]
 
     def weight(self) -> torch.Tensor:
-        """The branch as a float32 [N, K] weight in the layer's own coordinates."""
-        w = self.up.float().t() @ self.down.float().t()
-        return w if self.smooth is None else w / self.smooth[None, :].to(w.device)
+        return branch_weight(self.down, self.up, self.smooth)
 
 
 @torch.no_grad()

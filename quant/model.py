@@ -1,18 +1,11 @@
-"""Quantize the linear layers of a ComfyUI model: a clone with ``QuantLinear`` object patches.
+"""Quantize Model on a ComfyUI model: a clone whose linear layers are object patches.
 
-Takes a ModelPatcher and returns ``patcher.clone()``; the shared model is never modified.
-Layers are quantized one at a time (a float32 copy of one layer at a time), so peak memory
-stays near the model's own size plus the packed copy.
-
-Reading the weights the input model really uses:
-- the module is ``patcher.get_model_object(path)``: the input's own object patch if it has
-  one, else the original module, even while another clone's object patches are installed;
-- the tensor is the clean copy in ``patcher.backup`` when some loaded clone has patched the
-  shared weights in place, else the module's own;
-- it is converted the way ``ModelPatcher.patch_weight_to_device`` does (float32, then the
-  module's ``convert_weight``) and the input's own weight patches (a LoRA loaded before this
-  node) are merged with ``comfy.lora.calculate_weight``; those patches are then dropped from
-  the clone because they are baked in. Bias patches stay on the clone and apply as usual.
+The shared model is never modified. Layers are quantized one at a time (one float32 copy at a
+time), so peak memory stays near the model's own size plus the packed copy. The weight read is
+the one the input computes with: its own module (``get_model_object``), the clean tensor (the
+backup while a loaded clone has patched the shared weights in place), converted and with its
+weight patches (a LoRA loaded before) merged as ``ModelPatcher.patch_weight_to_device`` does;
+those patches are then dropped from the clone. Bias patches stay and apply as usual.
 """
 from __future__ import annotations
 
@@ -59,13 +52,13 @@ class LayerRow:
 
 @dataclass
 class Result:
-    model: object                # the quantized ModelPatcher clone
-    rows: list[LayerRow] = field(default_factory=list)
+    model: object                # the ModelPatcher clone
+    rows: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
 
 
 def is_linear(module) -> bool:
-    if isinstance(module, QuantLinear) or isinstance(module, torch.nn.Linear):
+    if isinstance(module, (QuantLinear, torch.nn.Linear)):
         return True
     # ComfyUI's mixed-precision ops Linear is not an nn.Linear subclass.
     return ("Linear" in type(module).__name__ and hasattr(module, "in_features")
@@ -164,22 +157,23 @@ def clean_bias(patcher, path: str) -> torch.Tensor | None:
 _SQNR_MAX_ELEMENTS = 1 << 22
 
 
+def sqnr_rows(n: int, k: int) -> torch.Tensor:
+    """Evenly spaced output rows holding at most ``_SQNR_MAX_ELEMENTS`` weights (all rows below)."""
+    return torch.linspace(0, n - 1, max(1, min(n, _SQNR_MAX_ELEMENTS // k))).round().long().unique()
+
+
 @torch.no_grad()
 def weight_sqnr_db(w: torch.Tensor, qw: QuantWeight) -> float:
     n, k = w.shape
     if n * k <= _SQNR_MAX_ELEMENTS:
         return sqnr_db(w, qw.dequantize(torch.float32))
-    rows = torch.linspace(0, n - 1, max(1, _SQNR_MAX_ELEMENTS // k)).round().long().unique().to(w.device)
+    rows = sqnr_rows(n, k).to(w.device)
     return sqnr_db(w[rows], qw.select_rows(rows).dequantize(torch.float32))
 
 
 def act_label(spec) -> str:
-    if spec is None:
-        return "float"
-    fmt = formats.get(spec.format)
-    if not fmt.quantizes_activations(spec):
-        return "float"
-    return f"{fmt.act_type}{fmt.act_bits}"
+    fmt = None if spec is None else formats.get(spec.format)
+    return f"{fmt.act_type}{fmt.act_bits}" if fmt is not None and fmt.quantizes_activations(spec) else "float"
 
 
 @torch.no_grad()
@@ -210,108 +204,88 @@ def quantize_layer(w: torch.Tensor, spec, dtype: torch.dtype, stats=None, smooth
     return QuantWeight.quantize(w, spec, dtype, smooth=smooth, input_sq=input_sq)
 
 
-def _ours(patcher, plan, w, module, dtype, layer_stats, smooth_alpha, store_device, act, before, reason):
-    """Our ``QuantLinear`` for one layer, and its report row."""
+def _quantize_layer(patcher, clone, plan, dtype, stats, smooth_alpha, kernels, fallbacks) -> LayerRow:
+    """Put ``plan``'s layer into ``clone`` (unless it is kept or passes through); its report row."""
+    module = patcher.get_model_object(PREFIX + plan.path)
+    n, k = plan.shape
+    loaded = core.core_format(module)  # ComfyUI's layout the input already holds this layer in
+    before = core.packed_nbytes(module.weight) if loaded else n * k * module.weight.element_size()
+    layer_stats = None if stats is None else stats.get(plan.path)
+    row = LayerRow(plan.path, plan.role, "keep", "float", n * k, 8.0 * before / (n * k), before, before,
+                   reason=plan.reason, layout=f"ComfyUI {loaded}" if loaded else "")
+    if layer_stats is not None:
+        row.outlier_ratio, row.step_range_ratio = layer_stats.outlier_ratio(), layer_stats.step_range_ratio()
+    if plan.spec is None:
+        row.reason += f"; stays as loaded, ComfyUI {loaded}" if loaded else ""
+        return row
+    row.format, row.activations = plan.spec.format, act_label(plan.spec)
     branch = getattr(module, "accel_branch", None)
-    if branch is not None:  # from SVD Low-Rank Branch: pack the residual with its smoothing
-        qw = quantize_branched(w, branch, plan.spec, dtype)
+    choice = core.choose(plan.spec, plan.shape, patcher.load_device, branched=branch is not None,
+                         smoothed=branch is None and smooths(plan.spec, layer_stats, smooth_alpha),
+                         calibrated=layer_stats is not None, kernels=kernels)
+    if choice.fallback:
+        fallbacks.setdefault(plan.spec.format, choice.reason)
+    if loaded and choice.core == loaded and choice.full_precision == bool(
+            getattr(module, "_full_precision_mm_config", False)):
+        row.reason += f"; passed through: the input holds it in ComfyUI's {loaded}"
+        return row
+    w = float_weight(patcher, plan.path, device=patcher.load_device)
+    sample = layer_stats.sample() if layer_stats is not None and layer_stats.rows else None
+    if choice.core is not None:
+        absmax = None if layer_stats is None else float(layer_stats.absmax.max())
+        new = core.build_layer(w, plan.spec, choice, dtype, clean_bias(patcher, plan.path), patcher.load_device,
+                               patcher.offload_device, input_absmax=absmax)
+        after = core.packed_nbytes(new.weight)
+        deq, picks = new.weight.dequantize().float(), sqnr_rows(n, k)
+        row.weight_sqnr_db = sqnr_db(w[picks.to(w.device)], deq[picks.to(deq.device)])
+        if sample is not None:
+            sample = sample.to(w.device)
+            row.output_sqnr_db = sqnr_db(sample @ w.t(), core.layer_output(new, sample))
+        row.activations = "float" if choice.full_precision else row.activations
+        row.reason, row.layout = f"{plan.reason}; {choice.reason}", f"ComfyUI {choice.core}"
     else:
-        qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
-    n, k = plan.shape
-    row = LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
-                   qw.bits_per_weight(), before, qw.packed_nbytes(),
-                   weight_sqnr_db=weight_sqnr_db(w, qw),
-                   reason=plan.reason + (", smoothed" if qw.smooth is not None else "")
-                   + (f", low-rank branch r={qw.rank}" if qw.rank else "") + f"; {reason}",
-                   layout=f"ComfyUI-Accel {plan.spec.format}", **act)
-    if layer_stats is not None and layer_stats.rows:
-        row.output_sqnr_db = output_sqnr_db(w, qw, layer_stats.sample())
-    qlinear = QuantLinear(qw.retarget(device=store_device), clean_bias(patcher, plan.path))
-    # what was merged in, so a branch fitted later knows the float weight this approximates
-    qlinear.baked_patches = patcher.patches.get(f"{PREFIX}{plan.path}.weight")
-    return qlinear, row
-
-
-def _core(patcher, plan, w, choice, dtype, layer_stats, store_device, act, before):
-    """ComfyUI's own layer (``core.build_layer``) for one layer, and its report row."""
-    absmax = None if layer_stats is None else float(layer_stats.absmax.max())
-    layer = core.build_layer(w, plan.spec, choice, dtype, clean_bias(patcher, plan.path), patcher.load_device,
-                             store_device, input_absmax=absmax)
-    n, k = plan.shape
-    nbytes = core.packed_nbytes(layer.weight)
-    deq = layer.weight.dequantize().float()
-    picks = torch.linspace(0, n - 1, max(1, min(n, _SQNR_MAX_ELEMENTS // k))).round().long().unique()
-    activations = "float" if choice.full_precision else act_label(plan.spec)
-    row = LayerRow(plan.path, plan.role, plan.spec.format, activations, n * k, 8.0 * nbytes / (n * k), before, nbytes,
-                   weight_sqnr_db=sqnr_db(w[picks.to(w.device)], deq[picks.to(deq.device)]),
-                   reason=f"{plan.reason}; {choice.reason}", layout=f"ComfyUI {choice.core}", **act)
-    if layer_stats is not None and layer_stats.rows:
-        rows = layer_stats.sample().to(w.device)
-        row.output_sqnr_db = sqnr_db(rows @ w.t(), core.layer_output(layer, rows))
-    return layer, row
+        if branch is not None:  # from SVD Low-Rank Branch: pack the residual with its smoothing
+            qw = quantize_branched(w, branch, plan.spec, dtype)
+        else:
+            qw = quantize_layer(w, plan.spec, dtype, layer_stats, smooth_alpha)
+        after = qw.packed_nbytes()
+        row.weight_sqnr_db = weight_sqnr_db(w, qw)
+        if sample is not None:
+            row.output_sqnr_db = output_sqnr_db(w, qw, sample)
+        row.reason += ((", smoothed" if qw.smooth is not None else "")
+                       + (f", low-rank branch r={qw.rank}" if qw.rank else "") + f"; {choice.reason}")
+        row.layout = f"ComfyUI-Accel {plan.spec.format}"
+        new = QuantLinear(qw.retarget(device=patcher.offload_device), clean_bias(patcher, plan.path))
+        # what was merged in, so a branch fitted later knows the float weight this approximates
+        new.baked_patches = patcher.patches.get(f"{PREFIX}{plan.path}.weight")
+    row.bits, row.bytes_after = 8.0 * after / (n * k), after
+    if loaded:
+        row.reason += f"; re-quantized from the input's ComfyUI {loaded} weight"
+    clone.add_object_patch(PREFIX + plan.path, new)
+    clone.patches.pop(f"{PREFIX}{plan.path}.weight", None)
+    return row
 
 
 @torch.no_grad()
 def quantize_model(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype | None = None,
                    stats: dict | None = None, smooth_alpha: float = 0.0,
                    progress: Callable[[int], None] | None = None, kernels: str = "auto") -> Result:
-    """Apply ``plans`` (one per linear layer) to a clone of ``patcher``.
-
-    ``dtype``: the compute dtype of the result (None keeps the model's). ``stats``: per-layer
-    calibration statistics (``calibrate.LayerStats``), for smoothing and the report. ``kernels``:
-    ``auto`` puts each layer on ComfyUI's own layout where ``core.choose`` allows and prefers it,
-    ``core`` wherever it allows, ``ours`` never. A layer the input already holds in ComfyUI's
-    layout (a stock-loaded quantized file) is passed through when that is the layout asked for,
-    else re-quantized from its dequantized weight."""
+    """Apply ``plans`` (one per linear layer) to a clone of ``patcher``: ``dtype`` is the result's
+    compute dtype (None keeps the model's), ``stats`` the per-layer ``calibrate.LayerStats`` (for
+    smoothing and the report). ``kernels``: ``auto`` puts a layer on ComfyUI's own layout where
+    ``core.choose`` allows and prefers it, ``core`` wherever it allows, ``ours`` never. A layer the
+    input already holds in the layout asked for (a stock-loaded quantized file) passes through;
+    in another, it is re-quantized from its dequantized weight."""
     already = quantized_layers(patcher)
     if already:
         raise AlreadyQuantized(f"the model already has {len(already)} quantized layers "
                                f"(e.g. {already[0]}); connect the model before quantization")
     current = compute_dtype(patcher)
     dtype = dtype or current
-    work_device = patcher.load_device
-    store_device = patcher.offload_device
     clone = patcher.clone()
-    rows = []
-    fallbacks = {}
+    rows, fallbacks = [], {}
     for i, plan in enumerate(plans):
-        module = patcher.get_model_object(PREFIX + plan.path)
-        n, k = plan.shape
-        loaded = core.core_format(module)  # ComfyUI's layout the input already holds this layer in
-        before = core.packed_nbytes(module.weight) if loaded else n * k * module.weight.element_size()
-        layer_stats = None if stats is None else stats.get(plan.path)
-        act = {} if layer_stats is None else dict(outlier_ratio=layer_stats.outlier_ratio(),
-                                                  step_range_ratio=layer_stats.step_range_ratio())
-        if plan.spec is None:
-            rows.append(LayerRow(plan.path, plan.role, "keep", "float", n * k, 8.0 * before / (n * k),
-                                 before, before, reason=plan.reason + (f"; stays as loaded, ComfyUI {loaded}" if loaded else ""),
-                                 layout=f"ComfyUI {loaded}" if loaded else "", **act))
-        else:
-            branched = getattr(module, "accel_branch", None) is not None
-            choice = core.choose(plan.spec, plan.shape, work_device, branched=branched,
-                                 smoothed=not branched and smooths(plan.spec, layer_stats, smooth_alpha),
-                                 calibrated=layer_stats is not None, kernels=kernels)
-            if choice.fallback:
-                fallbacks.setdefault(plan.spec.format, choice.reason)
-            if loaded and choice.core == loaded and choice.full_precision == bool(
-                    getattr(module, "_full_precision_mm_config", False)):
-                rows.append(LayerRow(plan.path, plan.role, plan.spec.format, act_label(plan.spec), n * k,
-                                     8.0 * before / (n * k), before, before,
-                                     reason=f"{plan.reason}; passed through: the input holds it in ComfyUI's {loaded}",
-                                     layout=f"ComfyUI {loaded}", **act))
-            else:
-                w = float_weight(patcher, plan.path, device=work_device)
-                if choice.core is not None:
-                    new, row = _core(patcher, plan, w, choice, dtype, layer_stats, store_device, act, before)
-                else:
-                    new, row = _ours(patcher, plan, w, module, dtype, layer_stats, smooth_alpha, store_device, act,
-                                     before, choice.reason)
-                if loaded:
-                    row.reason += f"; re-quantized from the input's ComfyUI {loaded} weight"
-                clone.add_object_patch(PREFIX + plan.path, new)
-                clone.patches.pop(f"{PREFIX}{plan.path}.weight", None)
-                rows.append(row)
-                del w, new
+        rows.append(_quantize_layer(patcher, clone, plan, dtype, stats, smooth_alpha, kernels, fallbacks))
         if progress is not None:
             progress(i + 1)
     for fmt, reason in fallbacks.items():
@@ -339,5 +313,9 @@ def summarize(rows: list[LayerRow], dtype: torch.dtype) -> dict:
     measured = [r.output_sqnr_db for r in quantized if r.output_sqnr_db is not None]
     if measured:
         out["worst layer output SQNR dB"] = round(min(measured), 2)
-        out["median layer output SQNR dB"] = round(sorted(measured)[len(measured) // 2], 2)
+        out["median layer output SQNR dB"] = upper_median(measured)
     return out
+
+
+def upper_median(values: list[float]) -> float:
+    return round(sorted(values)[len(values) // 2], 2)

@@ -1,25 +1,15 @@
-"""``QuantWeight``: a quantized linear weight that behaves as a tensor where ComfyUI needs one.
+"""``QuantWeight``: a packed linear weight that behaves as a tensor where ComfyUI needs one.
 
-ComfyUI's ModelPatcher treats a layer's weight as a tensor: it backs it up with
-``.to(device, copy=...)``, converts it with ``.to(torch.float32)``, restores it with
-``set_attr_param`` and sizes it with ``nelement() * element_size()``. A packed weight has
-several tensors (codes, scales, smoothing factors) that must move, back up and restore
-together, so they live in one tensor subclass (the same reason ComfyUI has its own
-``QuantizedTensor``; we do not reuse that class because its API changed between 0.3.75 and
-later releases). What callers see:
+ComfyUI's ModelPatcher backs a weight up with ``.to(device, copy=...)``, converts it with
+``.to(torch.float32)``, restores it with ``set_attr_param`` and sizes it with ``nelement() *
+element_size()``. The packed tensors (codes, scales, smoothing) must do all that together, so they
+live in one tensor subclass (not ComfyUI's ``QuantizedTensor``: its API changed between 0.3.75 and
+later releases). Shape [N, K] and ``dtype`` are the logical weight's; ``.to(device)`` moves the
+parts; ``.to(another float dtype)``, ``empty_like`` + ``copy_`` and any other op dequantize.
 
-- shape [N, K] and a floating ``dtype``: the layer's logical weight and compute dtype;
-- ``.to(device)`` moves the packed tensors; ``.to(other float dtype)`` dequantizes
-  (that is what "converting the weight" means to any caller); ``empty_like`` + ``copy_``
-  dequantize into a plain tensor; any other op dequantizes and runs on the result;
-- ``.linear(x, bias)`` runs the quantized compute; ``.requantize(w)`` packs a new float
-  weight with the same format, group size and smoothing (used to bake LoRA patches in).
-
-Format-independent extras are stored beside the format's parts under reserved names:
-``smooth`` ([K] float32, SmoothQuant factors: the stored weight is ``W * smooth`` and the
-input is divided by ``smooth``) and the SVDQuant low-rank branch ``lora_down`` [K, r] and
-``lora_up`` [r, N] (16-bit, in the smoothed coordinates: the layer computes
-``Q(x / smooth) @ Q(R)^T + ((x / smooth) @ lora_down) @ lora_up``, see ``quant/lowrank.py``).
+Beside the format's parts, under reserved names: ``smooth`` [K] (SmoothQuant: the stored weight is
+``W * smooth``, the input is divided by it) and the low-rank branch ``lora_down`` [K, r] and
+``lora_up`` [r, N] in the smoothed coordinates (``quant/lowrank.py``).
 """
 from __future__ import annotations
 
@@ -44,6 +34,12 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
     a = act_absmax.float().clamp(min=1e-5)
     s = a.pow(alpha) / w_absmax.pow(1.0 - alpha)
     return s.clamp(min=1e-4, max=1e4)
+
+
+def branch_weight(down: torch.Tensor, up: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """A low-rank branch as a float32 [N, K] weight in the layer's own (unsmoothed) coordinates."""
+    w = up.float().t() @ down.float().t()
+    return w if smooth is None else w / smooth[None, :].to(w.device)
 
 
 class QuantWeight(torch.Tensor):
@@ -112,14 +108,6 @@ class QuantWeight(torch.Tensor):
             parts["lora_down"], parts["lora_up"] = down.to(self.device), up.to(self.device)
         return self._like(parts)
 
-    def branch_weight(self) -> torch.Tensor | None:
-        """The branch as a float32 [N, K] weight in the layer's own (unsmoothed) coordinates."""
-        if self.branch is None:
-            return None
-        down, up = self.branch
-        w = up.float().t() @ down.float().t()
-        return w if self.smooth is None else w / self.smooth[None, :]
-
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = self.fmt.dequantize(self.parts, tuple(self.shape), self.spec, torch.float32)
@@ -160,7 +148,7 @@ class QuantWeight(torch.Tensor):
             generator = torch.Generator(device=w.device).manual_seed(int(seed) % (2 ** 63))
         w = w.to(self.device)
         if self.branch is not None:
-            w = w.float() - self.branch_weight()
+            w = w.float() - branch_weight(*self.branch, self.smooth)
         new = QuantWeight.quantize(w, self.spec, self.dtype, smooth=self.smooth, generator=generator)
         return new.with_branch(*self.branch) if self.branch is not None else new
 
@@ -183,7 +171,7 @@ class QuantWeight(torch.Tensor):
 
     # ---- tensor protocol ----------------------------------------------------------
     def __tensor_flatten__(self):
-        # Lets torch (and bench.measure.weight_bytes) see the packed tensors inside.
+        # lets torch (and the lab's weight byte counts) see the packed tensors inside
         names = []
         for key, value in self.parts.items():
             object.__setattr__(self, "_part_" + key, value)
@@ -209,8 +197,7 @@ class QuantWeight(torch.Tensor):
 
 def _detach(qw, *args, **kwargs):
     # An alias: shares the parts dict, so an in-place copy_ on ``param.data`` reaches the param.
-    out = QuantWeight(qw.parts, qw.spec, tuple(qw.shape), qw.dtype)
-    return out
+    return QuantWeight(qw.parts, qw.spec, tuple(qw.shape), qw.dtype)
 
 
 def _clone(qw, *args, **kwargs):

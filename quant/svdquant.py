@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,13 +40,6 @@ class LayerRow:
     ms: float                     # time to build the branch (smoothing + SVD)
 
 
-@dataclass
-class Result:
-    model: object
-    rows: list[LayerRow] = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
-
-
 def branch_of(module) -> Branch | QuantWeight | None:
     """What makes a layer branched: a ``Branch`` on a float copy, or a packed weight with one."""
     branch = getattr(module, "accel_branch", None)
@@ -66,8 +59,7 @@ def select_layers(patcher, overrides: list[policy.Override]) -> list[tuple[str, 
     out = []
     for name, module in qmodel.linear_layers(patcher):
         plan = policy.plan_layer(name, tuple(module.weight.shape), "int8", None, overrides)
-        chosen = plan.spec is not None and (plan.reason.startswith("override") or plan.role == "linear")
-        if chosen:
+        if plan.spec is not None and (plan.reason.startswith("override") or plan.role == "linear"):
             out.append((name, module))
     return out
 
@@ -130,12 +122,11 @@ def best_smoothing(w: torch.Tensor, act_absmax: torch.Tensor, rows: torch.Tensor
 @torch.no_grad()
 def branch_model(patcher, layers: list[str], rank: int, smooth_alpha: float, stats: dict | None = None,
                  method: str = "randomized", report_spec=None,
-                 progress: Callable[[int], None] | None = None) -> Result:
-    """Branch ``layers`` of a clone of ``patcher``. A model with quantized layers gets the
-    after-quantization fit on those; otherwise the SVDQuant split (Quantize Model packs the
-    residual). ``report_spec``: the format the report compares plain and branched quantization
-    in (before order). ``smooth_alpha`` ``AUTO_ALPHA``: searched per layer (:func:`best_smoothing`,
-    in ``report_spec``, w4a4 g64 without one) on the calibration rows."""
+                 progress: Callable[[int], None] | None = None) -> qmodel.Result:
+    """Branch ``layers`` of a clone of ``patcher``: fitted to the quantization error where the model
+    has quantized layers, else the SVDQuant split. ``report_spec``: the format the report compares
+    plain and branched quantization in (before Quantize Model) and the one ``AUTO_ALPHA`` searches
+    in (w4a4 g64 without one)."""
     after = bool(qmodel.quantized_layers(patcher))
     search_spec = report_spec if report_spec is not None else formats.Spec("w4a4", 64)
     dtype = qmodel.compute_dtype(patcher)
@@ -193,7 +184,7 @@ def branch_model(patcher, layers: list[str], rank: int, smooth_alpha: float, sta
         if progress is not None:
             progress(i + 1)
     clone.patches_uuid = uuid.uuid4()
-    return Result(clone, rows, summarize(rows, after, rank, method))
+    return qmodel.Result(clone, rows, summarize(rows, after, rank, method))
 
 
 def summarize(rows: list[LayerRow], after: bool, rank: int, method: str) -> dict:
@@ -206,6 +197,6 @@ def summarize(rows: list[LayerRow], after: bool, rank: int, method: str) -> dict
         out["ms per layer"] = round(sum(r.ms for r in rows) / len(rows), 2)
     pairs = [(r.sqnr_plain_db, r.sqnr_branched_db) for r in rows if r.sqnr_plain_db is not None]
     if pairs:
-        out["median SQNR plain dB"] = round(sorted(p for p, _ in pairs)[len(pairs) // 2], 2)
-        out["median SQNR branched dB"] = round(sorted(b for _, b in pairs)[len(pairs) // 2], 2)
+        out["median SQNR plain dB"] = qmodel.upper_median([p for p, _ in pairs])
+        out["median SQNR branched dB"] = qmodel.upper_median([b for _, b in pairs])
     return out
