@@ -1,40 +1,29 @@
-"""Save and load quantized diffusion models as safetensors.
+"""Save and load quantized diffusion models as safetensors (keys as in ``diffusion_model.state_dict()``,
+the layout ``UNETLoader`` reads).
 
-File layout (a diffusion-model file, keys as in ``diffusion_model.state_dict()``, the
-layout ``UNETLoader`` reads):
+- Kept layers and all other parameters: as they are (optionally cast).
+- Our quantized layer ``L``: ``L.weight`` holds the packed codes, ``L.weight_<part>`` every other part
+  (scales, zero points, ``smooth``, the bf16 branch ``lora_down`` [K, r] and ``lora_up`` [r, N]).
+- A layer on ComfyUI's own layout (``quant/core.py``): exactly as ComfyUI's ``Linear`` writes it,
+  ``L.comfy_quant`` (its JSON) included, so ComfyUI's stock loader builds the same layer.
+- Header ``_quantization_metadata`` (ComfyUI's, QUANTIZATION.md): every quantized layer's format. Ours
+  take ComfyUI's name where ComfyUI computes them the same way (fp8_e4m3 as ``float8_e4m3fn``, which
+  0.3.75's stock loader reads; int8 as ``int8_tensorwise`` with [N, 1] row scales, later releases'
+  layout), else ``accel_<format>``, so a stock loader refuses the file naming the format instead of
+  loading packed bytes as weights.
+- Header ``accel_quant``: our description of every layer (format, group size, activation mode, shape,
+  compute dtype) and the model's configuration, validated against the tensors before anything is
+  built; version 2 (written only with layers on ComfyUI's layouts) adds ``core_layers``.
+- Header ``config``: ``{"transformer": <configuration>}``, which ComfyUI's detection reads where the
+  weights do not fix it (LTX-Video's attention heads); a loaded model does not keep its file's
+  metadata, so it is written back from the configuration the model was built with.
 
-- layers kept in high precision and all other parameters: as they are (optionally cast);
-- a quantized layer ``L``: ``L.weight`` holds the packed codes, ``L.weight_<part>`` every
-  other packed tensor (scales, zero points, smoothing factors, the bf16 low-rank branch
-  ``weight_lora_down`` [K, r] and ``weight_lora_up`` [r, N]), ``L.bias`` the bias;
-- header ``_quantization_metadata`` (ComfyUI's own, QUANTIZATION.md):
-  ``{"format_version": "1.0", "layers": {L: {"format": ...}}}``. Layers in a format that
-  ComfyUI has a layout for are written in that layout: ``fp8_e4m3`` as ``float8_e4m3fn``
-  (fp8 ``weight`` + scalar fp32 ``weight_scale``), which ComfyUI 0.3.75's stock loader
-  reads; ``int8`` as ``int8_tensorwise`` (int8 ``weight`` + fp32 ``weight_scale`` [N, 1],
-  one scale per output row), the layout of later ComfyUI releases (comfy-kitchen's
-  ``TensorWiseINT8Layout``, which also quantizes activations per token). Every other
-  layer is listed as ``accel_<format>`` so that a stock loader refuses the file with that
-  name in its error instead of loading packed bytes as weights;
-- a layer on ComfyUI's own layout (``quant/core.py``): exactly as ComfyUI's ``Linear`` writes it
-  (``L.weight``, its scales, ``L.comfy_quant`` with the layer's JSON), listed under its format in
-  ``_quantization_metadata`` with the same JSON, so ComfyUI's stock loader builds the same layer;
-- header ``accel_quant``: our own description of every quantized layer (format, group size,
-  activation mode, logical shape, compute dtype) and the model's configuration, which
-  ``load_quantized_state`` validates against the tensors before building anything; version 2
-  (written only when there are layers on ComfyUI's layouts) adds ``core_layers``: each such
-  layer's format of ours and ComfyUI's JSON;
-- header ``config``: ``{"transformer": <the model's configuration>}``, the metadata ComfyUI's
-  detection reads for models whose configuration the weights alone do not fix (LTX-Video's
-  attention heads); a loaded model does not keep its file's metadata, so it is written back
-  from the configuration the model was built with. Other families' detection ignores it.
-
-Writing goes to a temporary file in the target folder, then is moved into place; an
-existing file is only replaced when asked.
+A file is written to a temporary file and moved into place; an existing one is replaced only when asked.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -43,7 +32,7 @@ from .. import compat, files
 from . import core, formats
 from .formats import Spec
 from .linear import QuantLinear, packed_like
-from .model import PREFIX, clean_param, merged_float
+from .model import PREFIX, clean_param, compute_dtype, merged_float
 from .qweight import EXTRA_PARTS, QuantWeight
 
 META_KEY = "accel_quant"
@@ -239,7 +228,7 @@ def load_quantized_state(path: str) -> tuple[dict, dict[str, QuantWeight], dict,
                         raise CheckpointError(f"{name}: {key} is {dtype_name(t.dtype)}, the {spec.format} "
                                               f"format stores {dtype_name(want_dtype)}")
                     if tuple(t.shape) != want_shape:
-                        if t.numel() != _numel(want_shape):
+                        if t.numel() != math.prod(want_shape):
                             raise CheckpointError(f"{name}: {key} has shape {list(t.shape)}, expected "
                                                   f"{list(want_shape)} for a {spec.format} layer of shape "
                                                   f"{list(shape)}")
@@ -270,13 +259,6 @@ def _core_keys(name: str, layer: str, entry: dict) -> list[str]:
         raise CheckpointError(f"{name}: layer {layer} uses ComfyUI's {fmt} layout, which this ComfyUI-Accel does "
                               "not know: update the node pack")
     return [f"{layer}.weight{suffix}" for suffix in core.FILE_PARTS[fmt]]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def standin(qw: QuantWeight) -> torch.Tensor:
@@ -382,39 +364,30 @@ def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.d
             "ComfyUI layouts": native, "ComfyUI-Accel layouts": private}
 
 
-def _load_device():
-    import comfy.model_management
-    return comfy.model_management.get_torch_device()
-
-
-def _loading_ops(quantized: set[str], base=None):
-    """ComfyUI operations for building the model: our quantized layers take a zero-stride stand-in
-    weight instead of copying it into a full-size tensor (so memory stays at the packed size).
-    ``base``: ComfyUI's mixed-precision ops, for a file with layers in ComfyUI's layouts."""
+def _loading_ops(quantized: set[str]):
+    """ComfyUI operations whose Linear keeps our layers' zero-stride stand-in weight instead of
+    copying it into a full-size tensor, so memory stays at the packed size."""
     import comfy.ops
-    if base is not None:
-        return base  # its Linear keeps a stand-in that is in its compute dtype as it is (no copy)
 
     class QuantLoadOps(comfy.ops.manual_cast):
         class Linear(comfy.ops.manual_cast.Linear):
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs):
                 key = prefix + "weight"
-                if prefix[:-1] in quantized and key in state_dict:
+                kept = prefix[:-1] in quantized and key in state_dict
+                if kept:
                     self.weight = torch.nn.Parameter(state_dict.pop(key), requires_grad=False)
-                    super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                  unexpected_keys, error_msgs)
-                    if key in missing_keys:
-                        missing_keys.remove(key)
-                    return
                 super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                               unexpected_keys, error_msgs)
+                if kept and key in missing_keys:
+                    missing_keys.remove(key)
 
     return QuantLoadOps
 
 
 def load_model(path: str):
     """A ModelPatcher for a file written by :func:`save_model` (validated first)."""
+    import comfy.model_management
     import comfy.sd
     plain, packed, metadata, compute = load_quantized_state(path)
     name = os.path.basename(path)
@@ -430,27 +403,26 @@ def load_model(path: str):
         sd[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(entry["comfy"]).encode("utf-8")), dtype=torch.uint8)
     # ComfyUI's detection may read file metadata (LTX-Video's "config"); not the quantization keys.
     meta = {k: v for k, v in metadata.items() if k not in ("_quantization_metadata", META_KEY)}
-    dtype = _DTYPES.get(compute or "", torch.float32)
-    ops = _loading_ops(set(packed), compat.core_ops(dtype, _load_device()) if in_core else None)
+    dtype = _DTYPES.get(compute or "")
+    # ComfyUI's mixed-precision Linear keeps a stand-in already in its compute dtype as it is (no copy)
+    ops = (compat.core_ops(dtype or torch.float32, comfy.model_management.get_torch_device()) if in_core
+           else _loading_ops(set(packed)))
     try:
         patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops}, metadata=meta)
     except Exception as e:  # ComfyUI's detection and constructors on a file that does not fit them
-        raise CheckpointError(f"ComfyUI could not build a model from {os.path.basename(path)} "
-                              f"({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"ComfyUI could not build a model from {name} ({type(e).__name__}: {e})") from None
     if patcher is None:
-        raise CheckpointError(f"ComfyUI could not detect the model type of {os.path.basename(path)}")
+        raise CheckpointError(f"ComfyUI could not detect the model type of {name}")
     saved = json.loads(metadata[META_KEY]).get("model_config")
     if saved is not None and model_config(patcher) != saved:
-        raise CheckpointError(f"ComfyUI's detection builds {os.path.basename(path)} with another configuration "
+        raise CheckpointError(f"ComfyUI's detection builds {name} with another configuration "
                               f"than the model it was saved from ({model_config(patcher)} instead of {saved})")
     install(patcher.model.diffusion_model, {k: v.retarget(device=patcher.offload_device) for k, v in packed.items()},
-            os.path.basename(path))
+            name)
     for layer, entry in in_core.items():  # ours to the report and to Quantize Model (which refuses to quantize twice)
         if "format" in entry:
             module = patcher.model.diffusion_model.get_submodule(layer)
             module.accel_spec, module.accel_reason = Spec.from_json(entry), f"ComfyUI's {entry['comfy']['format']} (loaded)"
-    dtype = _DTYPES.get(compute or "")
-    current = getattr(patcher.model, "manual_cast_dtype", None) or patcher.model.get_dtype()
-    if dtype is not None and dtype != current:
+    if dtype is not None and dtype != compute_dtype(patcher):
         patcher.set_model_compute_dtype(dtype)
     return patcher
