@@ -1,16 +1,11 @@
 """``auto``: a format per layer from measured sensitivity, under a size budget or a quality floor.
 
-Sensitivity (the MixDQ / ViDiT-Q-MP idea, measured locally): every candidate format is
-applied to each layer alone and the layer's output SQNR is measured on the calibration
-inputs recorded for that layer (weight SQNR when there was no calibration run).
-
-Allocation: each layer's options are (bytes, noise) points, noise = 10^(-SQNR/10), the
-layer's relative output noise power; 16-bit ("keep") is an option with no noise. With a
-quality floor alone, each layer takes its smallest option whose SQNR reaches the floor.
-With a budget, every layer starts at its smallest allowed option and the upgrade with the
-largest noise reduction per extra byte is taken while the budget allows, along each
-layer's lower convex hull (the greedy solution of this multiple-choice knapsack, exact at
-the hull's breakpoints).
+Sensitivity (MixDQ, ViDiT-Q-MP): each candidate format applied to each layer alone, its output SQNR
+measured on that layer's calibration inputs (weight SQNR without calibration). A layer's options are
+(bytes, noise) points, noise = 10^(-SQNR/10); 16-bit ("keep") has none. A floor alone: each layer
+takes its smallest option reaching it. A budget: every layer starts at its smallest allowed option,
+then the upgrade with the largest noise reduction per extra byte is taken while the budget allows,
+along each layer's lower convex hull (greedy multiple-choice knapsack, exact at the hull's breakpoints).
 """
 from __future__ import annotations
 

@@ -1,22 +1,13 @@
-"""Calibration: activation statistics of the linear layers during a short real sampling run.
+"""Calibration: the linear layers' input statistics over a short real sampling run.
 
-The run uses the user's own conditioning and latent through ``comfy.sample.sample`` (the
-KSampler machinery) on a *calibration clone* of the model, whose linear layers are object
-patches: observing copies of the original modules. Nothing is registered on the shared
-model's modules, and the clone carries the input's LoRA patches like any clone.
-
-An observing copy is the same module class with an observing ``forward`` mixed in (it calls
-the class's own ``forward``), sharing the parameter tensors but with its own parameter
-dict, so ModelPatcher can patch its weights without touching the original.
-
-Per layer, statistics are taken over every token of every step (Q-Diffusion, TFMQ-DM: the
-activation range moves with the timestep, so calibrating on one step is not enough):
-- per-input-channel absmax (for SmoothQuant factors and the outlier ratio);
-- per-input-channel mean square over every token (the diagonal of ``X^T X / tokens``, for
-  formats that choose their codes for the layer's output error: the VQ formats);
-- the largest activation at each step (to show how the range moves);
-- a sample of input rows, evenly spread over the steps, to measure each layer's output
-  error under candidate formats (the report's output SQNR and ``auto``'s sensitivity).
+The run goes through ``comfy.sample.sample`` with the user's conditioning and latent, on a clone
+whose linear layers are object patches: observing copies of the modules (their own class with an
+observing ``forward`` mixed in, sharing the tensors in a parameter dict of their own, so
+ModelPatcher can patch them without touching the originals). Statistics cover every token of every
+step, because the activation range moves with the timestep (Q-Diffusion, TFMQ-DM): per-channel
+absmax (SmoothQuant, outlier ratio), per-channel mean square (the diagonal of ``X^T X / tokens``,
+for the VQ formats), each step's largest input, and input rows spread over the steps (output SQNR
+in the report and ``auto``).
 """
 from __future__ import annotations
 

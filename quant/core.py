@@ -1,38 +1,23 @@
-"""ComfyUI's own quantized layers for the formats ComfyUI has (``comfy/quant_ops.py`` on comfy-kitchen).
+"""ComfyUI's own quantized layers (``comfy/quant_ops.py`` on comfy-kitchen) for the formats it has.
 
-On a host whose ``comfy.quant_ops`` builds comfy-kitchen layouts (ComfyUI 0.33 and later: see
-``compat.core_quant_formats``), Quantize Model puts ComfyUI's own mixed-precision ``Linear`` into the
-clone by object patch, the class ComfyUI's loader picks for a quantized checkpoint on this device
-(``compat.core_linear_class``), holding a ``QuantizedTensor`` of core's layout. That layer computes,
-takes LoRAs, moves and saves exactly like a stock-loaded quantized file: comfy-kitchen's dispatch picks
-the kernel (eager PyTorch on the CPU; CUDA, Triton or HIP on GPUs), ComfyUI's ``convert_weight`` and
-``set_weight`` take a LoRA (full load: dequantize, add, requantize with stochastic rounding; low VRAM:
-dequantize and add at each call), and its ``state_dict`` is core's checkpoint format.
+Where the host builds comfy-kitchen layouts (0.33 and later, ``compat.core_quant_formats``), Quantize
+Model puts ComfyUI's mixed-precision ``Linear`` (the class its loader picks for a quantized file on
+this device, ``compat.core_linear_class``) into the clone; it computes, takes LoRAs, moves and saves
+exactly like a stock-loaded quantized file, with comfy-kitchen's kernels. Our format -> core's layout:
+``int8`` -> ``int8_tensorwise`` (per-row scales, per-token int8 activations, as ours); ``fp8_e4m3`` ->
+``float8_e4m3fn`` (the calibration's largest input as ``input_scale`` on fp8 GPUs; weight-only
+without calibration, since an unscaled fp8 cast clips activations at 448); ``nvfp4`` -> ``nvfp4``
+weight-only, ``nvfp4_w4a4`` -> ``nvfp4`` with activations (one scale per tensor, not per token) where
+the device multiplies FP4; ``mxfp8`` -> ``mxfp8``; ``w4a8`` -> ``asym_w4a8_int8`` (ConvRot and a
+Lloyd-Max codebook: another quantizer, the same int8 activations); ``w4a4`` -> ``convrot_w4a4``.
 
-Our format -> core's layout, and what it keeps of our calibration:
-
-- ``int8`` -> ``int8_tensorwise`` with one scale per output row (the same math as ours: dynamic
-  per-token int8 activations);
-- ``fp8_e4m3`` -> ``float8_e4m3fn``: the activations' ``input_scale`` from the calibration's
-  largest input on GPUs with fp8 matmul; without calibration the layer is weight-only
-  (``full_precision_matrix_mult``: an unscaled fp8 cast of the activations would clip them at 448);
-- ``nvfp4`` (our W4A16) -> ``nvfp4`` weight-only; ``nvfp4_w4a4`` -> ``nvfp4`` with NVFP4 activations
-  (one dynamic scale per tensor instead of ours per token), only where the device multiplies FP4;
-- ``mxfp8`` -> ``mxfp8`` (MXFP8 activations on GPUs that multiply MXFP8, weight-only elsewhere);
-- ``w4a8`` -> ``asym_w4a8_int8`` (ConvRot rotation, a Lloyd-Max codebook and fp8 group scales:
-  another quantizer than ours, the same int8 activations);
-- ``w4a4`` without a branch -> ``convrot_w4a4`` (ConvRot W4A4, group 64).
-
-Layers stay on our path (``QuantLinear``) where ComfyUI has no such layout (int4, mxfp4, vq2/vq3;
-every format on a host without kitchen's ``quant_ops``), where a SmoothQuant factor or a low-rank
-branch would have no place in core's file (its loader reads ``pre_quant_scale`` for nvfp4 only, and
-no release up to 0.38.1 lists kitchen's ``svdquant_w4a4``), for weight-only layers of layouts that
-always quantize activations, where the shape does not fit the layout, and where our kernels measured
-faster on this kind of device (``PREFERRED``). The report gives each layer's layout and reason.
+A layer stays on our ``QuantLinear`` where the host has no such layout, where a SmoothQuant factor or
+a low-rank branch has no place in core's file (its loader reads ``pre_quant_scale`` for nvfp4 only; no
+release up to 0.38.1 lists ``svdquant_w4a4``), for weight-only layers of layouts that always quantize
+activations, where the shape does not fit, and where ours measured faster (``PREFERRED``).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +26,6 @@ from .. import compat
 from . import formats
 from .formats import Spec
 
-log = logging.getLogger(__name__)
-
 # our format -> ComfyUI's QUANT_ALGOS name
 CORE_NAMES = {"int8": "int8_tensorwise", "fp8_e4m3": "float8_e4m3fn", "nvfp4": "nvfp4", "nvfp4_w4a4": "nvfp4",
               "mxfp8": "mxfp8", "w4a8": "asym_w4a8_int8", "w4a4": "convrot_w4a4"}
@@ -50,13 +33,9 @@ KERNELS = ("auto", "core", "ours")
 _ALWAYS_QUANTIZE_INPUT = ("int8_tensorwise", "asym_w4a8_int8", "convrot_w4a4")
 _CONVROT_SIZES = (256, 64, 16)  # ConvRot's regular Hadamard blocks are powers of 4
 
-# Where both paths exist, the faster one per kind of device, from lab/bench/bench_quant.py's ``core <format>``
-# records on the ``wide`` fixtures (docs/quantization.md). Formats not listed use ComfyUI's kernels: on
-# GPUs that is every format, a choice made on paper (no GPU measured it; ours have never run on one).
-# CPU, ComfyUI 0.33 with comfy-kitchen 0.2.31's eager backend, wan21 wide, two runs (vs bf16, ours / core):
-# int8 1.53x / 1.37x and 2.53x / 2.33x (per layer at 1536 tokens 1.25-1.69x / 0.90-1.45x), fp8 0.82x / 0.77x
-# and 1.83x / 1.24x, w4a8 1.37x / 0.82x and 2.65x / 1.25x, w4a4 1.35x / 0.59x and 2.17x / 1.72x: ours;
-# nvfp4 0.76x / 0.76x and 1.01x / 1.26x, mxfp8 0.82x / 0.82x and 2.37x / 2.49x: ComfyUI's (ties go to it).
+# Where both paths exist, the faster one per kind of device, measured by lab/bench/bench_quant.py's
+# ``core <format>`` records (figures in docs/quantization.md); ties go to ComfyUI's. Unlisted formats and
+# every GPU use ComfyUI's kernels, a choice made on paper (no GPU has measured either).
 PREFERRED = {("cpu", "int8"): "ours", ("cpu", "fp8_e4m3"): "ours", ("cpu", "w4a8"): "ours", ("cpu", "w4a4"): "ours",
              ("cpu", "nvfp4"): "core", ("cpu", "mxfp8"): "core"}
 
@@ -78,14 +57,12 @@ def available() -> frozenset:
 def native_matmul(core_name: str, device: torch.device) -> bool:
     """Whether ComfyUI multiplies this layout's quantized activations on ``device`` (else it
     runs the layer dequantized, as its loader does for a stock file)."""
-    import comfy.model_management as mm
+    import comfy.model_management
     check = {"nvfp4": "supports_nvfp4_compute", "mxfp8": "supports_mxfp8_compute",
              "float8_e4m3fn": "supports_fp8_compute", "float8_e5m2": "supports_fp8_compute"}.get(core_name)
     if check is None:
         return True
-    if device.type != "cuda":
-        return False
-    return bool(getattr(mm, check, lambda d: False)(device))
+    return device.type == "cuda" and bool(getattr(comfy.model_management, check, lambda d: False)(device))
 
 
 def _layout_args(core_name: str, shape: tuple[int, int], spec: Spec) -> tuple[dict, str | None]:

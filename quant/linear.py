@@ -1,26 +1,18 @@
-"""``QuantLinear``: the module that replaces a linear layer on a cloned model.
+"""``QuantLinear``: the module a clone's object patch puts in place of a linear layer.
 
-It is installed with ``ModelPatcher.add_object_patch("diffusion_model.<path>", module)``
-on the clone, so the shared model is never modified; ComfyUI swaps it in when that clone
-is loaded and back out when another clone is.
+ComfyUI swaps it in when that clone loads and out when another does; the shared model is never
+modified. It speaks ComfyUI's weight protocol (``comfy/model_patcher.py``), so a LoRA loaded after
+quantization reaches it:
 
-It speaks ComfyUI's weight protocol so a LoRA loaded with the stock LoraLoader after
-quantization reaches it (see ``comfy/model_patcher.py``):
-
-- full load: ``patch_weight_to_device`` backs up ``weight`` (a ``QuantWeight``), turns it
-  into a float tensor (dequantization), adds the patches with ``comfy.lora.calculate_weight``
-  and calls ``set_weight``, which packs the result in the same format with stochastic
-  rounding seeded by the key (ComfyUI's choice for its own fp8 weights). Unpatching restores
-  the backed-up ``QuantWeight``, scales and all, because they are one object. A weight handed
-  back unchanged (0.33's dynamic loader runs this path on small layers with no patch at all)
-  keeps its packed form: repacking is not lossless for every format.
-- streamed (low-VRAM mode, and 0.33's dynamic-VRAM loader): the weight stays on the offload
-  device and the loader hangs the LoRA on the layer as a function (``compat.loader_functions``
-  says where each loader puts it); ``forward`` moves the packed weight to the input's device,
-  dequantizes, applies them and repacks (0.3.75's patch does the dequantizing and repacking
-  itself, see ``compat.lowvram_patch_converts``), so the result equals the full load's. The
-  patched weight is kept, packed, on the weight's own device until the loader hands over
-  other functions, so a LoRA costs one repack per load, not one per step.
+- full load: ``patch_weight_to_device`` backs up the ``QuantWeight``, dequantizes it
+  (``convert_weight``), adds the patches and calls ``set_weight``, which packs the result in the same
+  format with stochastic rounding seeded by the key (ComfyUI's choice for its own fp8 weights);
+  unpatching restores the backup, scales and all. A weight handed back unchanged (0.33's dynamic
+  loader does that on small unpatched layers) keeps its packed form: repacking is not lossless.
+- streamed (low VRAM, 0.33's dynamic-VRAM loader): the loader hangs the LoRA on the layer as
+  functions (``compat.loader_functions``); ``forward`` dequantizes, applies them and repacks (0.3.75's
+  patch does that itself, ``compat.lowvram_patch_converts``), so the result equals the full load's.
+  The patched weight is kept while the loader hands over the same functions: one repack per load.
 """
 from __future__ import annotations
 

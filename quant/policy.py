@@ -1,26 +1,19 @@
-"""Which linear layers get quantized, and how: roles by name, plus the user's overrides.
+"""Which linear layers get quantized, and how: roles by name, then the user's overrides.
 
-Roles come from the layer's path inside ``diffusion_model``; the names are those of
-ComfyUI's own model classes (Wan, Flux/Chroma, HunyuanVideo, LTX-Video, SD3/MMDiT,
-SD1.5/SDXL UNet, Lumina 2, Qwen-Image, HiDream...), so one table covers the families:
+Roles come from the layer's path inside ``diffusion_model``, named as in ComfyUI's model classes
+(Wan, Flux/Chroma, HunyuanVideo, LTX-Video, SD3/MMDiT, SD1.5/SDXL, Lumina 2, Qwen-Image, HiDream...):
 
-- ``embedding``: input/patch/text/caption projections at the model's entry -> kept.
-- ``timestep``: timestep and guidance embedding MLPs -> kept. They are tiny and run on one
-  token per sample, and errors there shift every block at once (TFMQ-DM, Q-Diffusion).
-- ``final``: the output projection -> kept (every quantization study keeps it).
-- ``modulation``: adaLN/modulation linears (Flux ``img_mod``, SD3 ``adaLN_modulation``...) ->
-  quantized **weight-only** by default. Their input is the timestep vector whose range
-  moves with the timestep, which is what makes activation quantization fail there
-  (PTQ4DiT, ViDiT-Q); their weights quantize fine (nunchaku stores them W4A16). They hold
-  about a quarter of Flux's parameters, so keeping them in 16 bits would cap int8's
-  memory saving near 1.6x instead of 2x.
-- ``linear``: everything else (attention, MLP) -> the chosen format.
+- ``embedding``, ``final`` -> kept: the entry and output projections (every quantization study keeps
+  them); ``timestep`` -> kept: the timestep/guidance MLPs are tiny, run on one token per sample, and
+  their errors shift every block at once (TFMQ-DM, Q-Diffusion);
+- ``modulation`` (adaLN: Flux ``img_mod``, SD3 ``adaLN_modulation``...) -> weight-only: its input, the
+  timestep vector, moves its range with the timestep, which breaks activation quantization (PTQ4DiT,
+  ViDiT-Q), while its weights quantize fine (nunchaku: W4A16) and hold about a quarter of Flux's;
+- ``linear`` (attention, MLP) -> the chosen format.
 
-Overrides are lines ``<regex> = <action>`` (first match wins, before the roles), where
-action is ``keep``, a format name, or a format name followed by ``weight_only``. The user's
-patterns run in the ``regex`` module with a time limit (Python's ``re`` can backtrack for hours
-on a pattern like ``^(([a-z_0-9]+[.]?)+)+!`` and cannot be interrupted): all matching for one
-node run together gets ``MATCH_SECONDS``, and a pattern that needs more is an error naming it.
+Overrides are lines ``<regex> = keep | <format> [weight_only]``, first match wins, before the roles.
+They run in the ``regex`` module with a time limit (``re`` can backtrack for hours on a pattern like
+``^(([a-z_0-9]+[.]?)+)+!`` and cannot be interrupted): one node run gets ``MATCH_SECONDS`` in all.
 """
 from __future__ import annotations
 

@@ -1,37 +1,26 @@
-"""VQ weight formats (VQ4DiT-style): each row's weights, scaled by the row's RMS, are cut into
-sub-vectors along K and replaced by the indices of codes in per-layer codebooks fitted with
-k-means (``kernels.kmeans``, the same search and update the latent VQ nodes use).
+"""VQ weight formats (VQ4DiT-style): each row, scaled by its RMS, is cut into sub-vectors along K
+that are replaced by indices into per-layer fp16 codebooks fitted with k-means (``kernels.kmeans``,
+shared with the latent VQ nodes); plus an fp16 scale per row. The matmul dequantizes (W2A16/W3A16).
 
-- ``vq2``: 256 codes of 4 weights, an 8-bit index per 4 weights = 2 bits per weight.
-- ``vq3``: 4096 codes of 4 weights, 12-bit indices packed two per 3 bytes = 3 bits per weight.
-- ``vq2x8``: sub-vectors of 8 weights, two residual levels of 256 codes each (the second level
-  quantizes what the first left over): two 8-bit indices per 8 weights = 2 bits per weight. A
-  single level of 2^16 codes of 8 would cost 1 MiB of codebook per layer (0.9 bits per weight
-  on a 3072 x 3072 layer) and hours of CPU k-means; two levels of 256 cost 8 KiB.
+- ``vq2``: 256 codes of 4 weights, 8-bit indices: 2 bits per weight.
+- ``vq3``: 4096 codes of 4 weights, 12-bit indices packed two per 3 bytes: 3 bits per weight.
+- ``vq2x8``: sub-vectors of 8 weights, two residual levels of 256 codes (the second quantizes what
+  the first left): 2 bits per weight. One level of 2^16 codes would cost 1 MiB of codebook per layer
+  and hours of CPU k-means; two levels of 256 cost 8 KiB.
 
-Plus per layer an fp16 codebook [levels * codes, dim] and an fp16 scale per output row
-(overhead ``(16 levels codes dim + 16 N) / (N K)`` bits per weight: 0.033 for a 3072 x 3072
-layer at vq3). The matmul dequantizes (W2A16/W3A16).
-
-Data-free (no calibration, or a LoRA baked into a quantized layer): the codebook is fitted on
-the weights and each sub-vector takes its nearest code. With calibration
-(``quantize_for_inputs``, fed the per-input-channel mean square of the layer's inputs over
-every calibration token), assignments and codebook are chosen for the layer's *output*
-error, VQ4DiT's refinement. The output error ``||X (W - Ŵ)^T||^2`` with the diagonal of
-``X^T X`` is ``sum_i s_i^2 sum_j h_j (v_ij - c_ij)^2``: it separates over sub-vectors, so the
-best candidate for each sub-vector is found exactly among *all* codes (a candidate set equal
-to the whole codebook) by one nearest-code search in a space scaled by ``sqrt(h)`` per
-position, and the codebook is refitted by the same weighted means (a few weighted Lloyd
-steps from the data-free codebook). The full ``X^T X`` (off-diagonal terms, as in GPTQ)
-needs more input rows than calibration keeps (128): measured on a 256 x 1024 layer, greedy
-assignment under the full matrix of 128 rows reached 21 dB on those rows but 16 dB on held-out
-rows, the diagonal 17-18 dB on both.
+Without calibration each sub-vector takes its nearest code. With it (``quantize_for_inputs``, the
+per-channel mean square ``h`` of the layer's inputs), codes and codebook are chosen for the output
+error (VQ4DiT's refinement): with the diagonal of ``X^T X``, ``||X (W - Ŵ)^T||^2`` separates over
+sub-vectors, so each one's best code among all codes is one nearest-code search in a space scaled by
+``sqrt(h)``, and the codebook is refitted by the same weighted means. The full ``X^T X`` (GPTQ's
+off-diagonal terms) overfits the 128 input rows calibration keeps: on a 256 x 1024 layer, 21 dB on
+those rows but 16 dB on held-out ones, where the diagonal gives 17-18 dB on both.
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernels import kmeans as km
+from ..kernels import kmeans
 from .format_base import Spec, WeightFormat, safe_scale
 
 FIT_VECTORS_PER_CODE = 64  # k-means runs on a fixed random subset of this many sub-vectors per code
@@ -61,13 +50,13 @@ def assign(v: torch.Tensor, codebook: torch.Tensor, position_weight: torch.Tenso
     (plain nearest code when ``position_weight`` h [M, D] is None)."""
     n, m, d = v.shape
     if position_weight is None:
-        return km.nearest_centroid(v.reshape(-1, d), codebook)[0].reshape(n, m)
+        return kmeans.nearest_centroid(v.reshape(-1, d), codebook)[0].reshape(n, m)
     root = position_weight.sqrt()
     out = torch.empty(n, m, dtype=torch.long, device=v.device)
     for p0 in range(0, m, _ASSIGN_POSITIONS):
         r = root[p0:p0 + _ASSIGN_POSITIONS]
         x = (v[:, p0:p0 + _ASSIGN_POSITIONS] * r).transpose(0, 1)  # one batch per position
-        out[:, p0:p0 + _ASSIGN_POSITIONS] = km.nearest_centroid(x, codebook[None] * r[:, None, :])[0].t()
+        out[:, p0:p0 + _ASSIGN_POSITIONS] = kmeans.nearest_centroid(x, codebook[None] * r[:, None, :])[0].t()
     return out
 
 
@@ -154,7 +143,7 @@ class VQWeights(WeightFormat):
         gen = torch.Generator().manual_seed(seed)
         cap = FIT_VECTORS_PER_CODE * self.codes
         sample = v if v.shape[0] <= cap else v[torch.randperm(v.shape[0], generator=gen)[:cap].to(v.device)]
-        return km.kmeans(sample, self.codes, iters=FIT_ITERS, seed=seed)[0]
+        return kmeans.kmeans(sample, self.codes, iters=FIT_ITERS, seed=seed)[0]
 
     def indices(self, parts) -> torch.Tensor:
         """Code indices [N, K / dim * levels] (level fastest); level l's codes start at row l * codes."""
