@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..quant import calibrate, lowrank, policy, svdquant
+from ..quant import lowrank, pipeline, policy, svdquant
 from ..quant.linear import QuantLinear
 from ..quant import model as qmodel
 from . import plots
@@ -94,63 +94,59 @@ class AccelSVDLowRankBranch(AccelNode):
         )
 
     @classmethod
-    def execute(cls, model, rank, smooth_alpha, search_alpha, svd, report_format, group_size, calibration_steps, seed, cfg,
-                layer_overrides, positive=None, negative=None, latent=None) -> io.NodeOutput:
+    def execute(cls, model, rank, smooth_alpha, search_alpha, svd, report_format, group_size, calibration_steps, seed,
+                cfg, layer_overrides, positive=None, negative=None, latent=None) -> io.NodeOutput:
+        node = node_name(cls)
         try:
             overrides = policy.parse_overrides(layer_overrides)
         except ValueError as e:
-            fail(node_name(cls), "layer_overrides", str(e))
-        check_calibration(node_name(cls), positive, latent)
+            fail(node, "layer_overrides", str(e))
+        check_calibration(node, positive, latent)
         already = svdquant.branched_layers(model)
         if already:
-            fail(node_name(cls), "model", f"already has a low-rank branch ({len(already)} layers, e.g. {already[0]}); "
+            fail(node, "model", f"already has a low-rank branch ({len(already)} layers, e.g. {already[0]}); "
                                 "connect the model from before the first SVD Low-Rank Branch node")
         after = bool(qmodel.quantized_layers(model))
         try:
             layers = svdquant.select_layers(model, overrides)
         except (policy.PatternError, policy.LayerError) as e:
-            fail(node_name(cls), "layer_overrides", str(e))
+            fail(node, "layer_overrides", str(e))
         if after:
             layers = [(p, m) for p, m in layers if p in set(qmodel.quantized_layers(model))]
             core_layers = [p for p, m in layers if not isinstance(m, QuantLinear)]
             if core_layers and len(core_layers) == len(layers):
-                fail(node_name(cls), "model", f"holds its quantized layers in ComfyUI's own layouts (e.g. {core_layers[0]}), "
+                fail(node, "model", f"holds its quantized layers in ComfyUI's own layouts (e.g. {core_layers[0]}), "
                                     "which have no place for a low-rank branch; put this node before Quantize Model")
             layers = [(p, m) for p, m in layers if isinstance(m, QuantLinear)]
         if not layers:
-            fail(node_name(cls), "layer_overrides", "selects no layer" + (" that Quantize Model quantized" if after else "")
+            fail(node, "layer_overrides", "selects no layer" + (" that Quantize Model quantized" if after else "")
                  + "; check the patterns against the layer names in Quantize Model's report")
         for path, module in layers:
             shape = tuple(module.weight.shape)
             if rank > svdquant.max_rank(shape):
-                fail(node_name(cls), "rank", f"{rank} is too large for layer {path} {list(shape)}: at most "
+                fail(node, "rank", f"{rank} is too large for layer {path} {list(shape)}: at most "
                                    f"{svdquant.max_rank(shape)} (half its smaller side); lower the rank or leave "
                                    f"the layer out with layer_overrides ('{path} = keep')")
             problem = svdquant.patch_shape_problem(model.patches.get(f"{qmodel.PREFIX}{path}.weight", []), shape)
             if problem:
-                fail(node_name(cls), "model", f"carries {problem} on layer {path}, whose weight is {list(shape)}: the LoRA "
+                fail(node, "model", f"carries {problem} on layer {path}, whose weight is {list(shape)}: the LoRA "
                                     "was made for another model; remove it or use a matching one")
         if after and any(svdquant.original_float_weight(model, p, m) is None for p, m in layers):
-            fail(node_name(cls), "model", "has quantized layers without their float weights (loaded from a quantized file?): "
+            fail(node, "model", "has quantized layers without their float weights (loaded from a quantized file?): "
                                 "after Quantize Model the branch needs the original weights; put this node before "
                                 "Quantize Model instead")
         paths = [p for p, _ in layers]
         stats = None
-        notices = []
+        summary = {}
         if positive is not None:
-            stats = calibrate.calibrate(model, paths, positive, negative if negative is not None else positive,
-                                        latent, calibration_steps, seed, cfg, progress=progress(calibration_steps))
+            calibration = pipeline.Calibration(positive, negative, latent, calibration_steps, seed, cfg)
+            stats = calibration.run(model, paths, progress)
         elif smooth_alpha > 0 and not after:
-            notices.append("smoothing skipped: it needs the calibration inputs (positive, latent)")
+            summary["notice"] = pipeline.SMOOTHING_SKIPPED
         report_spec = policy.make_spec(report_format, group_size, act_quant=True)
         alpha = svdquant.AUTO_ALPHA if search_alpha and stats is not None else smooth_alpha
-        result = svdquant.branch_model(model, paths, rank, alpha, stats, svd, report_spec,
-                                      progress=progress(len(paths)))
-        summary = dict(result.summary)
-        if not after:
-            summary["report format"] = report_format
-        if notices:
-            summary["notice"] = "; ".join(notices)
+        result = svdquant.branch_model(model, paths, rank, alpha, stats, svd, report_spec, progress=progress(len(paths)))
+        summary = {**result.summary, **({} if after else {"report format": report_format}), **summary}
         text = report_text(NODE, summary, [vars(r) for r in result.rows])
         log.info("%s: %s, %d layers at rank %d in %.2f s%s", NODE, "after quantization" if after else "SVDQuant split",
                  len(result.rows), rank, summary["branch build time s"],

@@ -21,6 +21,15 @@ class Calibration:
     seed: int
     cfg: float
 
+    def run(self, patcher, layers: list[str], progress: Callable[[int], Callable[[int], None]]) -> dict:
+        """``calibrate.LayerStats`` of ``layers``; the negative defaults to the positive."""
+        negative = self.negative if self.negative is not None else self.positive
+        return calibrate.calibrate(patcher, layers, self.positive, negative, self.latent, self.steps, self.seed,
+                                   self.cfg, progress=progress(self.steps))
+
+
+SMOOTHING_SKIPPED = "smoothing skipped: it needs the calibration inputs (positive, latent)"
+
 
 @dataclass
 class AutoOptions:
@@ -43,13 +52,9 @@ def run(patcher, plans: list[policy.LayerPlan], dtype: torch.dtype, group_size: 
     notices = []
     stats = None
     if calibration is not None:
-        observed = [p.path for p in plans if p.spec is not None or p.auto]
-        negative = calibration.negative if calibration.negative is not None else calibration.positive
-        stats = calibrate.calibrate(patcher, observed, calibration.positive, negative, calibration.latent,
-                                    calibration.steps, calibration.seed, calibration.cfg,
-                                    progress=progress(calibration.steps))
+        stats = calibration.run(patcher, [p.path for p in plans if p.spec is not None or p.auto], progress)
     elif smooth_alpha > 0 and uses_act_quant(plans, auto_options.candidates if auto_options else []):
-        notices.append("smoothing skipped: it needs the calibration inputs (positive, latent)")
+        notices.append(SMOOTHING_SKIPPED)
     if auto_options is not None:
         if stats is None:
             notices.append("auto without calibration: sensitivity is the weight SQNR, not the output's")
