@@ -145,7 +145,8 @@ class AccelSVDLowRankBranch(AccelNode):
             summary["notice"] = pipeline.SMOOTHING_SKIPPED
         report_spec = policy.make_spec(report_format, group_size, act_quant=True)
         alpha = svdquant.AUTO_ALPHA if search_alpha and stats is not None else smooth_alpha
-        result = svdquant.branch_model(model, paths, rank, alpha, stats, svd, report_spec, progress=progress(len(paths)))
+        result = svdquant.branch_model(model, paths, rank, alpha, stats, svd, report_spec,
+                                       progress=progress(len(paths)))
         summary = {**result.summary, **({} if after else {"report format": report_format}), **summary}
         text = report_text(NODE, summary, [vars(r) for r in result.rows])
         log.info("%s: %s, %d layers at rank %d in %.2f s%s", NODE, "after quantization" if after else "SVDQuant split",

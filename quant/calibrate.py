@@ -89,16 +89,12 @@ class _Observing:
 
 
 def module_copy(module: torch.nn.Module, params: dict[str, torch.Tensor], cls: type | None = None) -> torch.nn.Module:
-    """A shallow copy of ``module`` (as class ``cls``, default its own) holding ``params``
-    (the clean tensors it should compute with) in its own parameter dict, so ModelPatcher
-    can patch the copy's weights without touching the original's."""
+    """A shallow copy of ``module`` (as class ``cls``, default its own) holding ``params`` in a
+    parameter dict of its own, so ModelPatcher can patch the copy without touching the original."""
     obs = object.__new__(cls or type(module))
-    state = {}
-    for key, value in module.__dict__.items():
-        if key in compat.LOADER_MODULE_STATE:  # the loader's state for the original
-            continue
-        state[key] = value.copy() if isinstance(value, (dict, list)) else value
-    obs.__dict__.update(state)
+    # the loader's state for the original stays behind
+    obs.__dict__.update({key: value.copy() if isinstance(value, (dict, list)) else value
+                         for key, value in module.__dict__.items() if key not in compat.LOADER_MODULE_STATE})
     for key in ("weight_function", "bias_function"):
         if key in obs.__dict__:
             obs.__dict__[key] = []
@@ -111,8 +107,7 @@ def module_copy(module: torch.nn.Module, params: dict[str, torch.Tensor], cls: t
 
 
 def observing_copy(module: torch.nn.Module, stats: LayerStats, params: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``module`` whose forward records its input into ``stats``; ``params`` are
-    the clean tensors it should hold (the patcher's view of the weights)."""
+    """A ``module_copy`` whose forward records its input into ``stats``."""
     cls = type(module)
     sub = _observer_classes.get(cls)
     if sub is None:

@@ -50,18 +50,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def native_format(qw: QuantWeight) -> str | None:
-    """ComfyUI's name for this layer's layout, when ComfyUI computes it the same way as is."""
-    if any(k in qw.parts for k in EXTRA_PARTS):
-        return None  # smoothing factors have no place in ComfyUI's int8/fp8 layouts
-    if qw.fmt.name == "int8" and not qw.spec.act_quant:
-        return None  # ComfyUI's int8_tensorwise always quantizes activations
-    return qw.fmt.comfy_native
-
-
-def native_conf(qw: QuantWeight, native: str) -> dict:
-    """The layer's ComfyUI JSON: our fp8 layers have no calibrated input scale, and ComfyUI would
-    cast the activations unscaled (clipping at 448) on fp8 GPUs: they load weight-only."""
+def comfy_entry(qw: QuantWeight) -> dict:
+    """The layer's ``_quantization_metadata`` entry: ComfyUI's layout where ComfyUI computes it the
+    same way as is, else ``accel_<format>``. Smoothing factors have no place in ComfyUI's int8/fp8
+    layouts, its int8_tensorwise always quantizes activations, and our fp8 layers have no calibrated
+    input scale (ComfyUI would cast the activations unscaled, clipping at 448, on fp8 GPUs): they
+    load weight-only."""
+    native = qw.fmt.comfy_native
+    if native is None or any(k in qw.parts for k in EXTRA_PARTS) or (qw.fmt.name == "int8" and not qw.spec.act_quant):
+        return {"format": f"accel_{qw.spec.format}"}
     return {"format": native, **({"full_precision_matrix_mult": True} if native.startswith("float8") else {})}
 
 
@@ -92,8 +89,7 @@ def state_to_save(state: dict[str, torch.Tensor], other_dtype: torch.dtype | Non
         if isinstance(value, QuantWeight):
             layer = key[: -len(".weight")]
             tensors.update(layer_tensors(layer, value))
-            native = native_format(value)
-            comfy_layers[layer] = native_conf(value, native) if native else {"format": f"accel_{value.spec.format}"}
+            comfy_layers[layer] = comfy_entry(value)
             accel_layers[layer] = {**value.spec.to_json(), "shape": list(value.shape),
                                    "extras": [k for k in EXTRA_PARTS if k in value.parts]}
             if value.rank:
@@ -350,7 +346,7 @@ def save_model(patcher, path: str, overwrite: bool = False, other_dtype: torch.d
     config = model_config(patcher)
     accel = json.loads(metadata[META_KEY])
     accel["model_config"] = config
-    for layer, entry in accel.get("core_layers", {}).items():  # our format for the report (a stock-loaded layer has none)
+    for layer, entry in accel.get("core_layers", {}).items():  # our format, where a layer has one (not stock-loaded)
         module = patcher.get_model_object(PREFIX + layer)
         if getattr(module, "accel_spec", None) is not None:
             entry.update(module.accel_spec.to_json(), shape=list(module.weight.shape))

@@ -1,22 +1,13 @@
-"""The interface every weight format implements, and a layer's ``Spec``.
+"""The interface every weight format implements (``formats.FORMATS``), and a layer's ``Spec``.
 
-A format is a small stateless object (registered in ``formats.FORMATS``) that stores a linear
-layer's float32 weight [N, K] as a dict of tensors ("parts": packed codes and their scales):
-
-- ``quantize(w, spec, generator=None) -> parts``; ``generator`` switches integer rounding to
-  stochastic rounding (for a LoRA baked into an already quantized layer, as ComfyUI does for its
-  own fp8 weights);
-- ``quantize_for_inputs(w, spec, input_sq) -> parts``: chosen for the layer's output error on
-  inputs whose per-channel mean square is ``input_sq`` [K] (calibration); formats that cannot use
-  it quantize as without it;
-- ``dequantize(parts, shape, spec, dtype)``; ``linear(x [M, K], parts, shape, spec, bias,
-  inv_smooth)`` through the ``kernels/`` dispatchers, ``inv_smooth`` (SmoothQuant) applied to
-  ``x`` first;
-- ``part_specs(shape, spec)``: every stored tensor's shape and dtype (to check a file, count bytes);
-  ``problem(shape, spec)``: why the format cannot hold that shape, or None.
-
-What does not depend on the format (SmoothQuant factors, the low-rank branch) lives in
-``qweight.QuantWeight`` around the parts, so every format gets it.
+A format is a stateless object that stores a linear layer's float32 weight [N, K] as a dict of
+tensors (the "parts": codes and scales): ``quantize(w, spec, generator)`` (a generator switches to
+stochastic rounding, as ComfyUI rounds a LoRA baked into its own fp8 weights), ``quantize_for_inputs``
+(parts chosen for the output error on inputs of per-channel mean square ``input_sq`` [K]; formats
+that cannot use it quantize as without it), ``dequantize``, ``linear(x [M, K], ...)`` through the
+``kernels/`` dispatchers, ``part_specs`` (every stored tensor's shape and dtype, to check a file and
+count bytes) and ``problem`` (why it cannot hold a shape). What does not depend on the format
+(SmoothQuant factors, the low-rank branch) lives around the parts in ``qweight.QuantWeight``.
 """
 from __future__ import annotations
 

@@ -262,7 +262,7 @@ class MXFP8(WeightFormat):
     weight_bits = 8
     act_bits = 8
     act_type = "fp"
-    fixed_block = 32  # (core's mxfp8 files store the block scales swizzled: Quantize Model writes those from core's layer)
+    fixed_block = 32  # core's mxfp8 files store these swizzled: Save writes them from core's own layer
 
     def part_specs(self, shape, spec):
         n, k = shape
