@@ -64,6 +64,12 @@ def calibration_sockets() -> list:
     ]
 
 
+def model_report_plot() -> list:
+    """The outputs of the nodes that return a changed model, its report and a plot."""
+    return [io.Model.Output(display_name="model"), io.String.Output(display_name="report"),
+            io.Image.Output(display_name="plot")]
+
+
 def check_calibration(node: str, positive, latent) -> None:
     if positive is not None and latent is None:
         fail(node, "latent", "is needed for calibration when positive is connected (e.g. an Empty Latent)")
@@ -120,11 +126,7 @@ class AccelQuantizeModel(AccelNode):
                                         "'weight_only'. Example: 'img_mod|txt_mod = keep'."),
                 *calibration_sockets(),
             ],
-            outputs=[
-                io.Model.Output(display_name="model"),
-                io.String.Output(display_name="report"),
-                io.Image.Output(display_name="plot"),
-            ],
+            outputs=model_report_plot(),
         )
 
     @classmethod
@@ -163,21 +165,17 @@ class AccelQuantizeModel(AccelNode):
             fail(node, "group_size" if grouped and "group size" in str(e) else "format",
                  f"cannot be used: {e}. Choose a size that divides it, or keep that layer with "
                  f"layer_overrides ('{e.path} = keep').")
-        calibration = None
-        if positive is not None:
-            calibration = pipeline.Calibration(positive, negative, latent, calibration_steps, seed, cfg)
-        auto_options = None
-        if format == "auto":
-            auto_options = pipeline.AutoOptions(candidates, auto_budget if auto_budget > 0 else None,
-                                                auto_min_sqnr_db if auto_min_sqnr_db > 0 else None)
+        calibration = (pipeline.Calibration(positive, negative, latent, calibration_steps, seed, cfg)
+                       if positive is not None else None)
+        auto_options = (pipeline.AutoOptions(candidates, auto_budget if auto_budget > 0 else None,
+                                             auto_min_sqnr_db if auto_min_sqnr_db > 0 else None)
+                        if format == "auto" else None)
         try:
             result = pipeline.run(model, plans, _compute_dtype(compute_dtype, model), group_size, smooth_alpha,
                                   calibration, auto_options, progress=progress)
         except auto.BudgetError as e:
             fail(node, "auto_budget", f"cannot be met: {e}; raise auto_budget or lower auto_min_sqnr_db")
-        summary = {"format": format, **result.summary}
-        rows = [vars(r) for r in result.rows]
-        text = report_text("Quantize Model", summary, rows)
+        text = report_text("Quantize Model", {"format": format, **result.summary}, [vars(r) for r in result.rows])
         log.info("Quantize Model: %s, %s layers quantized, linear weights %.2fx smaller than in bf16%s",
                  format, result.summary["layers quantized"], result.summary["linear weights vs bf16"],
                  f", worst layer {result.summary['worst layer output SQNR dB']} dB"
@@ -233,7 +231,7 @@ class AccelSaveQuantized(AccelNode):
             fail(node, "model", "has no quantized layers; connect the output of Quantize Model")
         path = _target_path(node, filename)
         try:
-            info = checkpoint.save_model(model, path, overwrite=overwrite, other_dtype=_SAVE_DTYPES[other_weights_dtype])
+            info = checkpoint.save_model(model, path, overwrite, _SAVE_DTYPES[other_weights_dtype])
         except FileExistsError:
             fail(node, "filename", f"{path} already exists; choose another name or set overwrite")
         log.info("Save Quantized Model: wrote %s (%d bytes, %d quantized layers)", path, info["bytes"],

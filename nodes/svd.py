@@ -10,7 +10,7 @@ from ..quant.linear import QuantLinear
 from ..quant import model as qmodel
 from . import plots
 from .common import CATEGORY, fail, node_name, progress, report_text
-from .quant import calibration_sockets, calibration_widgets, check_calibration
+from .quant import calibration_sockets, calibration_widgets, check_calibration, model_report_plot
 from .validate import AccelNode
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,14 @@ class AccelSVDLowRankBranch(AccelNode):
             node_id="AccelSVDLowRankBranch",
             display_name=NODE,
             category=f"{CATEGORY}/quant",
-            description=("SVDQuant inside the graph. Before Quantize Model: smooths each attention/MLP linear "
-                         "layer with activation statistics (moving activation outliers into the weight), splits "
-                         "the smoothed weight by SVD into a 16-bit rank-r branch and a residual, and Quantize "
-                         "Model then quantizes only the residual (use format w4a4, or nvfp4_w4a4, for 4-bit weights and "
-                         "activations; w4a8 for 8-bit activations). After Quantize Model: fits the branch to each layer's quantization error "
-                         "instead, without requantizing. The input model is untouched. A LoRA loaded after this "
-                         "node and Quantize Model joins the branch (no requantization); one applied before is "
-                         "merged before the SVD. Outputs a per-layer report and plot."),
+            description=("SVDQuant inside the graph. Before Quantize Model: smooths each attention/MLP linear layer "
+                         "with activation statistics (moving activation outliers into the weight), splits the "
+                         "smoothed weight by SVD into a 16-bit rank-r branch and a residual, and Quantize Model then "
+                         "quantizes only the residual (use format w4a4, or nvfp4_w4a4, for 4-bit weights and "
+                         "activations; w4a8 for 8-bit activations). After Quantize Model: fits the branch to each "
+                         "layer's quantization error instead, without requantizing. The input model is untouched. A "
+                         "LoRA loaded after this node and Quantize Model joins the branch (no requantization); one "
+                         "applied before is merged before the SVD. Outputs a per-layer report and plot."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model: before Quantize Model (SVDQuant) or after "
                                                 "it (error compensation)."),
@@ -70,8 +70,7 @@ class AccelSVDLowRankBranch(AccelNode):
                 io.Combo.Input("svd", options=list(lowrank.METHODS), default="randomized",
                                tooltip="randomized: torch.svd_lowrank (rank + 16 directions, 2 power "
                                        "iterations), much faster on wide layers; full: exact SVD."),
-                io.Combo.Input("report_format", options=list(REPORT_FORMATS),
-                               default="w4a4",
+                io.Combo.Input("report_format", options=list(REPORT_FORMATS), default="w4a4",
                                tooltip="Before Quantize Model: the format the report quantizes each layer in, "
                                        "plainly and as residual + branch, to show the SQNR gain (dB). Use the "
                                        "format you will pick in Quantize Model."),
@@ -86,11 +85,7 @@ class AccelSVDLowRankBranch(AccelNode):
                                         "'blocks\\.0\\. = keep'."),
                 *calibration_sockets(),
             ],
-            outputs=[
-                io.Model.Output(display_name="model"),
-                io.String.Output(display_name="report"),
-                io.Image.Output(display_name="plot"),
-            ],
+            outputs=model_report_plot(),
         )
 
     @classmethod
@@ -153,7 +148,8 @@ class AccelSVDLowRankBranch(AccelNode):
                  len(result.rows), rank, summary["branch build time s"],
                  f", median SQNR {summary['median SQNR plain dB']} -> {summary['median SQNR branched dB']} dB"
                  if "median SQNR plain dB" in summary else "")
-        names = ("quantized", "quantized + branch") if after else (f"plain {report_format}", f"SVDQuant {report_format}")
+        names = ("quantized", "quantized + branch") if after else (f"plain {report_format}",
+                                                                    f"SVDQuant {report_format}")
         return io.NodeOutput(result.model, text, _plot(result.rows, names))
 
 

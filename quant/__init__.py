@@ -1,3 +1,5 @@
-"""Quantization formats, calibration, SVD low-rank branches, QuantLinear, checkpoint I/O.
+"""Quantization: weight formats, calibration, SVDQuant low-rank branches, QuantLinear, checkpoint I/O.
 
-No ComfyUI import at module level."""
+Modules import only those before them in: format_base, vq_format, formats, policy, qweight, lowrank,
+linear, core, model, calibrate, auto, pipeline, svdquant, checkpoint. No ComfyUI import at module level.
+"""

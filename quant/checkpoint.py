@@ -210,7 +210,8 @@ def load_quantized_state(path: str) -> tuple[dict, dict[str, QuantWeight], dict,
                     try:
                         plain[key] = f.get_tensor(key)
                     except Exception as e:  # safetensors' own error types
-                        raise CheckpointError(f"{name}: tensor {key} cannot be read ({e}); the file is damaged") from None
+                        raise CheckpointError(f"{name}: tensor {key} cannot be read ({e}); "
+                                              "the file is damaged") from None
                     used.add(key)
             for layer, info in layers.items():
                 spec, shape, parts_spec = expected_parts(layer, info)
@@ -394,7 +395,8 @@ def load_model(path: str):
     missing = sorted({e["comfy"]["format"] for e in in_core.values()} - compat.core_quant_formats())
     if missing:
         raise CheckpointError(f"{name} has layers in ComfyUI's {', '.join(missing)} layout, which this ComfyUI "
-                              f"({compat.host_version()}) cannot build: it needs ComfyUI 0.33 or later with comfy-kitchen")
+                              f"({compat.host_version()}) cannot build: it needs ComfyUI 0.33 or later with "
+                              "comfy-kitchen")
     for layer, entry in in_core.items():  # what ComfyUI's loader reads to build the layer in its layout
         sd[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(entry["comfy"]).encode("utf-8")), dtype=torch.uint8)
     # ComfyUI's detection may read file metadata (LTX-Video's "config"); not the quantization keys.
@@ -418,7 +420,8 @@ def load_model(path: str):
     for layer, entry in in_core.items():  # ours to the report and to Quantize Model (which refuses to quantize twice)
         if "format" in entry:
             module = patcher.model.diffusion_model.get_submodule(layer)
-            module.accel_spec, module.accel_reason = Spec.from_json(entry), f"ComfyUI's {entry['comfy']['format']} (loaded)"
+            module.accel_spec = Spec.from_json(entry)
+            module.accel_reason = f"ComfyUI's {entry['comfy']['format']} (loaded)"
     if dtype is not None and dtype != compute_dtype(patcher):
         patcher.set_model_compute_dtype(dtype)
     return patcher

@@ -82,7 +82,8 @@ def _layout_args(core_name: str, shape: tuple[int, int], spec: Spec) -> tuple[di
     if core_name == "asym_w4a8_int8":
         g = spec.group_size or 16
         if k % g or (16 % g and g % 16):
-            return {}, f"asym_w4a8_int8 needs a group size dividing the input width {k} that divides 16 or is a multiple of 16"
+            return {}, (f"asym_w4a8_int8 needs a group size dividing the input width {k} that divides 16 or is a "
+                        "multiple of 16")
         return {"group_size": g, "convrot_groupsize": rotation}, None
     if core_name == "convrot_w4a4":
         if k % 64:

@@ -106,8 +106,8 @@ class Int4(WeightFormat):
         return lowbit_gemm.dequant_int4(parts["weight"], parts["scale"], parts["zero"], spec.group_size).to(dtype)
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
-        return lowbit_gemm.lowbit_linear(smoothed(x, inv_smooth), "int4", parts["weight"], parts["scale"], parts["zero"],
-                                         block=spec.group_size, bias=bias)
+        return lowbit_gemm.lowbit_linear(smoothed(x, inv_smooth), "int4", parts["weight"], parts["scale"],
+                                         parts["zero"], block=spec.group_size, bias=bias)
 
 
 class W4A8(WeightFormat):
@@ -229,7 +229,8 @@ class NVFP4W4A4(NVFP4):
 
 class MXFP4(WeightFormat):
     name = "mxfp4"
-    description = "fp4 e2m1 weights with a power-of-two (e8m0) scale per 32 (OCP MXFP4); computed through dequantization"
+    description = ("fp4 e2m1 weights with a power-of-two (e8m0) scale per 32 (OCP MXFP4); computed through "
+                   "dequantization")
     weight_bits = 4
     fixed_block = 32
 
@@ -249,7 +250,8 @@ class MXFP4(WeightFormat):
         return lowbit_gemm.dequant_fp4(parts["weight"], parts["block_scale"], 32).to(dtype)
 
     def linear(self, x, parts, shape, spec, bias, inv_smooth=None):
-        return lowbit_gemm.lowbit_linear(smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"], block=32, bias=bias)
+        return lowbit_gemm.lowbit_linear(smoothed(x, inv_smooth), "mxfp4", parts["weight"], parts["block_scale"],
+                                         block=32, bias=bias)
 
 
 class MXFP8(WeightFormat):
@@ -277,8 +279,8 @@ class MXFP8(WeightFormat):
 
     def dequantize(self, parts, shape, spec, dtype):
         n, k = shape
-        w = parts["weight"].to(torch.float32).reshape(n, k // 32, 32) * lowbit.e8m0_decode(parts["block_scale"])[..., None]
-        return w.reshape(n, k).to(dtype)
+        scale = lowbit.e8m0_decode(parts["block_scale"])[..., None]
+        return (parts["weight"].to(torch.float32).reshape(n, k // 32, 32) * scale).reshape(n, k).to(dtype)
 
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int8(), FP8E4M3(), Int4(), W4A8(), W4A4(), NVFP4(),

@@ -81,7 +81,8 @@ class VQWeights(WeightFormat):
         self.index_bits = bits * dim // levels
         assert self.index_bits in (8, 12), "indices are stored as 8-bit or packed 12-bit values"
         self.codes = 2 ** self.index_bits
-        shape = f"{self.codes} fp16 codes of {dim} weights" + (f" in each of {levels} residual levels" if levels > 1 else "")
+        shape = f"{self.codes} fp16 codes of {dim} weights"
+        shape += f" in each of {levels} residual levels" if levels > 1 else ""
         self.description = (f"vector-quantized weights (VQ4DiT-style): {shape} per layer, fp16 scale per row, "
                             f"{bits} bits per weight; codes chosen for the output error when calibrated; "
                             "computed through dequantization")
