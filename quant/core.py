@@ -50,10 +50,6 @@ class Choice:
     fallback: bool = False              # the asked format cannot run as such here: logged once
 
 
-def available() -> frozenset:
-    return compat.core_quant_formats()
-
-
 def native_matmul(core_name: str, device: torch.device) -> bool:
     """Whether ComfyUI multiplies this layout's quantized activations on ``device`` (else it
     runs the layer dequantized, as its loader does for a stock file)."""
@@ -102,7 +98,7 @@ def choose(spec: Spec, shape: tuple[int, int], device: torch.device, *, smoothed
         return Choice(None, "our kernels (asked)")
     if name is None:
         return Choice(None, f"ComfyUI has no {spec.format} layout")
-    if name not in available():
+    if name not in compat.core_quant_formats():
         return Choice(None, f"this ComfyUI has no {name} layout (needs comfy.quant_ops on comfy-kitchen); "
                             "our kernels run instead", fallback=True)
     if branched:
@@ -132,16 +128,13 @@ FILE_PARTS = {"float8_e4m3fn": ("", "_scale"), "float8_e5m2": ("", "_scale"), "i
               "asym_w4a8_int8": ("", "_s_rel", "_s_channel")}
 
 
-def is_core_weight(weight) -> bool:
-    import comfy.quant_ops
-    return isinstance(weight, torch.Tensor) and isinstance(weight, comfy.quant_ops.QuantizedTensor)
-
-
 def core_format(module) -> str | None:
     """ComfyUI's format name of a layer holding a core ``QuantizedTensor`` (ours or a stock-loaded one)."""
-    if not available() or not is_core_weight(getattr(module, "weight", None)):
-        return None
-    return getattr(module, "quant_format", None)
+    if not compat.core_quant_formats():
+        return None  # no comfy-kitchen layouts on this host: no layer holds one
+    import comfy.quant_ops
+    weight = getattr(module, "weight", None)
+    return getattr(module, "quant_format", None) if isinstance(weight, comfy.quant_ops.QuantizedTensor) else None
 
 
 def packed_nbytes(weight) -> int:
@@ -183,10 +176,3 @@ def layer_state(module, prefix: str, weight=None) -> dict:
     if weight is not None:
         sd.update(weight.state_dict(prefix + "weight"))
     return sd
-
-
-@torch.no_grad()
-def layer_output(layer, rows: torch.Tensor) -> torch.Tensor:
-    """The layer's output on ``rows`` [M, K] (float32), computed as in sampling."""
-    dtype = layer.weight.dtype
-    return layer(rows.to(device=layer.weight.device, dtype=dtype)).float()

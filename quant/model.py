@@ -239,8 +239,8 @@ def _quantize_layer(patcher, clone, plan, dtype, stats, smooth_alpha, kernels, f
         deq, picks = new.weight.dequantize().float(), sqnr_rows(n, k)
         row.weight_sqnr_db = sqnr_db(w[picks.to(w.device)], deq[picks.to(deq.device)])
         if sample is not None:
-            sample = sample.to(w.device)
-            row.output_sqnr_db = sqnr_db(sample @ w.t(), core.layer_output(new, sample))
+            sample = sample.to(w.device)  # the layer computes as in sampling, in its own dtype
+            row.output_sqnr_db = sqnr_db(sample @ w.t(), new(sample.to(new.weight.device, new.weight.dtype)).float())
         row.activations = "float" if choice.full_precision else row.activations
         row.reason, row.layout = f"{plan.reason}; {choice.reason}", f"ComfyUI {choice.core}"
     else:
