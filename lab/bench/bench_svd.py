@@ -131,7 +131,7 @@ def fidelity(subject: Subject, ranks: tuple[int, ...], settings=SAME_BITS, full:
             if full and fmt != "w4a8":   # the search is for W4A4 (where activations limit); it costs ~10x the build
                 start = time.perf_counter()
                 searched = svdquant.branch_model(model, layers, rank, svdquant.AUTO_ALPHA, stats,
-                                                report_spec=Spec(fmt, group)).model
+                                                 report_spec=Spec(fmt, group)).model
                 build = time.perf_counter() - start
                 record(bits, f"SVDQuant r{rank}, alpha searched",
                        qmodel.quantize_model(searched, plans_for(searched, fmt, group), stats=stats), build)
