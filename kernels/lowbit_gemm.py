@@ -113,7 +113,7 @@ def w4a8_gemm_reference(xq, x_scale, packed, group_scale, scale, block, bias=Non
 def _launch_config() -> dict:
     if dispatch.interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=1)
-    # Untuned starting points (no GPU was available when this was written).
+    # GPU tiles: untuned starting points.
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
@@ -331,11 +331,7 @@ def w4a8_gemm_triton(xq, x_scale, packed, group_scale, scale, block, bias=None, 
 def _supported(x, packed, block) -> bool:
     if x.dim() != 2 or packed.dim() != 2 or block % 2 or x.shape[1] != 2 * packed.shape[1]:
         return False
-    if packed.stride(1) != 1:
-        return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return False
-    return True
+    return packed.stride(1) == 1 and not dispatch.gpu_before_ampere(x.device)
 
 
 def lowbit_linear(x: torch.Tensor, code: str, packed: torch.Tensor, scale: torch.Tensor,
@@ -343,11 +339,8 @@ def lowbit_linear(x: torch.Tensor, code: str, packed: torch.Tensor, scale: torch
                   block: int = 64, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ decode(packed).T + bias`` in ``x.dtype``; see the module docstring."""
     supported = code in CODES and x.dtype in _FLOAT_DTYPES and _supported(x, packed, block)
-    args = (x, code, packed, scale, zero, global_scale, block, bias)
-    if dispatch.pick(x, packed, supported=supported) == "triton":
-        return dispatch.run("lowbit_linear", lowbit_linear_triton, lowbit_linear_reference, args,
-                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
-    return lowbit_linear_reference(*args)
+    return dispatch.route("lowbit_linear", lowbit_linear_triton, lowbit_linear_reference,
+                          (x, code, packed, scale, zero, global_scale, block, bias), (x, packed), supported)
 
 
 def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -356,12 +349,9 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     supported = (x.dim() == 2 and x.dtype in _FLOAT_DTYPES and weight.dim() == 2 and weight.stride(1) == 1
                  and weight.dtype in (torch.int8, torch.float8_e4m3fn) and x.shape[1] == weight.shape[1]
                  and scale.numel() in (1, weight.shape[0])
-                 and not (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0)))
-    args = (x, weight, scale, bias)
-    if dispatch.pick(x, weight, supported=supported) == "triton":
-        return dispatch.run("w8a16_linear", w8a16_linear_triton, w8a16_linear_reference, args,
-                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
-    return w8a16_linear_reference(*args)
+                 and not dispatch.gpu_before_ampere(x.device))
+    return dispatch.route("w8a16_linear", w8a16_linear_triton, w8a16_linear_reference, (x, weight, scale, bias),
+                          (x, weight), supported)
 
 
 def w4a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, group_scale: torch.Tensor,
@@ -372,9 +362,7 @@ def w4a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, gro
     the int8 part exact in int32."""
     supported = (xq.dtype == torch.int8 and out_dtype in _FLOAT_DTYPES and _supported(xq, packed, block)
                  and (lora_act is None or lora_act.shape[1] <= 256))
-    args = (xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up)
-    if dispatch.pick(xq, packed, supported=supported) == "triton":
-        rows = dispatch.first_rows
-        return dispatch.run("w4a8_gemm", w4a8_gemm_triton, w4a8_gemm_reference, args,
-                            lambda a: (rows(a[0]), rows(a[1]), *a[2:8], rows(a[8]), a[9]))
-    return w4a8_gemm_reference(*args)
+    rows = dispatch.first_rows
+    return dispatch.route("w4a8_gemm", w4a8_gemm_triton, w4a8_gemm_reference,
+                          (xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up),
+                          (xq, packed), supported, lambda a: (rows(a[0]), rows(a[1]), *a[2:8], rows(a[8]), a[9]))

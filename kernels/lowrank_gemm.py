@@ -120,11 +120,8 @@ def quantize_act_4bit(x: torch.Tensor, inv_smooth: torch.Tensor | None = None, d
     """``x [M, K]`` -> (int8 ``g * c`` [M, K], fp32 token scale [M, 1], ``(x * inv_smooth) @ down`` fp32 [M, r] or None)."""
     supported = (x.dim() == 2 and x.stride(1) == 1 and block >= 16 and block & (block - 1) == 0
                  and x.shape[1] % block == 0 and (down is None or down.shape[1] <= 256))
-    args = (x, inv_smooth, down, block)
-    if dispatch.pick(x, supported=supported) == "triton":
-        return dispatch.run("quantize_act_4bit", quantize_act_4bit_triton, quantize_act_4bit_reference, args,
-                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
-    return quantize_act_4bit_reference(*args)
+    return dispatch.route("quantize_act_4bit", quantize_act_4bit_triton, quantize_act_4bit_reference,
+                          (x, inv_smooth, down, block), (x,), supported)
 
 
 def w4a4_linear(x: torch.Tensor, packed: torch.Tensor, group_scale: torch.Tensor, scale: torch.Tensor, block: int,

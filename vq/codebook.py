@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..kernels import kmeans as km
+from ..kernels.kmeans import kmeans, nearest_centroid
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,13 @@ def vectors_to_latent(vectors: torch.Tensor, grid: Grid) -> torch.Tensor:
     return x.contiguous()
 
 
+def reconstructions(codebook: Codebook, samples: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The indices [depth, M] of a latent's vectors and the latent rebuilt from 1, 2, ... levels."""
+    vectors, grid = latent_to_vectors(samples, codebook.patch)
+    idx = encode(codebook, vectors)
+    return idx, [vectors_to_latent(decode(codebook, idx[:level + 1]), grid) for level in range(codebook.depth)]
+
+
 # ---------------------------------------------------------------------------------------------
 # nearest code: faiss when installed (CPU), else our kernel
 
@@ -146,7 +153,7 @@ def nearest(vectors: torch.Tensor, codes: torch.Tensor, backend: str = "auto") -
     the other way than on the kernel path; exact duplicates of codes are not a concern here.
     """
     if backend in ("auto", "faiss") and vectors.device.type == "cpu" and vectors.dim() == 2:
-        faiss = _faiss()
+        faiss = faiss_module()
         if faiss is not None:
             index = faiss.IndexFlatL2(codes.shape[-1])
             index.add(codes.float().contiguous().numpy())
@@ -156,10 +163,11 @@ def nearest(vectors: torch.Tensor, codes: torch.Tensor, backend: str = "auto") -
             return idx, d2
         if backend == "faiss":
             raise RuntimeError("backend 'faiss' was asked for but faiss is not installed (pip install faiss-cpu)")
-    return km.nearest_centroid(vectors, codes)
+    return nearest_centroid(vectors, codes)
 
 
-def _faiss():
+def faiss_module():
+    """The faiss module when it is installed (an optional speed-up, never required), else None."""
     try:
         import faiss
     except ImportError:
@@ -189,7 +197,7 @@ def fit(vectors: torch.Tensor, k: int, channels: int, patch: int = 1, depth: int
     levels, usage = [], []
     for level in range(depth):
         step = None if progress is None else (lambda done, base=level * iters: progress(base + done))
-        codes, idx = km.kmeans(residual, k, iters=iters, seed=seed + level, progress=step)
+        codes, idx = kmeans(residual, k, iters=iters, seed=seed + level, progress=step)
         residual -= codes[idx]
         levels.append(codes)
         usage.append(torch.bincount(idx, minlength=k).float())
@@ -211,7 +219,7 @@ def shrink(codebook: Codebook, k: int, iters: int = 20, seed: int = 0,
         if w is not None and int((w > 0).sum()) < k:
             w = w + 1e-3  # fewer used codes than asked for: let unused ones count a little
         step = None if progress is None else (lambda done, base=level * iters: progress(base + done))
-        codes, idx = km.kmeans(codebook.vectors[level], k, iters=iters, seed=seed + level, progress=step, weights=w)
+        codes, idx = kmeans(codebook.vectors[level], k, iters=iters, seed=seed + level, progress=step, weights=w)
         levels.append(codes)
         ones = torch.ones(codebook.size) if w is None else w
         usage.append(torch.zeros(k).index_add_(0, idx, ones))
