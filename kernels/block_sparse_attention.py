@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .dispatch import tl, triton
 
 TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 TRITON_MAX_HEAD_DIM = 256
@@ -167,9 +168,6 @@ def block_sparse_attention_gather(q, k, v, kv_indices, kv_counts, block_size: in
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _bsa_fwd(Q, K, V, O, LSE, IDX, CNT,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,

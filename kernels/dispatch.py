@@ -21,7 +21,6 @@ on CPU tensors under ``TRITON_INTERPRET=1`` so they cannot pass on the wrong pat
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -32,19 +31,19 @@ import torch
 
 log = logging.getLogger(__name__)
 
+try:  # Triton is optional: the pack must import where it is missing. The kernels take it from here.
+    import triton
+    import triton.language as tl
+except Exception as e:  # ImportError, or a broken install raising anything else
+    log.debug("Triton unavailable: %s", e)
+    triton = tl = None
+
 _state = threading.local()
 BACKENDS = (None, "triton", "reference", "checked")
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install raising anything else
-        log.debug("Triton unavailable: %s", e)
-        return False
-    return True
+    return triton is not None
 
 
 def interpreting() -> bool:

@@ -21,15 +21,11 @@ import logging
 import torch
 
 from . import dispatch
+from .dispatch import tl, triton
 from .quant_primitives import quantize_per_token_int8
 
 log = logging.getLogger(__name__)
 
-try:  # Triton is optional: the pack must import where it is missing.
-    import triton
-    import triton.language as tl
-except Exception:  # ImportError, or a broken install raising anything else
-    triton = tl = None
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -93,14 +89,8 @@ def _warn_once(device_type: str, message: str) -> None:
         log.warning(message)
 
 
-def int8_gemm_reference(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def int8_gemm_reference(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     acc = int8_matmul_int32(xq, wq)
     # In place on the fresh fp32 copy: the epilogue is memory-bound and each pass over M x N counts.
     out = acc.float().mul_(x_scale.reshape(-1, 1).float()).mul_(w_scale.reshape(1, -1).float())
@@ -182,14 +172,8 @@ def _triton_supports(M: int, K: int, wq, w_scale, bias, out_dtype, device: torch
     return not dispatch.gpu_before_ampere(device)
 
 
-def int8_gemm_triton(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def int8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     M, K = xq.shape
     N = wq.shape[0]
     x_scale = x_scale.reshape(M).float().contiguous()
@@ -211,14 +195,8 @@ def int8_gemm_triton(
 # ---------------------------------------------------------------- dispatchers
 
 
-def int8_gemm(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(xq @ wq.T) * x_scale * w_scale + bias`` as ``out_dtype``; see the module docstring for shapes."""
     supported = (
         xq.dim() == 2 and xq.dtype == torch.int8 and x_scale.numel() == xq.shape[0]

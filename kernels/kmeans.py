@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import dispatch
+from .dispatch import tl, triton
 
 # CPU blocking: a 512 x 2048 block of bfloat16 screen scores (2 MiB) measured fastest.
 _BLOCK_N = 512
@@ -301,8 +302,6 @@ def _augmented_blocks(c: torch.Tensor, screen: torch.dtype = torch.float32
 
 
 def nearest_centroid_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    import triton
-
     xb, cb, _ = _flatten(x, centroids)
     xb, cb = xb.contiguous(), cb.contiguous()
     b, n, d = xb.shape
@@ -319,8 +318,6 @@ def nearest_centroid_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[t
 
 
 def _triton_blocks(d: int) -> tuple[int, int, int]:
-    import triton
-
     block_d = min(64, max(16, triton.next_power_of_2(d)))
     if dispatch.interpreting():
         return 32, 32, 16 if d <= 16 else 32  # small tiles: the interpreter runs them in numpy
@@ -377,8 +374,6 @@ def centroid_sums_reference(x: torch.Tensor, indices: torch.Tensor, k: int,
 
 def centroid_sums_triton(x: torch.Tensor, indices: torch.Tensor, k: int,
                          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    import triton
-
     xb, ib, wb = _flatten_assignments(x, indices, weights)
     xb, ib = xb.contiguous(), ib.contiguous()
     b, n, d = xb.shape
@@ -538,9 +533,6 @@ def _no_tf32(device: torch.device):
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> dict:
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def nearest_kernel(x_ptr, c_ptr, hn_ptr, out_ptr, N, K, D,
                        sxb, sxn, scb, sck, shb, sob,

@@ -30,13 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, lowbit
+from .dispatch import tl, triton
 from .int8_gemm import int8_gemm_reference
 
-try:  # Triton is optional: the pack must import where it is missing.
-    import triton
-    import triton.language as tl
-except Exception:
-    triton = tl = None
 
 CODES = ("int4", "nvfp4", "mxfp4")
 _CODE_IDS = {name: i for i, name in enumerate(CODES)}

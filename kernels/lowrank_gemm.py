@@ -20,12 +20,8 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, lowbit_gemm
+from .dispatch import tl, triton
 
-try:  # Triton is optional: the pack must import where it is missing.
-    import triton
-    import triton.language as tl
-except Exception:
-    triton = tl = None
 
 LEVEL1 = 119.0   # 7 codes x 17 group steps: the largest exact int8 value
 _MIN_SCALE = 1e-12

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,10 +47,6 @@ class Codebook:
     @property
     def dim(self) -> int:
         return self.vectors.shape[2]
-
-    @property
-    def bits_per_vector(self) -> float:
-        return self.depth * math.log2(self.size) if self.size > 1 else 0.0
 
     def sha256(self) -> str:
         """Content hash: the code values and the layout (channels, patch); names a codebook in token files."""
