@@ -91,13 +91,6 @@ def block_sparse_attention_reference(q, k, v, kv_indices, kv_counts, block_size:
     return _finish(out, lse, q, return_lse)
 
 
-def _cpu_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # Half-precision matmuls on the CPU are orders of magnitude slower than fp32 (bf16 is fine).
-    if device.type == "cpu" and dtype == torch.float16:
-        return torch.float32
-    return dtype
-
-
 def block_sparse_attention_gather(q, k, v, kv_indices, kv_counts, block_size: int, scale: float | None = None,
                                   return_lse: bool = False, chunk_bytes: int = GATHER_CHUNK_BYTES):
     """Gather each query block's kept key/value blocks and attend to just those (the CPU path)."""
@@ -107,9 +100,9 @@ def block_sparse_attention_gather(q, k, v, kv_indices, kv_counts, block_size: in
     bs = block_size
     n_qb, n_kb = -(-n_q // bs), -(-n_k // bs)
     scale = D ** -0.5 if scale is None else scale
-    dtype = _cpu_compute_dtype(q.dtype, q.device)
-    if return_lse:
-        dtype = torch.float32
+    # fp16 matmuls on the CPU are orders of magnitude slower than fp32 (bf16 is fine); the LSE wants fp32.
+    cpu_fp16 = q.device.type == "cpu" and q.dtype == torch.float16
+    dtype = torch.float32 if return_lse or cpu_fp16 else q.dtype
     idx, cnt = _expand_lists(q, kv_indices, kv_counts)
     max_k = idx.shape[-1]
     rows = B * H * n_qb

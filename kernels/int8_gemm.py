@@ -55,6 +55,9 @@ def _int_mm_padded(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(xq, wq.t())[:M, :N]
 
 
+_warned: set[str] = set()   # device types warned about; a handful at most
+
+
 def int8_matmul_int32(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """Exact ``xq @ wq.T`` in int32 for int8 xq ``[M, K]`` and wq ``[N, K]``, on any shape."""
     _check_operands(xq, wq)
@@ -76,17 +79,10 @@ def int8_matmul_int32(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     try:
         return torch._int_mm(xq, wq.t())
     except (RuntimeError, NotImplementedError) as e:
-        _warn_once(xq.device.type, f"torch._int_mm failed on {xq.device.type} ({e}); computing the int8 GEMM on the CPU")
+        if xq.device.type not in _warned:
+            _warned.add(xq.device.type)
+            log.warning("torch._int_mm failed on %s (%s); computing the int8 GEMM on the CPU", xq.device.type, e)
         return int8_matmul_int32(xq.cpu(), wq.cpu()).to(xq.device)
-
-
-_warned: set[str] = set()   # device types; a handful at most
-
-
-def _warn_once(device_type: str, message: str) -> None:
-    if device_type not in _warned:
-        _warned.add(device_type)
-        log.warning(message)
 
 
 def int8_gemm_reference(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
