@@ -100,7 +100,7 @@ def test_bad_inputs_name_node_and_input(env):
                iterations=2, seed=0).args[0]
     with pytest.raises(AccelInputError, match="VQ Encode [(]AccelVQEncode[)]: input 'residual_levels'"):
         run(nv.AccelVQEncode, latent=latent, codebook=book, residual_levels=3)
-    with pytest.raises(AccelInputError, match=r"VQGAN Encode \(Stage A\): input 'vae'.*Stage A"):
+    with pytest.raises(AccelInputError, match=r"VQGAN Encode \(Stage A\) \(AccelVQGANEncode\): input 'vae'.*Stage A"):
         run(nv.AccelVQGANEncode, image=env["images"], vae=env["taesd"], report_psnr=False)
 
 
