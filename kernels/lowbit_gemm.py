@@ -59,14 +59,9 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int,
     return (vals * s[..., None]).reshape(n, -1)
 
 
-def dequant(code: str, packed, scale, zero=None, global_scale=None, block: int = 64) -> torch.Tensor:
-    if code == "int4":
-        return dequant_int4(packed, scale, zero, block)
-    return dequant_fp4(packed, scale, block, global_scale)
-
-
 def lowbit_linear_reference(x, code, packed, scale, zero=None, global_scale=None, block=64, bias=None):
-    return F.linear(x, dequant(code, packed, scale, zero, global_scale, block).to(x.dtype), bias)
+    w = dequant_int4(packed, scale, zero, block) if code == "int4" else dequant_fp4(packed, scale, block, global_scale)
+    return F.linear(x, w.to(x.dtype), bias)
 
 
 # Below this many rows, ATen's fused int8-weight GEMV beats dequantize-then-matmul on a CPU

@@ -21,10 +21,10 @@ import torch
 
 from . import dispatch, lowbit_gemm
 from .dispatch import tl, triton
+from .quant_primitives import row_scale
 
 
 LEVEL1 = 119.0   # 7 codes x 17 group steps: the largest exact int8 value
-_MIN_SCALE = 1e-12
 
 
 # ---------------------------------------------------------------- reference
@@ -37,8 +37,7 @@ def quantize_act_4bit_reference(x: torch.Tensor, inv_smooth: torch.Tensor | None
     if inv_smooth is not None:
         x32.mul_(inv_smooth.to(torch.float32))
     lora_act = None if down is None else x32 @ down.to(torch.float32)
-    absmax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
-    scale = absmax.clamp_(min=_MIN_SCALE).div_(LEVEL1)
+    scale = row_scale(x32, LEVEL1)
     xg = x32.mul_(scale.reciprocal()).reshape(m, k // block, block)
     gscale = xg.abs().amax(dim=-1, keepdim=True).div_(7.0).ceil_().clamp_(1, 17)
     codes = xg.div_(gscale).round_().clamp_(-7, 7).mul_(gscale)
