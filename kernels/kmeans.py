@@ -54,8 +54,7 @@ _PARALLEL_MIN_SCORES = 1 << 24  # below this many x-code pairs one thread is qui
 _SPAN_BLOCKS = 4  # row blocks screened before one refinement pass over their rows
 
 
-# ---------------------------------------------------------------------------------------------
-# shapes
+# ---------------------------------------------------------------- shapes
 
 
 def _flatten(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -85,8 +84,7 @@ def _exact_sq_dist(x: torch.Tensor, centroids: torch.Tensor, indices: torch.Tens
     return (x.float() - chosen.float()).square_().sum(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# nearest_centroid
+# ---------------------------------------------------------------- nearest_centroid
 
 
 def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,8 +341,7 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Te
                           lambda got, want: dispatch.difference(got[1], want[1]))
 
 
-# ---------------------------------------------------------------------------------------------
-# centroid_sums (the k-means update)
+# ---------------------------------------------------------------- centroid_sums (the k-means update)
 
 
 def _flatten_assignments(x, indices, weights):
@@ -402,8 +399,7 @@ def centroid_sums(x: torch.Tensor, indices: torch.Tensor, k: int,
                           lambda a: (a[0][..., :n, :], a[1][..., :n], a[2], None if a[3] is None else a[3][..., :n]))
 
 
-# ---------------------------------------------------------------------------------------------
-# k-means
+# ---------------------------------------------------------------- k-means
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, init: str | torch.Tensor = "kmeans++",
@@ -513,8 +509,7 @@ def _reseed_dead(xb, c, counts, d2, gen, wb) -> None:
         c[bi, slots[:m]] = xb[bi, rows]
 
 
-# ---------------------------------------------------------------------------------------------
-# helpers
+# ---------------------------------------------------------------- helpers
 
 
 @contextlib.contextmanager

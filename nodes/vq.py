@@ -68,7 +68,7 @@ def _pixels(samples: torch.Tensor, vae, spatial: int, temporal: int) -> int:
     return b * frames * h * spatial * w * spatial
 
 
-def _fit_report(title: str, book: Codebook, samples: torch.Tensor, extra: dict) -> tuple[str, torch.Tensor, dict]:
+def _fit_report(title: str, book: Codebook, samples: torch.Tensor, extra: dict) -> tuple[str, torch.Tensor]:
     """Utilisation and reconstruction PSNR per residual level, on the given latent."""
     idx, recs = reconstructions(book, samples)
     rows, psnrs = [], []
@@ -82,7 +82,7 @@ def _fit_report(title: str, book: Codebook, samples: torch.Tensor, extra: dict) 
                "vector_dim": book.dim, "vectors": idx.shape[1], "sha256": book.sha256()[:16], **extra,
                "note": "latent PSNR: peak = the latent's value range"}
     plot = bar_plot([f"L{r['levels']}" for r in rows], psnrs, f"{title}: latent PSNR by residual level (dB)", "dB")
-    return report_text(title, summary, rows), plot, summary
+    return report_text(title, summary, rows), plot
 
 
 def _bitrate_rows(report: dict, latent_elements: int | None) -> list[dict]:
@@ -107,9 +107,6 @@ def _bitrate_outputs(title: str, tokens: Tokens, report: dict, extra: dict) -> t
                     groups=[r["storage"] for r in rows])
     log.info("%s: %s", title, ", ".join(f"{k}={v}" for k, v in summary.items()))
     return report_text(title, summary, rows), plot
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class AccelVQFitCodebook(AccelNode):
@@ -155,7 +152,7 @@ class AccelVQFitCodebook(AccelNode):
         step = progress(residual_levels * iterations)
         book = fit(vectors, codebook_size, samples.shape[1], patch_size, residual_levels, iterations, seed,
                       progress=step, source=f"fit on {tuple(samples.shape)} latent")
-        text, plot, _ = _fit_report("VQ Fit Codebook", book, samples, {"seed": seed, "iterations": iterations})
+        text, plot = _fit_report("VQ Fit Codebook", book, samples, {"seed": seed, "iterations": iterations})
         log.info("VQ Fit Codebook: K=%d levels=%d patch=%d on %d vectors", codebook_size, residual_levels,
                  patch_size, vectors.shape[0])
         return io.NodeOutput(book, text, plot)
@@ -195,7 +192,7 @@ class AccelVQShrinkCodebook(AccelNode):
             samples = _samples(node, latent)
             if samples.shape[1] != book.channels:
                 fail(node, "latent", f"has {samples.shape[1]} channels; the codebook is for {book.channels}-channel latents")
-            text, plot, _ = _fit_report("VQ Shrink Codebook", book, samples, extra)
+            text, plot = _fit_report("VQ Shrink Codebook", book, samples, extra)
         else:
             usage = book.usage[0]
             text = report_text("VQ Shrink Codebook", {**extra, "codebook_size": book.size, "levels": book.depth,
@@ -477,8 +474,7 @@ def _codebook_by_name(tokens: Tokens) -> Codebook | None:
     return book if book.sha256() == tokens.codebook_sha256 else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Stable Cascade Stage A: a real pretrained VQGAN that ComfyUI loads as a VAE
+# ------------------------------ Stable Cascade Stage A: a real pretrained VQGAN that ComfyUI loads as a VAE
 
 
 def _stage_a_codebook(node: str, vae) -> Codebook:

@@ -73,8 +73,7 @@ def vectors_problem(vectors, channels: int, patch: int) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# latents <-> vectors
+# ---------------------------------------------------------------- latents <-> vectors
 
 
 @dataclass(frozen=True)
@@ -136,8 +135,7 @@ def reconstructions(codebook: Codebook, samples: torch.Tensor) -> tuple[torch.Te
     return idx, [vectors_to_latent(decode(codebook, idx[:level + 1]), grid) for level in range(codebook.depth)]
 
 
-# ---------------------------------------------------------------------------------------------
-# nearest code: faiss when installed (CPU), else our kernel
+# ------------------------------ nearest code: faiss when installed (CPU), else our kernel
 
 
 def nearest(vectors: torch.Tensor, codes: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +168,7 @@ def faiss_module():
     return faiss
 
 
-# ---------------------------------------------------------------------------------------------
-# fit, shrink, encode, decode
+# ---------------------------------------------------------------- fit, shrink, encode, decode
 
 
 def fit(vectors: torch.Tensor, k: int, channels: int, patch: int = 1, depth: int = 1, iters: int = 10,

@@ -103,8 +103,7 @@ def _tensor(f, name: str, path: Path, what: str) -> torch.Tensor:
         raise VQFileError(f"{what} {path.name} is truncated or damaged: tensor '{name}' cannot be read ({e})") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# codebook files
+# ---------------------------------------------------------------- codebook files
 
 
 def codebook_bytes(codebook: Codebook) -> bytes:
@@ -181,8 +180,7 @@ def _float_tensor(f, name: str, path: Path, what: str) -> torch.Tensor:
     return t
 
 
-# ---------------------------------------------------------------------------------------------
-# token files
+# ---------------------------------------------------------------- token files
 
 
 def tokens_bytes(tokens: Tokens, embed_codebook: bool, codebook_name: str | None = None) -> tuple[bytes, dict]:
@@ -365,8 +363,7 @@ def check_compatible(codebook: Codebook, grid: Grid, k: int, levels: int) -> Non
                           f"{levels} level(s) of {k}")
 
 
-# ---------------------------------------------------------------------------------------------
-# latents <-> tokens
+# ---------------------------------------------------------------- latents <-> tokens
 
 
 def encode_latent(codebook: Codebook, samples: torch.Tensor, pixels: int, depth: int | None = None,
