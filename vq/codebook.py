@@ -146,7 +146,7 @@ def nearest(vectors: torch.Tensor, codes: torch.Tensor, backend: str = "auto") -
     the other way than on the kernel path; exact duplicates of codes are not a concern here.
     """
     if backend in ("auto", "faiss") and vectors.device.type == "cpu" and vectors.dim() == 2:
-        faiss = faiss_module()
+        faiss = _faiss()
         if faiss is not None:
             index = faiss.IndexFlatL2(codes.shape[-1])
             index.add(codes.float().contiguous().numpy())
@@ -159,8 +159,7 @@ def nearest(vectors: torch.Tensor, codes: torch.Tensor, backend: str = "auto") -
     return nearest_centroid(vectors, codes)
 
 
-def faiss_module():
-    """The faiss module when it is installed (an optional speed-up, never required), else None."""
+def _faiss():
     try:
         import faiss
     except ImportError:

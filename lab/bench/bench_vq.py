@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from comfyui_accel.kernels import dispatch
-from comfyui_accel.kernels import kmeans as km
-from comfyui_accel.vq.codebook import faiss_module, fit, latent_to_vectors
+from comfyui_accel.kernels.kmeans import nearest_centroid_reference
+from comfyui_accel.vq.codebook import fit, latent_to_vectors
 from comfyui_accel.vq.tokens import bitrate, decode_latent, encode_latent
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,14 @@ def plain_chunked_search(x: torch.Tensor, c: torch.Tensor, rows: int = 1024) -> 
     return out
 
 
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
 def _median_interleaved(fns: dict, reps: int) -> dict:
     """Median time of each function over ``reps`` interleaved rounds (a shared machine's load
     moves between rounds; the median is robust to that), and its last result."""
@@ -61,7 +69,7 @@ def _median_interleaved(fns: dict, reps: int) -> dict:
 
 
 def bench_search(quick: bool) -> list[dict]:
-    faiss = faiss_module()
+    faiss = _faiss()
     records = []
     saved_threads = torch.get_num_threads()
     thread_settings = [1] if quick else sorted({1, saved_threads})
@@ -73,7 +81,7 @@ def bench_search(quick: bool) -> list[dict]:
             for n, d, k in SEARCH_SHAPES:
                 g = torch.Generator().manual_seed(n + d + k)
                 x, c = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
-                fns = {"accel": lambda: km.nearest_centroid_reference(x, c)[0],
+                fns = {"accel": lambda: nearest_centroid_reference(x, c)[0],
                        "plain": lambda: plain_chunked_search(x, c)}
                 if faiss is not None:
                     index = faiss.IndexFlatL2(d)

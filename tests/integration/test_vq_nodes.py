@@ -158,8 +158,8 @@ def test_token_files_through_the_nodes(env):
 def test_stage_a_vqgan_tokens_match_the_models_own_quantizer(env, tmp_path):
     import comfy.sd
 
-    from comfyui_accel.vq.tokens import load_tokens, tokens_bytes
-    from comfyui_accel.files import write_new
+    from comfyui_accel import files
+    from comfyui_accel.vq import tokens as tk
     nv, fx = env["nv"], env["fx"]
     with torch.inference_mode():
         vae = comfy.sd.VAE(sd=fx.stage_a_state_dict(seed=0))
@@ -173,8 +173,8 @@ def test_stage_a_vqgan_tokens_match_the_models_own_quantizer(env, tmp_path):
         # The model's own quantizer (ComfyUI's StageA.vquantizer) picks the same codes.
         _, _, own = vae.first_stage_model.vquantizer(latent.float(), get_losses=False, dim=1)
     assert (own.reshape(-1) == tokens.indices.reshape(-1)).float().mean() >= 0.999
-    path = write_new(tmp_path, "img", ".vqt", tokens_bytes(tokens, embed_codebook=False)[0])
-    loaded, _ = load_tokens(path)
+    path = files.write_new(tmp_path, "img", ".vqt", tk.tokens_bytes(tokens, embed_codebook=False)[0])
+    loaded, _ = tk.load_tokens(path)
     image = run(nv.AccelVQGANDecode, tokens=loaded, vae=vae).args[0]
     with torch.inference_mode():
         direct = vae.decode(codebook_before[own].permute(0, 3, 1, 2))

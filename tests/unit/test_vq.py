@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_accel.files import write_new
+from comfyui_accel import files
 from comfyui_accel.metrics import psnr
-from comfyui_accel.vq.codebook import Codebook, encode, faiss_module, fit, latent_to_vectors, shrink, vectors_to_latent
+from comfyui_accel.vq import codebook as cb
 from comfyui_accel.vq import entropy
-from comfyui_accel.vq.tokens import (VQFileError, codebook_bytes, decode_latent, encode_latent, load_codebook,
-                                     load_tokens, tokens_bytes)
+from comfyui_accel.vq import tokens as tk
 
 
 def smooth_latent(shape, seed):
@@ -28,9 +27,9 @@ def smooth_latent(shape, seed):
                                          ((2, 16, 3, 10, 6), 2), ((1, 4, 2, 5, 5), 1)])
 def test_latent_vectors_round_trip(shape, patch):
     lat = torch.randn(shape)
-    vectors, grid = latent_to_vectors(lat, patch)
+    vectors, grid = cb.latent_to_vectors(lat, patch)
     assert vectors.shape == (math.prod(grid.tokens_shape), shape[1] * patch * patch)
-    assert torch.equal(vectors_to_latent(vectors, grid), lat)
+    assert torch.equal(cb.vectors_to_latent(vectors, grid), lat)
     # A vector holds one patch's channels: check one element by hand.
     if len(shape) == 4:
         b, y, x, ch = 0, 0, 0, shape[1] - 1
@@ -39,62 +38,62 @@ def test_latent_vectors_round_trip(shape, patch):
 
 def test_residual_levels_and_patches_trade_bits_for_quality():
     lat = smooth_latent((2, 4, 24, 24), seed=0)
-    vectors, _ = latent_to_vectors(lat, 1)
-    book = fit(vectors, 32, channels=4, depth=3, iters=8, seed=0)
+    vectors, _ = cb.latent_to_vectors(lat, 1)
+    book = cb.fit(vectors, 32, channels=4, depth=3, iters=8, seed=0)
     assert book.vectors.shape == (3, 32, 4)
     assert book.usage.sum(1).tolist() == [vectors.shape[0]] * 3
     psnrs = []
     for depth in (1, 2, 3):
-        tokens = encode_latent(book, lat, pixels=1, depth=depth)
-        psnrs.append(psnr(lat, decode_latent(tokens)))
+        tokens = tk.encode_latent(book, lat, pixels=1, depth=depth)
+        psnrs.append(psnr(lat, tk.decode_latent(tokens)))
     assert psnrs[0] > 10 and psnrs[1] > psnrs[0] + 1 and psnrs[2] > psnrs[1] + 1, psnrs
     # Same codebook size on 2x2 patches: 4x fewer bits, lower quality.
-    pv, _ = latent_to_vectors(lat, 2)
-    patch_book = fit(pv, 32, channels=4, patch=2, iters=8)
-    patch_psnr = psnr(lat, decode_latent(encode_latent(patch_book, lat, pixels=1)))
+    pv, _ = cb.latent_to_vectors(lat, 2)
+    patch_book = cb.fit(pv, 32, channels=4, patch=2, iters=8)
+    patch_psnr = psnr(lat, tk.decode_latent(tk.encode_latent(patch_book, lat, pixels=1)))
     assert patch_psnr < psnrs[0]
 
 
 def test_encoding_picks_the_nearest_code():
     lat = smooth_latent((1, 4, 10, 10), seed=1)
-    vectors, _ = latent_to_vectors(lat, 1)
-    book = fit(vectors, 16, channels=4, iters=3)
-    idx = encode(book, vectors, backend="kernel")[0]
+    vectors, _ = cb.latent_to_vectors(lat, 1)
+    book = cb.fit(vectors, 16, channels=4, iters=3)
+    idx = cb.encode(book, vectors, backend="kernel")[0]
     d = torch.cdist(vectors.double(), book.vectors[0].double())
     assert torch.equal(idx, d.argmin(1))
     # faiss (when installed) agrees.
-    if faiss_module() is not None:
-        assert (encode(book, vectors, backend="faiss")[0] == idx).float().mean() >= 0.99
+    if cb._faiss() is not None:
+        assert (cb.encode(book, vectors, backend="faiss")[0] == idx).float().mean() >= 0.99
 
 
 def test_video_latents_encode_per_frame():
     lat = smooth_latent((1, 4, 3, 12, 12), seed=2)
-    vectors, _ = latent_to_vectors(lat, 2)
-    book = fit(vectors, 16, channels=4, patch=2, iters=5)
-    tokens = encode_latent(book, lat, pixels=9 * 96 * 96)
+    vectors, _ = cb.latent_to_vectors(lat, 2)
+    book = cb.fit(vectors, 16, channels=4, patch=2, iters=5)
+    tokens = tk.encode_latent(book, lat, pixels=9 * 96 * 96)
     assert tokens.indices.shape == (1, 1, 3, 6, 6)
-    rec = decode_latent(tokens)
+    rec = tk.decode_latent(tokens)
     assert rec.shape == lat.shape and psnr(lat, rec) > 10
 
 
 def test_shrink_gives_a_smaller_codebook_close_to_the_big_one():
     lat = smooth_latent((2, 4, 24, 24), seed=3)
-    vectors, _ = latent_to_vectors(lat, 1)
-    big = fit(vectors, 128, channels=4, iters=8)
-    small = shrink(big, 16, iters=10)
-    direct = fit(vectors, 16, channels=4, iters=10)
+    vectors, _ = cb.latent_to_vectors(lat, 1)
+    big = cb.fit(vectors, 128, channels=4, iters=8)
+    small = cb.shrink(big, 16, iters=10)
+    direct = cb.fit(vectors, 16, channels=4, iters=10)
     assert small.vectors.shape == (1, 16, 4) and small.channels == 4
     assert small.usage.sum().item() == pytest.approx(big.usage.sum().item())
-    p_big, p_small, p_direct = (psnr(lat, decode_latent(encode_latent(b, lat, 1))) for b in (big, small, direct))
+    p_big, p_small, p_direct = (psnr(lat, tk.decode_latent(tk.encode_latent(b, lat, 1))) for b in (big, small, direct))
     assert p_small < p_big
     assert p_small > p_direct - 1.0  # nearly as good as fitting 16 codes on the latents themselves
     with pytest.raises(ValueError, match="between 2"):
-        shrink(big, 129)
+        cb.shrink(big, 129)
 
 
 def test_fit_refuses_more_codes_than_vectors():
     with pytest.raises(ValueError, match="number of vectors"):
-        fit(torch.randn(10, 4), 11, channels=4)
+        cb.fit(torch.randn(10, 4), 11, channels=4)
 
 
 # --- entropy coder ----------------------------------------------------------------------------
@@ -133,19 +132,19 @@ def test_rans_refuses_a_truncated_stream():
 @pytest.fixture(scope="module")
 def fitted():
     lat = smooth_latent((2, 4, 16, 16), seed=5)
-    vectors, _ = latent_to_vectors(lat, 1)
-    return lat, fit(vectors, 32, channels=4, depth=2, iters=5)
+    vectors, _ = cb.latent_to_vectors(lat, 1)
+    return lat, cb.fit(vectors, 32, channels=4, depth=2, iters=5)
 
 
 def test_token_file_round_trip_embedded_and_by_hash(tmp_path, fitted):
     lat, book = fitted
-    tokens = encode_latent(book, lat, pixels=2 * 128 * 128)
+    tokens = tk.encode_latent(book, lat, pixels=2 * 128 * 128)
     for embed in (True, False):
-        data, report = tokens_bytes(tokens, embed_codebook=embed)
-        path = write_new(tmp_path, "t", ".vqt", data)
-        loaded, stored_report = load_tokens(path, None if embed else book)
+        data, report = tk.tokens_bytes(tokens, embed_codebook=embed)
+        path = files.write_new(tmp_path, "t", ".vqt", data)
+        loaded, stored_report = tk.load_tokens(path, None if embed else book)
         assert torch.equal(loaded.indices, tokens.indices)
-        assert torch.equal(decode_latent(loaded), decode_latent(tokens))
+        assert torch.equal(tk.decode_latent(loaded), tk.decode_latent(tokens))
         assert stored_report == report
     # The report's numbers, computed independently here.
     n = 2 * 16 * 16
@@ -158,53 +157,53 @@ def test_token_file_round_trip_embedded_and_by_hash(tmp_path, fitted):
 
 def test_token_file_without_codebook_needs_one(tmp_path, fitted):
     lat, book = fitted
-    data, _ = tokens_bytes(encode_latent(book, lat, pixels=1), embed_codebook=False)
-    loaded, _ = load_tokens(write_new(tmp_path, "t", ".vqt", data))
-    with pytest.raises(VQFileError, match="no codebook"):
-        decode_latent(loaded)
+    data, _ = tk.tokens_bytes(tk.encode_latent(book, lat, pixels=1), embed_codebook=False)
+    loaded, _ = tk.load_tokens(files.write_new(tmp_path, "t", ".vqt", data))
+    with pytest.raises(tk.VQFileError, match="no codebook"):
+        tk.decode_latent(loaded)
 
 
 def test_truncated_token_file_is_refused(tmp_path, fitted):
     lat, book = fitted
-    data, _ = tokens_bytes(encode_latent(book, lat, pixels=1), embed_codebook=True)
+    data, _ = tk.tokens_bytes(tk.encode_latent(book, lat, pixels=1), embed_codebook=True)
     for cut in (len(data) // 2, len(data) - 5, 6):
         path = tmp_path / f"cut{cut}.vqt"
         path.write_bytes(data[:cut])
-        with pytest.raises(VQFileError, match="truncated|damaged"):
-            load_tokens(path)
+        with pytest.raises(tk.VQFileError, match="truncated|damaged"):
+            tk.load_tokens(path)
 
 
 def test_corrupted_payload_is_refused(tmp_path, fitted):
     lat, book = fitted
-    data, _ = tokens_bytes(encode_latent(book, lat, pixels=1), embed_codebook=True)
+    data, _ = tk.tokens_bytes(tk.encode_latent(book, lat, pixels=1), embed_codebook=True)
     broken = bytearray(data)
     broken[-20] ^= 0xFF  # inside the last tensor
     path = tmp_path / "bad.vqt"
     path.write_bytes(bytes(broken))
-    with pytest.raises(VQFileError, match="damaged"):
-        load_tokens(path)
+    with pytest.raises(tk.VQFileError, match="damaged"):
+        tk.load_tokens(path)
 
 
 def test_other_codebook_and_channel_mismatch_are_refused(tmp_path, fitted):
     lat, book = fitted
-    data, _ = tokens_bytes(encode_latent(book, lat, pixels=1), embed_codebook=False)
-    path = write_new(tmp_path, "t", ".vqt", data)
-    vectors, _ = latent_to_vectors(lat, 1)
-    other = fit(vectors, 32, channels=4, depth=2, iters=5, seed=1)
-    with pytest.raises(VQFileError, match="another codebook"):
-        load_tokens(path, other)
-    wide = Codebook(torch.randn(2, 32, 16), channels=16)
-    with pytest.raises(VQFileError, match="16-channel"):
-        load_tokens(path, wide)
-    with pytest.raises(VQFileError, match="16-channel"):
-        encode_latent(wide, lat, pixels=1)
+    data, _ = tk.tokens_bytes(tk.encode_latent(book, lat, pixels=1), embed_codebook=False)
+    path = files.write_new(tmp_path, "t", ".vqt", data)
+    vectors, _ = cb.latent_to_vectors(lat, 1)
+    other = cb.fit(vectors, 32, channels=4, depth=2, iters=5, seed=1)
+    with pytest.raises(tk.VQFileError, match="another codebook"):
+        tk.load_tokens(path, other)
+    wide = cb.Codebook(torch.randn(2, 32, 16), channels=16)
+    with pytest.raises(tk.VQFileError, match="16-channel"):
+        tk.load_tokens(path, wide)
+    with pytest.raises(tk.VQFileError, match="16-channel"):
+        tk.encode_latent(wide, lat, pixels=1)
 
 
 def test_saving_never_overwrites(tmp_path):
     mine = tmp_path / "t_00001_.vqt"
     mine.write_bytes(b"the user's own file")
-    a = write_new(tmp_path, "t", ".vqt", b"one")
-    b = write_new(tmp_path, "t", ".vqt", b"two")
+    a = files.write_new(tmp_path, "t", ".vqt", b"one")
+    b = files.write_new(tmp_path, "t", ".vqt", b"two")
     assert mine.read_bytes() == b"the user's own file"
     assert (a.name, b.name) == ("t_00002_.vqt", "t_00003_.vqt")
     assert a.read_bytes() == b"one" and b.read_bytes() == b"two"
@@ -213,13 +212,13 @@ def test_saving_never_overwrites(tmp_path):
 
 def test_codebook_file_round_trip_and_damage(tmp_path, fitted):
     _, book = fitted
-    path = write_new(tmp_path, "book", ".safetensors", codebook_bytes(book))
-    loaded = load_codebook(path)
+    path = files.write_new(tmp_path, "book", ".safetensors", tk.codebook_bytes(book))
+    loaded = tk.load_codebook(path)
     assert torch.equal(loaded.vectors, book.vectors) and loaded.sha256() == book.sha256()
     assert (loaded.channels, loaded.patch) == (4, 1)
     path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(VQFileError, match="truncated|damaged"):
-        load_codebook(path)
+    with pytest.raises(tk.VQFileError, match="truncated|damaged"):
+        tk.load_codebook(path)
 
 
 @pytest.mark.parametrize("k,used,big", [(4096, 3000, False), (65536, 40, False), (300, 7, True), (1 << 20, 5, False)])
