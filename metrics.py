@@ -17,6 +17,15 @@ def _pair(ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return ref.detach().to("cpu", torch.float64), x.detach().to("cpu", torch.float64)
 
 
+def _data_range(ref: torch.Tensor, data_range: float | None) -> float:
+    if data_range is not None:
+        return data_range
+    spread = (ref.max() - ref.min()).item()
+    if spread == 0:
+        raise ValueError("the reference is constant: pass data_range explicitly")
+    return spread
+
+
 def psnr(ref: torch.Tensor, x: torch.Tensor, data_range: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB, ``10 log10(data_range**2 / MSE)``; ``inf`` when identical.
 
@@ -27,11 +36,7 @@ def psnr(ref: torch.Tensor, x: torch.Tensor, data_range: float | None = None) ->
     mse = (ref - x).pow(2).mean().item()
     if mse == 0:
         return math.inf
-    if data_range is None:
-        data_range = (ref.max() - ref.min()).item()
-        if data_range == 0:
-            raise ValueError("the reference is constant: pass data_range explicitly")
-    return 10 * math.log10(data_range**2 / mse)
+    return 10 * math.log10(_data_range(ref, data_range)**2 / mse)
 
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -60,10 +65,7 @@ def ssim(ref: torch.Tensor, x: torch.Tensor, data_range: float | None = None) ->
     ref, x = _pair(ref, x)
     if ref.dim() < 2:
         raise ValueError(f"ssim needs at least [H, W], got shape {tuple(ref.shape)}")
-    if data_range is None:
-        data_range = (ref.max() - ref.min()).item()
-        if data_range == 0:
-            raise ValueError("the reference is constant: pass data_range explicitly")
+    data_range = _data_range(ref, data_range)
     H, W = ref.shape[-2:]
     size = min(11, H, W)
     size -= 1 - size % 2  # odd, so the window has a centre

@@ -21,12 +21,14 @@ Three implementations of the same function:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .dispatch import tl, triton
 
 TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 TRITON_MAX_HEAD_DIM = 256
@@ -89,13 +91,6 @@ def block_sparse_attention_reference(q, k, v, kv_indices, kv_counts, block_size:
     return _finish(out, lse, q, return_lse)
 
 
-def _cpu_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # Half-precision matmuls on the CPU are orders of magnitude slower than fp32 (bf16 is fine).
-    if device.type == "cpu" and dtype == torch.float16:
-        return torch.float32
-    return dtype
-
-
 def block_sparse_attention_gather(q, k, v, kv_indices, kv_counts, block_size: int, scale: float | None = None,
                                   return_lse: bool = False, chunk_bytes: int = GATHER_CHUNK_BYTES):
     """Gather each query block's kept key/value blocks and attend to just those (the CPU path)."""
@@ -105,9 +100,9 @@ def block_sparse_attention_gather(q, k, v, kv_indices, kv_counts, block_size: in
     bs = block_size
     n_qb, n_kb = -(-n_q // bs), -(-n_k // bs)
     scale = D ** -0.5 if scale is None else scale
-    dtype = _cpu_compute_dtype(q.dtype, q.device)
-    if return_lse:
-        dtype = torch.float32
+    # fp16 matmuls on the CPU are orders of magnitude slower than fp32 (bf16 is fine); the LSE wants fp32.
+    cpu_fp16 = q.device.type == "cpu" and q.dtype == torch.float16
+    dtype = torch.float32 if return_lse or cpu_fp16 else q.dtype
     idx, cnt = _expand_lists(q, kv_indices, kv_counts)
     max_k = idx.shape[-1]
     rows = B * H * n_qb
@@ -164,13 +159,8 @@ def block_sparse_attention_gather(q, k, v, kv_indices, kv_counts, block_size: in
     return _finish(out, lse, q, return_lse)
 
 
-_kernel = None
-
-
-def _build_kernel():
-    import triton
-    import triton.language as tl
-
+@functools.cache
+def _kernel():
     @triton.jit
     def _bsa_fwd(Q, K, V, O, LSE, IDX, CNT,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -237,13 +227,10 @@ def triton_supported(q, block_size: int) -> bool:
 def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, block_size: int, scale: float | None = None,
                                   return_lse: bool = False):
     """Online-softmax flash attention over the listed key blocks only (Triton)."""
-    global _kernel
     _check(q, k, v, kv_indices, kv_counts, block_size)
     if not triton_supported(q, block_size):
         raise ValueError(f"the Triton kernel takes block sizes {TRITON_BLOCK_SIZES}, fp16/bf16/fp32 and "
                          f"head_dim <= {TRITON_MAX_HEAD_DIM}; got {block_size}, {q.dtype}, {q.shape[-1]}")
-    if _kernel is None:
-        _kernel = _build_kernel()
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -255,24 +242,20 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, block_size: in
     # The interpreter's bf16 dot is unreliable, and fp32 inputs want an fp32 dot anyway.
     dot_fp32 = dispatch.interpreting() or q.dtype == torch.float32
     grid = (-(-n_q // block_size), B * H)
-    _kernel[grid](q, k, v, out, lse, idx, cnt,
-                  *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                  *lse.stride(),
-                  *idx.stride(), *cnt.stride(),
-                  H, n_q, n_k, D, scale * math.log2(math.e),
-                  BLOCK=block_size, D_PAD=d_pad, STORE_LSE=return_lse, DOT_FP32=dot_fp32,
-                  num_warps=4 if block_size * d_pad <= 64 * 128 else 8)
+    _kernel()[grid](q, k, v, out, lse, idx, cnt,
+                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *idx.stride(), *cnt.stride(),
+                    H, n_q, n_k, D, scale * math.log2(math.e),
+                    BLOCK=block_size, D_PAD=d_pad, STORE_LSE=return_lse, DOT_FP32=dot_fp32,
+                    num_warps=4 if block_size * d_pad <= 64 * 128 else 8)
     return (out, lse) if return_lse else out
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size: int, scale: float | None = None,
                            return_lse: bool = False):
     """Attention of every query block to its listed key blocks (see the module notes)."""
-    args = (q, k, v, kv_indices, kv_counts, block_size, scale, return_lse)
-    if dispatch.pick(q, k, v, supported=triton_supported(q, block_size)) == "triton":
-        return dispatch.run("block_sparse_attention", block_sparse_attention_triton, block_sparse_attention_gather,
-                            args, _check_slice)
-    return block_sparse_attention_gather(*args)
+    return dispatch.route("block_sparse_attention", block_sparse_attention_triton, block_sparse_attention_gather,
+                          (q, k, v, kv_indices, kv_counts, block_size, scale, return_lse), (q, k, v),
+                          triton_supported(q, block_size), _check_slice)
 
 
 def _check_slice(args: tuple) -> tuple:

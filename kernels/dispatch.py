@@ -3,8 +3,8 @@ the PyTorch reference otherwise; and a Triton kernel is trusted only after it ha
 its reference once.
 
 Each op module in ``kernels/`` has ``<op>_reference`` (the truth and the CPU path),
-``<op>_triton`` and the dispatcher ``<op>`` that asks :func:`pick` which to run and hands
-the Triton route to :func:`run`. At the first call of each shape class (op, GPU, dtypes,
+``<op>_triton`` and the dispatcher ``<op>``, which calls :func:`route`: :func:`pick` says which
+to run, :func:`run` takes the Triton route. At the first call of each shape class (op, GPU, dtypes,
 ranks, sizes rounded up to powers of two, the other arguments) :func:`run` computes a small
 slice of the call with both and compares them; a kernel that fails to compile, raises, or
 disagrees is not used for that class again: the reference computes instead, after one
@@ -21,7 +21,6 @@ on CPU tensors under ``TRITON_INTERPRET=1`` so they cannot pass on the wrong pat
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -32,19 +31,19 @@ import torch
 
 log = logging.getLogger(__name__)
 
+try:  # Triton is optional: the pack must import where it is missing. The kernels take it from here.
+    import triton
+    import triton.language as tl
+except Exception as e:  # ImportError, or a broken install raising anything else
+    log.debug("Triton unavailable: %s", e)
+    triton = tl = None
+
 _state = threading.local()
 BACKENDS = (None, "triton", "reference", "checked")
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install raising anything else
-        log.debug("Triton unavailable: %s", e)
-        return False
-    return True
+    return triton is not None
 
 
 def interpreting() -> bool:
@@ -139,6 +138,26 @@ def first_rows(t, n: int = CHECK_ROWS):
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
     return t.reshape(-1, t.shape[-1])[:n] if t.dim() > 2 else t[:n]
+
+
+def head_rows(args: tuple) -> tuple:
+    """The usual first-use slice: the first rows of the first argument, the others whole."""
+    return (first_rows(args[0]), *args[1:])
+
+
+def gpu_before_ampere(device: torch.device) -> bool:
+    """Triton's int8 and 16-bit tensor-core dots need compute capability 8.0 (Ampere); older GPUs
+    keep the reference (cuBLAS)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
+
+
+def route(op: str, kernel: Callable, reference: Callable, args: tuple, tensors: tuple, supported: bool,
+          small: Callable[[tuple], tuple] = head_rows, compare: Callable | None = None):
+    """A dispatcher's body: :func:`pick` for ``tensors``, then the Triton route (:func:`run`) or
+    ``reference(*args)``."""
+    if pick(*tensors, supported=supported) == "triton":
+        return run(op, kernel, reference, args, small, compare)
+    return reference(*args)
 
 
 def run(op: str, kernel: Callable, reference: Callable, args: tuple, small: Callable[[tuple], tuple],

@@ -11,17 +11,7 @@ Reference (the CPU path and the truth): ``torch._int_mm``. What it accepts on to
   exact int32 matmul instead.
 - CUDA (cuBLAS): M > 16, K and N multiples of 8 (checked in ATen); other shapes are zero-padded
   up to those (zeros add nothing to an integer sum, so the result stays exact).
-
-CPU timing, 1024x3072x3072, 2 cores with AVX-512 VNNI (same-run medians):
-- idle machine: fp32 matmul 133 ms, bf16 45 ms, ``torch._int_mm`` 25 ms: int8 is 1.8x bf16 as in
-  DESIGN's 105/25/14 ms (a faster machine). Per-token quantization of x costs 1-2 ms and the fp32
-  epilogue (scales, bias, cast) 1-2 ms, small beside the GEMM.
-- lab/bench/bench_int8_gemm.py, other jobs loading the 2 cores to ~8, OMP_WAIT_POLICY=PASSIVE:
-  fp32 614 ms, bf16 212 ms, int8 end to end 147 ms (1.44x bf16, 4.2x fp32; _int_mm alone 108 ms).
-  With the default spinning OpenMP barriers the int8 path's small elementwise ops stall under
-  that load and it fell behind bf16 (324 vs 304 ms).
-The quantizer casts to fp32 before anything else because mixed bf16 * fp32 elementwise ops run
-~20x slower on the CPU than a cast followed by fp32 ops (quant_primitives.py).
+CPU timings against fp32 and bf16 matmuls are in docs/quantization.md.
 """
 from __future__ import annotations
 
@@ -31,15 +21,11 @@ import logging
 import torch
 
 from . import dispatch
+from .dispatch import tl, triton
 from .quant_primitives import quantize_per_token_int8
 
 log = logging.getLogger(__name__)
 
-try:  # Triton is optional: the pack must import where it is missing.
-    import triton
-    import triton.language as tl
-except Exception:  # ImportError, or a broken install raising anything else
-    triton = tl = None
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -69,6 +55,9 @@ def _int_mm_padded(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(xq, wq.t())[:M, :N]
 
 
+_warned: set[str] = set()   # device types warned about; a handful at most
+
+
 def int8_matmul_int32(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """Exact ``xq @ wq.T`` in int32 for int8 xq ``[M, K]`` and wq ``[N, K]``, on any shape."""
     _check_operands(xq, wq)
@@ -90,27 +79,14 @@ def int8_matmul_int32(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     try:
         return torch._int_mm(xq, wq.t())
     except (RuntimeError, NotImplementedError) as e:
-        _warn_once(xq.device.type, f"torch._int_mm failed on {xq.device.type} ({e}); computing the int8 GEMM on the CPU")
+        if xq.device.type not in _warned:
+            _warned.add(xq.device.type)
+            log.warning("torch._int_mm failed on %s (%s); computing the int8 GEMM on the CPU", xq.device.type, e)
         return int8_matmul_int32(xq.cpu(), wq.cpu()).to(xq.device)
 
 
-_warned: set[str] = set()   # device types; a handful at most
-
-
-def _warn_once(device_type: str, message: str) -> None:
-    if device_type not in _warned:
-        _warned.add(device_type)
-        log.warning(message)
-
-
-def int8_gemm_reference(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def int8_gemm_reference(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     acc = int8_matmul_int32(xq, wq)
     # In place on the fresh fp32 copy: the epilogue is memory-bound and each pass over M x N counts.
     out = acc.float().mul_(x_scale.reshape(-1, 1).float()).mul_(w_scale.reshape(1, -1).float())
@@ -175,7 +151,7 @@ def _launch_config(M: int) -> dict:
     if dispatch.interpreting():
         # The interpreter runs tiles one by one in numpy: small tiles, and tests then cover masking.
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1)
-    # GPU tiles: untuned starting points (no GPU was available when this was written).
+    # GPU tiles: untuned starting points.
     block_m = 32 if M <= 32 else 64 if M <= 64 else 128
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4 if block_m < 128 else 8, num_stages=3)
 
@@ -189,20 +165,11 @@ def _triton_supports(M: int, K: int, wq, w_scale, bias, out_dtype, device: torch
         return False
     if w_scale.numel() != N or (bias is not None and bias.numel() != N):
         return False
-    # Triton's int8 tensor-core dot needs Ampere or newer; Turing keeps cuBLAS through the reference.
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        return False
-    return True
+    return not dispatch.gpu_before_ampere(device)
 
 
-def int8_gemm_triton(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def int8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     M, K = xq.shape
     N = wq.shape[0]
     x_scale = x_scale.reshape(M).float().contiguous()
@@ -224,24 +191,16 @@ def int8_gemm_triton(
 # ---------------------------------------------------------------- dispatchers
 
 
-def int8_gemm(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(xq @ wq.T) * x_scale * w_scale + bias`` as ``out_dtype``; see the module docstring for shapes."""
     supported = (
         xq.dim() == 2 and xq.dtype == torch.int8 and x_scale.numel() == xq.shape[0]
         and _triton_supports(xq.shape[0], xq.shape[1], wq, w_scale, bias, out_dtype, xq.device)
     )
-    args = (xq, x_scale, wq, w_scale, bias, out_dtype)
-    if dispatch.pick(xq, wq, supported=supported) == "triton":
-        return dispatch.run("int8_gemm", int8_gemm_triton, int8_gemm_reference, args,
-                            lambda a: (dispatch.first_rows(a[0]), dispatch.first_rows(a[1]), *a[2:]))
-    return int8_gemm_reference(*args)
+    return dispatch.route("int8_gemm", int8_gemm_triton, int8_gemm_reference,
+                          (xq, x_scale, wq, w_scale, bias, out_dtype), (xq, wq), supported,
+                          lambda a: (dispatch.first_rows(a[0]), dispatch.first_rows(a[1]), *a[2:]))
 
 
 def _int8_linear(gemm, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -271,7 +230,7 @@ def int8_linear_reference(x, wq, w_scale, bias=None, inv_smooth=None):
 
 
 def int8_linear_triton(x, wq, w_scale, bias=None, inv_smooth=None):
-    # Activation quantization is still torch ops here; fusing it into the kernel is a later step.
+    # torch ops quantize the activations; only the GEMM is a kernel.
     return _int8_linear(int8_gemm_triton, x, wq, w_scale, bias, inv_smooth)
 
 
@@ -282,8 +241,5 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     K = x.shape[-1] if x.dim() else 0
     rows = x.numel() // K if K else 0
     supported = x.dtype in _OUT_DTYPES and _triton_supports(rows, K, wq, w_scale, bias, x.dtype, x.device)
-    args = (x, wq, w_scale, bias, inv_smooth)
-    if dispatch.pick(x, wq, supported=supported) == "triton":
-        return dispatch.run("int8_linear", int8_linear_triton, int8_linear_reference, args,
-                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
-    return int8_linear_reference(*args)
+    return dispatch.route("int8_linear", int8_linear_triton, int8_linear_reference,
+                          (x, wq, w_scale, bias, inv_smooth), (x, wq), supported)

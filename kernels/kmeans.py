@@ -16,27 +16,24 @@ can still flip near-ties, which is why tests compare backends by agreement rate 
 code's distance. ``sq_dist`` is always recomputed as ``|x - c[index]|^2`` directly (no
 cancellation), so it is exact on every path.
 
-The reference is also the CPU path, written for speed, in two passes. A screen computes half
-squared distances ``[x, |x|^2/2, 1] . [-c, 1, |c|^2/2]`` one GEMM per block, in bfloat16 where the
-CPU multiplies it natively (twice float32's rate, half the bytes; float32 elsewhere), into one
-reused buffer, and reduces runs of ``_GROUP`` consecutive codes to their minimum (codes inside a
-block are permuted so this is a vectorised elementwise min over a middle axis, done on the
-scores' bits as integers: non-negative floats order like their bit patterns, and integer min is
-the fastest reduction). Then, per vector, every group whose screened minimum could hold the
-nearest code once the screen's rounding is bounded (``_screen_slack``: from |x|, max |c| and the
-dtype's unit roundoff) is scored again exactly in float32, usually 1-3 groups; the others provably
-cannot hold it, so the result is the float32 search's. The N x K score matrix is never
-materialised: blocks of ``_BLOCK_N x _BLOCK_K`` stay in cache. On several cores, row ranges run
-in threads (see ``_in_threads``). lab/bench/bench_vq.py compares it with faiss (whose fused float32
-distance + argmin kernel never writes scores): at D=16 about 0.9-1.2x faiss's time on one thread
-and 1.15-1.45x on two, at D=64 about 0.6x, on this 2-core AVX512-BF16 VM (whose timings move by
-+-20% from minute to minute).
+The reference is also the CPU path, in two passes, never materialising the N x K scores
+(blocks of ``_BLOCK_N x _BLOCK_K`` stay in cache). A screen computes half squared distances
+``[x, |x|^2/2, 1] . [-c, 1, |c|^2/2]`` one GEMM per block, in bfloat16 where the CPU multiplies it
+natively (else float32), and reduces runs of ``_GROUP`` consecutive codes to their minimum (codes
+permuted so that is an elementwise min over a middle axis, on the scores' bits as integers:
+non-negative floats order like their bit patterns, and integer min is the fastest reduction).
+Then every group whose screened minimum could hold the nearest code, given the screen's rounding
+bound (``_screen_slack``), is scored again exactly in float32 (usually 1-3 groups); the others
+provably cannot hold it, so the result is the float32 search's. On several cores, row ranges run
+in threads (``_in_threads``). Timings against faiss: README (VQ latent compression) and
+``lab/bench/bench_vq.py``.
 
 The Triton kernel keeps a running (max, argmax) per row in registers while it loops over code
 blocks, so it never writes the N x K matrix either (FlashAssign-style tiling).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -46,8 +43,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import dispatch
+from .dispatch import tl, triton
 
-# CPU blocking: a 512 x 2048 block of bfloat16 screen scores (2 MiB) measured fastest here.
+# CPU blocking: a 512 x 2048 block of bfloat16 screen scores (2 MiB) measured fastest.
 _BLOCK_N = 512
 _BLOCK_K = 2048
 _GROUP = 16  # codes reduced per vectorised amax step
@@ -56,8 +54,7 @@ _PARALLEL_MIN_SCORES = 1 << 24  # below this many x-code pairs one thread is qui
 _SPAN_BLOCKS = 4  # row blocks screened before one refinement pass over their rows
 
 
-# ---------------------------------------------------------------------------------------------
-# shapes
+# ---------------------------------------------------------------- shapes
 
 
 def _flatten(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -87,8 +84,7 @@ def _exact_sq_dist(x: torch.Tensor, centroids: torch.Tensor, indices: torch.Tens
     return (x.float() - chosen.float()).square_().sum(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# nearest_centroid
+# ---------------------------------------------------------------- nearest_centroid
 
 
 def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,12 +235,11 @@ def _in_threads(work: Callable[[Iterable[int]], None], blocks: range, threads: i
     """Run ``work`` on ``threads`` Python threads at once, each op single-threaded; each thread's
     ``work`` pulls the next row block from one shared queue until none is left.
 
-    The blocked search issues hundreds of small ops; with torch's own intra-op threads every op is
-    a parallel region with a barrier, which is slow, and very slow when the cores are shared (a
-    descheduled thread stalls each barrier: 10x and worse measured here). Independent row blocks
-    in Python threads (torch releases the GIL inside ops) need no barriers, and a shared queue
-    (rather than a fixed half each) keeps a thread that was descheduled from holding up the end.
-    Torch's thread count is set to 1 for the duration and restored after.
+    The blocked search issues hundreds of small ops; with torch's intra-op threads each is a
+    parallel region with a barrier, which a descheduled thread stalls when the cores are shared.
+    Independent row blocks in Python threads (torch releases the GIL inside ops) need no barriers,
+    and a shared queue keeps a descheduled thread from holding up the end. Torch's thread count is
+    1 meanwhile.
     """
     queue = iter(blocks)
     lock = threading.Lock()
@@ -305,8 +300,6 @@ def _augmented_blocks(c: torch.Tensor, screen: torch.dtype = torch.float32
 
 
 def nearest_centroid_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    import triton
-
     xb, cb, _ = _flatten(x, centroids)
     xb, cb = xb.contiguous(), cb.contiguous()
     b, n, d = xb.shape
@@ -323,8 +316,6 @@ def nearest_centroid_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[t
 
 
 def _triton_blocks(d: int) -> tuple[int, int, int]:
-    import triton
-
     block_d = min(64, max(16, triton.next_power_of_2(d)))
     if dispatch.interpreting():
         return 32, 32, 16 if d <= 16 else 32  # small tiles: the interpreter runs them in numpy
@@ -344,16 +335,13 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Te
     ``x`` [..., N, D]; ``centroids`` [..., K, D] with the same leading dims, or [K, D] shared.
     Returns int64 indices [..., N] and float32 squared distances [..., N].
     """
-    if dispatch.pick(x, centroids, supported=_supported(x, centroids)) == "triton":
-        # Near-ties may pick another code on either path: the check compares the distances.
-        return dispatch.run("nearest_centroid", nearest_centroid_triton, nearest_centroid_reference, (x, centroids),
-                            lambda a: (a[0][..., :_CHECK_VECTORS, :], a[1]),
-                            lambda got, want: dispatch.difference(got[1], want[1]))
-    return nearest_centroid_reference(x, centroids)
+    # Near-ties may pick another code on either path: the first-use check compares the distances.
+    return dispatch.route("nearest_centroid", nearest_centroid_triton, nearest_centroid_reference, (x, centroids),
+                          (x, centroids), _supported(x, centroids), lambda a: (a[0][..., :_CHECK_VECTORS, :], a[1]),
+                          lambda got, want: dispatch.difference(got[1], want[1]))
 
 
-# ---------------------------------------------------------------------------------------------
-# centroid_sums (the k-means update)
+# ---------------------------------------------------------------- centroid_sums (the k-means update)
 
 
 def _flatten_assignments(x, indices, weights):
@@ -383,8 +371,6 @@ def centroid_sums_reference(x: torch.Tensor, indices: torch.Tensor, k: int,
 
 def centroid_sums_triton(x: torch.Tensor, indices: torch.Tensor, k: int,
                          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    import triton
-
     xb, ib, wb = _flatten_assignments(x, indices, weights)
     xb, ib = xb.contiguous(), ib.contiguous()
     b, n, d = xb.shape
@@ -407,16 +393,13 @@ def centroid_sums(x: torch.Tensor, indices: torch.Tensor, k: int,
     Float32 results. The Triton path adds with atomics, so on a GPU its sums can differ from
     run to run in the last bits; the reference (CPU) path is deterministic.
     """
-    tensors = (x, indices) if weights is None else (x, indices, weights)
-    if dispatch.pick(*tensors, supported=_supported(x)) == "triton":
-        n = _CHECK_VECTORS
-        return dispatch.run("centroid_sums", centroid_sums_triton, centroid_sums_reference, (x, indices, k, weights),
-                            lambda a: (a[0][..., :n, :], a[1][..., :n], a[2], None if a[3] is None else a[3][..., :n]))
-    return centroid_sums_reference(x, indices, k, weights)
+    n = _CHECK_VECTORS
+    return dispatch.route("centroid_sums", centroid_sums_triton, centroid_sums_reference, (x, indices, k, weights),
+                          (x, indices) if weights is None else (x, indices, weights), _supported(x),
+                          lambda a: (a[0][..., :n, :], a[1][..., :n], a[2], None if a[3] is None else a[3][..., :n]))
 
 
-# ---------------------------------------------------------------------------------------------
-# k-means
+# ---------------------------------------------------------------- k-means
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, init: str | torch.Tensor = "kmeans++",
@@ -526,31 +509,25 @@ def _reseed_dead(xb, c, counts, d2, gen, wb) -> None:
         c[bi, slots[:m]] = xb[bi, rows]
 
 
-# ---------------------------------------------------------------------------------------------
-# helpers
+# ---------------------------------------------------------------- helpers
 
 
-class _no_tf32:
+@contextlib.contextmanager
+def _no_tf32(device: torch.device):
     """Float32 matmuls on CUDA without TF32 inside the block (the CPU never uses TF32)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.saved = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = self.saved
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> dict:
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def nearest_kernel(x_ptr, c_ptr, hn_ptr, out_ptr, N, K, D,
                        sxb, sxn, scb, sck, shb, sob,

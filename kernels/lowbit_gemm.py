@@ -30,13 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, lowbit
+from .dispatch import tl, triton
 from .int8_gemm import int8_gemm_reference
 
-try:  # Triton is optional: the pack must import where it is missing.
-    import triton
-    import triton.language as tl
-except Exception:
-    triton = tl = None
 
 CODES = ("int4", "nvfp4", "mxfp4")
 _CODE_IDS = {name: i for i, name in enumerate(CODES)}
@@ -63,14 +59,9 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int,
     return (vals * s[..., None]).reshape(n, -1)
 
 
-def dequant(code: str, packed, scale, zero=None, global_scale=None, block: int = 64) -> torch.Tensor:
-    if code == "int4":
-        return dequant_int4(packed, scale, zero, block)
-    return dequant_fp4(packed, scale, block, global_scale)
-
-
 def lowbit_linear_reference(x, code, packed, scale, zero=None, global_scale=None, block=64, bias=None):
-    return F.linear(x, dequant(code, packed, scale, zero, global_scale, block).to(x.dtype), bias)
+    w = dequant_int4(packed, scale, zero, block) if code == "int4" else dequant_fp4(packed, scale, block, global_scale)
+    return F.linear(x, w.to(x.dtype), bias)
 
 
 # Below this many rows, ATen's fused int8-weight GEMV beats dequantize-then-matmul on a CPU
@@ -113,7 +104,7 @@ def w4a8_gemm_reference(xq, x_scale, packed, group_scale, scale, block, bias=Non
 def _launch_config() -> dict:
     if dispatch.interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=1)
-    # Untuned starting points (no GPU was available when this was written).
+    # GPU tiles: untuned starting points.
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
@@ -331,11 +322,7 @@ def w4a8_gemm_triton(xq, x_scale, packed, group_scale, scale, block, bias=None, 
 def _supported(x, packed, block) -> bool:
     if x.dim() != 2 or packed.dim() != 2 or block % 2 or x.shape[1] != 2 * packed.shape[1]:
         return False
-    if packed.stride(1) != 1:
-        return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return False
-    return True
+    return packed.stride(1) == 1 and not dispatch.gpu_before_ampere(x.device)
 
 
 def lowbit_linear(x: torch.Tensor, code: str, packed: torch.Tensor, scale: torch.Tensor,
@@ -343,11 +330,8 @@ def lowbit_linear(x: torch.Tensor, code: str, packed: torch.Tensor, scale: torch
                   block: int = 64, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ decode(packed).T + bias`` in ``x.dtype``; see the module docstring."""
     supported = code in CODES and x.dtype in _FLOAT_DTYPES and _supported(x, packed, block)
-    args = (x, code, packed, scale, zero, global_scale, block, bias)
-    if dispatch.pick(x, packed, supported=supported) == "triton":
-        return dispatch.run("lowbit_linear", lowbit_linear_triton, lowbit_linear_reference, args,
-                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
-    return lowbit_linear_reference(*args)
+    return dispatch.route("lowbit_linear", lowbit_linear_triton, lowbit_linear_reference,
+                          (x, code, packed, scale, zero, global_scale, block, bias), (x, packed), supported)
 
 
 def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -356,12 +340,9 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     supported = (x.dim() == 2 and x.dtype in _FLOAT_DTYPES and weight.dim() == 2 and weight.stride(1) == 1
                  and weight.dtype in (torch.int8, torch.float8_e4m3fn) and x.shape[1] == weight.shape[1]
                  and scale.numel() in (1, weight.shape[0])
-                 and not (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0)))
-    args = (x, weight, scale, bias)
-    if dispatch.pick(x, weight, supported=supported) == "triton":
-        return dispatch.run("w8a16_linear", w8a16_linear_triton, w8a16_linear_reference, args,
-                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
-    return w8a16_linear_reference(*args)
+                 and not dispatch.gpu_before_ampere(x.device))
+    return dispatch.route("w8a16_linear", w8a16_linear_triton, w8a16_linear_reference, (x, weight, scale, bias),
+                          (x, weight), supported)
 
 
 def w4a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, group_scale: torch.Tensor,
@@ -372,9 +353,7 @@ def w4a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, gro
     the int8 part exact in int32."""
     supported = (xq.dtype == torch.int8 and out_dtype in _FLOAT_DTYPES and _supported(xq, packed, block)
                  and (lora_act is None or lora_act.shape[1] <= 256))
-    args = (xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up)
-    if dispatch.pick(xq, packed, supported=supported) == "triton":
-        rows = dispatch.first_rows
-        return dispatch.run("w4a8_gemm", w4a8_gemm_triton, w4a8_gemm_reference, args,
-                            lambda a: (rows(a[0]), rows(a[1]), *a[2:8], rows(a[8]), a[9]))
-    return w4a8_gemm_reference(*args)
+    rows = dispatch.first_rows
+    return dispatch.route("w4a8_gemm", w4a8_gemm_triton, w4a8_gemm_reference,
+                          (xq, x_scale, packed, group_scale, scale, block, bias, out_dtype, lora_act, lora_up),
+                          (xq, packed), supported, lambda a: (rows(a[0]), rows(a[1]), *a[2:8], rows(a[8]), a[9]))

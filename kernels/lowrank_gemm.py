@@ -20,15 +20,11 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, lowbit_gemm
+from .dispatch import tl, triton
+from .quant_primitives import row_scale
 
-try:  # Triton is optional: the pack must import where it is missing.
-    import triton
-    import triton.language as tl
-except Exception:
-    triton = tl = None
 
 LEVEL1 = 119.0   # 7 codes x 17 group steps: the largest exact int8 value
-_MIN_SCALE = 1e-12
 
 
 # ---------------------------------------------------------------- reference
@@ -41,8 +37,7 @@ def quantize_act_4bit_reference(x: torch.Tensor, inv_smooth: torch.Tensor | None
     if inv_smooth is not None:
         x32.mul_(inv_smooth.to(torch.float32))
     lora_act = None if down is None else x32 @ down.to(torch.float32)
-    absmax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
-    scale = absmax.clamp_(min=_MIN_SCALE).div_(LEVEL1)
+    scale = row_scale(x32, LEVEL1)
     xg = x32.mul_(scale.reciprocal()).reshape(m, k // block, block)
     gscale = xg.abs().amax(dim=-1, keepdim=True).div_(7.0).ceil_().clamp_(1, 17)
     codes = xg.div_(gscale).round_().clamp_(-7, 7).mul_(gscale)
@@ -120,11 +115,8 @@ def quantize_act_4bit(x: torch.Tensor, inv_smooth: torch.Tensor | None = None, d
     """``x [M, K]`` -> (int8 ``g * c`` [M, K], fp32 token scale [M, 1], ``(x * inv_smooth) @ down`` fp32 [M, r] or None)."""
     supported = (x.dim() == 2 and x.stride(1) == 1 and block >= 16 and block & (block - 1) == 0
                  and x.shape[1] % block == 0 and (down is None or down.shape[1] <= 256))
-    args = (x, inv_smooth, down, block)
-    if dispatch.pick(x, supported=supported) == "triton":
-        return dispatch.run("quantize_act_4bit", quantize_act_4bit_triton, quantize_act_4bit_reference, args,
-                            lambda a: (dispatch.first_rows(a[0]), *a[1:]))
-    return quantize_act_4bit_reference(*args)
+    return dispatch.route("quantize_act_4bit", quantize_act_4bit_triton, quantize_act_4bit_reference,
+                          (x, inv_smooth, down, block), (x,), supported)
 
 
 def w4a4_linear(x: torch.Tensor, packed: torch.Tensor, group_scale: torch.Tensor, scale: torch.Tensor, block: int,

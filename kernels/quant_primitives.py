@@ -15,14 +15,19 @@ INT8_MAX = 127
 _MIN_SCALE = 1e-12
 
 
+def row_scale(x32: torch.Tensor, top: float) -> torch.Tensor:
+    """``max|row| / top`` of each row (last dim) of a float32 tensor, as [..., 1]."""
+    # amax and amin are two cheap reductions; abs().amax() allocates a full-size temporary.
+    absmax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
+    return absmax.clamp_(min=_MIN_SCALE).div_(top)
+
+
 def _quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows are the last dim: returns ``q`` (int8, shape of x) and ``scale`` (fp32, [..., 1])."""
     # Work in fp32: bf16 has too few mantissa bits to hold x/scale to better than half a code,
     # and mixed bf16 * fp32 elementwise kernels are ~20x slower on the CPU than a cast first.
     x32 = x.float()
-    # amax and amin are two cheap reductions; abs().amax() allocates a full-size temporary.
-    absmax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
-    scale = absmax.clamp_(min=_MIN_SCALE).div_(INT8_MAX)
+    scale = row_scale(x32, INT8_MAX)
     # Multiplying by the reciprocal is cheaper than dividing. No clamp is needed: |x| <= 127 * scale
     # by construction, and the float error of x * (1/scale) is far below the 0.5 that round() absorbs.
     scaled = x32 * scale.reciprocal() if x32 is x else x32.mul_(scale.reciprocal())

@@ -15,9 +15,9 @@ import torch
 from comfy_api.latest import io
 
 from .. import files, metrics
-from ..vq import codebook as cb
-from ..vq import tokens as tk
-from ..vq.codebook import Codebook
+from ..vq.codebook import Codebook, fit, latent_to_vectors, reconstructions, shrink
+from ..vq.tokens import (CODEBOOK_EXT, TOKENS_EXT, CodebookMismatch, Tokens, VQFileError, bitrate, codebook_bytes,
+                         decode_latent, encode_latent, load_codebook, load_tokens, tokens_bytes)
 from .common import CATEGORY, check_interrupt, fail, node_name, progress, report_text
 from .plots import bar_plot
 from .validate import AccelNode, annotated_file, comfy_folders, custom_type, folder_file, output_folder
@@ -25,7 +25,7 @@ from .validate import AccelNode, annotated_file, comfy_folders, custom_type, fol
 log = logging.getLogger(__name__)
 
 CODEBOOK = custom_type("ACCEL_VQ_CODEBOOK", Codebook, "a codebook (from VQ Fit Codebook or VQ Load Codebook)")
-TOKENS = custom_type("ACCEL_VQ_TOKENS", tk.Tokens, "VQ tokens (from VQ Encode, VQGAN Encode or VQ Load Tokens)")
+TOKENS = custom_type("ACCEL_VQ_TOKENS", Tokens, "VQ tokens (from VQ Encode, VQGAN Encode or VQ Load Tokens)")
 CODEBOOK_FOLDER = "vq_codebooks"   # models/vq_codebooks
 TOKENS_SUBFOLDER = "vq_tokens"      # output/vq_tokens, input/ also listed
 
@@ -68,23 +68,21 @@ def _pixels(samples: torch.Tensor, vae, spatial: int, temporal: int) -> int:
     return b * frames * h * spatial * w * spatial
 
 
-def _fit_report(title: str, book: Codebook, samples: torch.Tensor, extra: dict) -> tuple[str, torch.Tensor, dict]:
+def _fit_report(title: str, book: Codebook, samples: torch.Tensor, extra: dict) -> tuple[str, torch.Tensor]:
     """Utilisation and reconstruction PSNR per residual level, on the given latent."""
-    vectors, grid = cb.latent_to_vectors(samples, book.patch)
-    idx = cb.encode(book, vectors)
+    idx, recs = reconstructions(book, samples)
     rows, psnrs = [], []
-    for level in range(book.depth):
-        rec = cb.vectors_to_latent(cb.decode(book, idx[:level + 1]), grid)
+    for level, rec in enumerate(recs):
         used = int(torch.unique(idx[level]).numel())
         psnrs.append(metrics.psnr(samples, rec))
         rows.append({"levels": level + 1, "bits_per_vector": round((level + 1) * math.log2(book.size), 2),
                      "used_codes": used, "utilisation_%": round(100 * used / book.size, 1),
                      "latent_psnr_db": round(psnrs[-1], 2)})
     summary = {"codebook_size": book.size, "residual_levels": book.depth, "patch": book.patch,
-               "vector_dim": book.dim, "vectors": vectors.shape[0], "sha256": book.sha256()[:16], **extra,
+               "vector_dim": book.dim, "vectors": idx.shape[1], "sha256": book.sha256()[:16], **extra,
                "note": "latent PSNR: peak = the latent's value range"}
     plot = bar_plot([f"L{r['levels']}" for r in rows], psnrs, f"{title}: latent PSNR by residual level (dB)", "dB")
-    return report_text(title, summary, rows), plot, summary
+    return report_text(title, summary, rows), plot
 
 
 def _bitrate_rows(report: dict, latent_elements: int | None) -> list[dict]:
@@ -99,7 +97,7 @@ def _bitrate_rows(report: dict, latent_elements: int | None) -> list[dict]:
     return rows
 
 
-def _bitrate_outputs(title: str, tokens: tk.Tokens, report: dict, extra: dict) -> tuple[str, torch.Tensor]:
+def _bitrate_outputs(title: str, tokens: Tokens, report: dict, extra: dict) -> tuple[str, torch.Tensor]:
     latent_elements = math.prod(tokens.grid.shape) if tokens.kind == "latent" else None
     rows = _bitrate_rows(report, latent_elements)
     summary = {"tokens": report["tokens"], "levels": report["levels"], "codebook_size": report["codebook_size"],
@@ -109,9 +107,6 @@ def _bitrate_outputs(title: str, tokens: tk.Tokens, report: dict, extra: dict) -
                     groups=[r["storage"] for r in rows])
     log.info("%s: %s", title, ", ".join(f"{k}={v}" for k, v in summary.items()))
     return report_text(title, summary, rows), plot
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class AccelVQFitCodebook(AccelNode):
@@ -150,14 +145,14 @@ class AccelVQFitCodebook(AccelNode):
     def execute(cls, latent, codebook_size, patch_size, residual_levels, iterations, seed) -> io.NodeOutput:
         node = node_name(cls)
         samples = _samples(node, latent)
-        vectors, _ = cb.latent_to_vectors(samples, patch_size)
+        vectors, _ = latent_to_vectors(samples, patch_size)
         if codebook_size > vectors.shape[0]:
             fail(node, "codebook_size", f"is {codebook_size} but the latent has only {vectors.shape[0]} vectors "
                  f"(patch {patch_size}); use at most {vectors.shape[0]}, a smaller patch or a bigger latent batch")
         step = progress(residual_levels * iterations)
-        book = cb.fit(vectors, codebook_size, samples.shape[1], patch_size, residual_levels, iterations, seed,
+        book = fit(vectors, codebook_size, samples.shape[1], patch_size, residual_levels, iterations, seed,
                       progress=step, source=f"fit on {tuple(samples.shape)} latent")
-        text, plot, _ = _fit_report("VQ Fit Codebook", book, samples, {"seed": seed, "iterations": iterations})
+        text, plot = _fit_report("VQ Fit Codebook", book, samples, {"seed": seed, "iterations": iterations})
         log.info("VQ Fit Codebook: K=%d levels=%d patch=%d on %d vectors", codebook_size, residual_levels,
                  patch_size, vectors.shape[0])
         return io.NodeOutput(book, text, plot)
@@ -191,13 +186,13 @@ class AccelVQShrinkCodebook(AccelNode):
         node = node_name(cls)
         if codebook_size >= codebook.size:
             fail(node, "codebook_size", f"is {codebook_size}; it must be smaller than the codebook's {codebook.size} codes")
-        book = cb.shrink(codebook, codebook_size, iterations, seed, progress(codebook.depth * iterations))
+        book = shrink(codebook, codebook_size, iterations, seed, progress(codebook.depth * iterations))
         extra = {"from_size": codebook.size}
         if latent is not None:
             samples = _samples(node, latent)
             if samples.shape[1] != book.channels:
                 fail(node, "latent", f"has {samples.shape[1]} channels; the codebook is for {book.channels}-channel latents")
-            text, plot, _ = _fit_report("VQ Shrink Codebook", book, samples, extra)
+            text, plot = _fit_report("VQ Shrink Codebook", book, samples, extra)
         else:
             usage = book.usage[0]
             text = report_text("VQ Shrink Codebook", {**extra, "codebook_size": book.size, "levels": book.depth,
@@ -234,7 +229,7 @@ class AccelVQSaveCodebook(AccelNode):
         folder, stem = output_folder(node, "filename_prefix", filename_prefix, root, f"models/{CODEBOOK_FOLDER}")
         if folder != root:
             fail(node, "filename_prefix", "must be a plain file name (no folders), e.g. 'codebook'")
-        path = tk.write_new(folder, stem, tk.CODEBOOK_EXT, tk.codebook_bytes(codebook))
+        path = files.write_new(folder, stem, CODEBOOK_EXT, codebook_bytes(codebook))
         saved = Codebook(codebook.vectors, codebook.channels, codebook.patch, codebook.usage, codebook.source, str(path))
         log.info("VQ Save Codebook: %s", path)
         return io.NodeOutput(saved, str(path), ui={"text": [path.name]})
@@ -263,8 +258,8 @@ class AccelVQLoadCodebook(AccelNode):
         path = folder_file(node, "codebook_name", codebook_name, folder_paths.get_folder_paths(CODEBOOK_FOLDER),
                            f"a codebook file in models/{CODEBOOK_FOLDER}/")
         try:
-            return io.NodeOutput(tk.load_codebook(path))
-        except tk.VQFileError as e:
+            return io.NodeOutput(load_codebook(path))
+        except VQFileError as e:
             fail(node, "codebook_name", str(e))
 
 
@@ -305,9 +300,9 @@ class AccelVQEncode(AccelNode):
                  "channels; fit a codebook on latents of this model")
         levels = _levels(node, "residual_levels", residual_levels, codebook.depth)
         pixels = _pixels(samples, vae, spatial_compression, temporal_compression)
-        tokens = tk.encode_latent(codebook, samples, pixels, levels)
-        psnr = metrics.psnr(samples, tk.decode_latent(tokens))
-        text, plot = _bitrate_outputs("VQ Encode", tokens, tk.bitrate(tokens), {"latent_psnr_db": round(psnr, 2)})
+        tokens = encode_latent(codebook, samples, pixels, levels)
+        psnr = metrics.psnr(samples, decode_latent(tokens))
+        text, plot = _bitrate_outputs("VQ Encode", tokens, bitrate(tokens), {"latent_psnr_db": round(psnr, 2)})
         return io.NodeOutput(tokens, text, plot)
 
 
@@ -335,8 +330,8 @@ class AccelVQDecode(AccelNode):
             fail(node, "tokens", "are Stable Cascade Stage A image tokens; decode them with VQGAN Decode (Stage A)")
         levels = _levels(node, "residual_levels", residual_levels, tokens.depth)
         try:
-            samples = tk.decode_latent(tokens, codebook, levels)
-        except tk.VQFileError as e:
+            samples = decode_latent(tokens, codebook, levels)
+        except VQFileError as e:
             fail(node, "codebook", str(e))
         return io.NodeOutput({"samples": samples})
 
@@ -378,10 +373,10 @@ class AccelVQSaveTokens(AccelNode):
         folder, stem = output_folder(node, "filename_prefix", filename_prefix, out_dir)
         subfolder = os.path.relpath(folder, os.path.realpath(out_dir)).replace(os.sep, "/").removeprefix(".")
         try:
-            data, report = tk.tokens_bytes(tokens, embed_codebook, tokens.codebook_name)
-        except tk.VQFileError as e:
+            data, report = tokens_bytes(tokens, embed_codebook, tokens.codebook_name)
+        except VQFileError as e:
             fail(node, "tokens", str(e))
-        path = tk.write_new(folder, stem, tk.TOKENS_EXT, data)
+        path = files.write_new(folder, stem, TOKENS_EXT, data)
         file_bits = 8 * path.stat().st_size
         extra = {"file": str(Path(subfolder) / path.name), "file_bytes": path.stat().st_size,
                  "file_bpp": round(file_bits / max(report["pixels"], 1), 5),
@@ -397,9 +392,9 @@ def _token_files() -> list[str]:
     are cached (ComfyUI asks for them on every /object_info and prompt)."""
     import folder_paths
     output = Path(folder_paths.get_output_directory()) / TOKENS_SUBFOLDER
-    found = files.listing(folder_paths.get_input_directory(), tk.TOKENS_EXT)
+    found = files.listing(folder_paths.get_input_directory(), TOKENS_EXT)
     if output.is_dir():
-        found = found + [f"{TOKENS_SUBFOLDER}/{name} [output]" for name in files.listing(output, tk.TOKENS_EXT)]
+        found = found + [f"{TOKENS_SUBFOLDER}/{name} [output]" for name in files.listing(output, TOKENS_EXT)]
     return found
 
 
@@ -440,10 +435,10 @@ class AccelVQLoadTokens(AccelNode):
         name, root = annotated_file(token_file)
         path = folder_file(node, "token_file", name, [root], "a token file in input/ or output/vq_tokens/")
         try:
-            tokens, stored = tk.load_tokens(path, codebook, progress=lambda *_: check_interrupt())
-        except tk.CodebookMismatch as e:   # the connected codebook, or the file's own one
+            tokens, stored = load_tokens(path, codebook, progress=lambda *_: check_interrupt())
+        except CodebookMismatch as e:   # the connected codebook, or the file's own one
             fail(node, "codebook" if codebook is not None else "token_file", str(e))
-        except tk.VQFileError as e:
+        except VQFileError as e:
             fail(node, "token_file", str(e))
         if codebook is not None:
             where = "connected"
@@ -461,7 +456,7 @@ class AccelVQLoadTokens(AccelNode):
         return io.NodeOutput(tokens, text)
 
 
-def _codebook_by_name(tokens: tk.Tokens) -> Codebook | None:
+def _codebook_by_name(tokens: Tokens) -> Codebook | None:
     """The codebook a token file names, from models/vq_codebooks, if it is there and matches.
     The name comes from the file: it is resolved inside that folder like any user input."""
     import folder_paths
@@ -473,14 +468,13 @@ def _codebook_by_name(tokens: tk.Tokens) -> Codebook | None:
     else:
         return None
     try:
-        book = tk.load_codebook(path)
-    except tk.VQFileError:
+        book = load_codebook(path)
+    except VQFileError:
         return None
     return book if book.sha256() == tokens.codebook_sha256 else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Stable Cascade Stage A: a real pretrained VQGAN that ComfyUI loads as a VAE
+# ------------------------------ Stable Cascade Stage A: a real pretrained VQGAN that ComfyUI loads as a VAE
 
 
 def _stage_a_codebook(node: str, vae) -> Codebook:
@@ -515,18 +509,18 @@ class AccelVQGANEncode(AccelNode):
 
     @classmethod
     def execute(cls, image, vae, report_psnr) -> io.NodeOutput:
-        node = "VQGAN Encode (Stage A)"
+        node = node_name(cls)
         book = _stage_a_codebook(node, vae)
         latent = vae.encode(image[..., :3])
         h, w = latent.shape[-2] * 4, latent.shape[-1] * 4
-        tokens = tk.encode_latent(book, latent.float(), pixels=latent.shape[0] * h * w)
+        tokens = encode_latent(book, latent.float(), pixels=latent.shape[0] * h * w)
         tokens.kind = "vqgan"
         extra = {}
         if report_psnr:
-            decoded = vae.decode(tk.decode_latent(tokens).to(latent.dtype))
+            decoded = vae.decode(decode_latent(tokens).to(latent.dtype))
             ref = image[:, :h, :w, :3].to(decoded.device, decoded.dtype)
             extra["image_psnr_db"] = round(metrics.psnr(ref, decoded.clamp(0, 1), data_range=1.0), 2)
-        text, plot = _bitrate_outputs("VQGAN Encode (Stage A)", tokens, tk.bitrate(tokens), extra)
+        text, plot = _bitrate_outputs("VQGAN Encode (Stage A)", tokens, bitrate(tokens), extra)
         return io.NodeOutput(tokens, text, plot)
 
 
@@ -545,13 +539,13 @@ class AccelVQGANDecode(AccelNode):
 
     @classmethod
     def execute(cls, tokens, vae) -> io.NodeOutput:
-        node = "VQGAN Decode (Stage A)"
+        node = node_name(cls)
         book = _stage_a_codebook(node, vae)
         if tokens.kind != "vqgan":
             fail(node, "tokens", "are latent tokens from VQ Encode; decode them with VQ Decode")
         try:
-            latent = tk.decode_latent(tokens, book)
-        except tk.VQFileError as e:
+            latent = decode_latent(tokens, book)
+        except VQFileError as e:
             fail(node, "vae", f"does not match the tokens: {e}")
         return io.NodeOutput(vae.decode(latent))
 

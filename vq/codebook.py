@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..kernels import kmeans as km
+from ..kernels.kmeans import kmeans, nearest_centroid
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +48,6 @@ class Codebook:
     def dim(self) -> int:
         return self.vectors.shape[2]
 
-    @property
-    def bits_per_vector(self) -> float:
-        return self.depth * math.log2(self.size) if self.size > 1 else 0.0
-
     def sha256(self) -> str:
         """Content hash: the code values and the layout (channels, patch); names a codebook in token files."""
         if self._hash is None:
@@ -78,8 +73,7 @@ def vectors_problem(vectors, channels: int, patch: int) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# latents <-> vectors
+# ---------------------------------------------------------------- latents <-> vectors
 
 
 @dataclass(frozen=True)
@@ -134,8 +128,14 @@ def vectors_to_latent(vectors: torch.Tensor, grid: Grid) -> torch.Tensor:
     return x.contiguous()
 
 
-# ---------------------------------------------------------------------------------------------
-# nearest code: faiss when installed (CPU), else our kernel
+def reconstructions(codebook: Codebook, samples: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The indices [depth, M] of a latent's vectors and the latent rebuilt from 1, 2, ... levels."""
+    vectors, grid = latent_to_vectors(samples, codebook.patch)
+    idx = encode(codebook, vectors)
+    return idx, [vectors_to_latent(decode(codebook, idx[:level + 1]), grid) for level in range(codebook.depth)]
+
+
+# ------------------------------ nearest code: faiss when installed (CPU), else our kernel
 
 
 def nearest(vectors: torch.Tensor, codes: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +156,7 @@ def nearest(vectors: torch.Tensor, codes: torch.Tensor, backend: str = "auto") -
             return idx, d2
         if backend == "faiss":
             raise RuntimeError("backend 'faiss' was asked for but faiss is not installed (pip install faiss-cpu)")
-    return km.nearest_centroid(vectors, codes)
+    return nearest_centroid(vectors, codes)
 
 
 def _faiss():
@@ -167,8 +167,7 @@ def _faiss():
     return faiss
 
 
-# ---------------------------------------------------------------------------------------------
-# fit, shrink, encode, decode
+# ---------------------------------------------------------------- fit, shrink, encode, decode
 
 
 def fit(vectors: torch.Tensor, k: int, channels: int, patch: int = 1, depth: int = 1, iters: int = 10,
@@ -189,7 +188,7 @@ def fit(vectors: torch.Tensor, k: int, channels: int, patch: int = 1, depth: int
     levels, usage = [], []
     for level in range(depth):
         step = None if progress is None else (lambda done, base=level * iters: progress(base + done))
-        codes, idx = km.kmeans(residual, k, iters=iters, seed=seed + level, progress=step)
+        codes, idx = kmeans(residual, k, iters=iters, seed=seed + level, progress=step)
         residual -= codes[idx]
         levels.append(codes)
         usage.append(torch.bincount(idx, minlength=k).float())
@@ -211,7 +210,7 @@ def shrink(codebook: Codebook, k: int, iters: int = 20, seed: int = 0,
         if w is not None and int((w > 0).sum()) < k:
             w = w + 1e-3  # fewer used codes than asked for: let unused ones count a little
         step = None if progress is None else (lambda done, base=level * iters: progress(base + done))
-        codes, idx = km.kmeans(codebook.vectors[level], k, iters=iters, seed=seed + level, progress=step, weights=w)
+        codes, idx = kmeans(codebook.vectors[level], k, iters=iters, seed=seed + level, progress=step, weights=w)
         levels.append(codes)
         ones = torch.ones(codebook.size) if w is None else w
         usage.append(torch.zeros(k).index_add_(0, idx, ones))

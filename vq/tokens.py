@@ -20,10 +20,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..files import write_new  # noqa: F401  (re-exported: the nodes save through it)
 from . import entropy
-from . import codebook as cbmod
-from .codebook import Codebook, Grid
+from .codebook import Codebook, Grid, decode, encode, latent_to_vectors, vectors_problem, vectors_to_latent
 
 TOKENS_FORMAT = "comfyui-accel.vq-tokens"
 CODEBOOK_FORMAT = "comfyui-accel.vq-codebook"
@@ -105,8 +103,7 @@ def _tensor(f, name: str, path: Path, what: str) -> torch.Tensor:
         raise VQFileError(f"{what} {path.name} is truncated or damaged: tensor '{name}' cannot be read ({e})") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# codebook files
+# ---------------------------------------------------------------- codebook files
 
 
 def codebook_bytes(codebook: Codebook) -> bytes:
@@ -128,15 +125,15 @@ def load_codebook(path: str | Path) -> Codebook:
         patch = _int_field(meta, "patch", 1, MAX_PATCH, path)
         vectors = _float_tensor(f, "codebook", path, "codebook file")
         usage = _float_tensor(f, "usage", path, "codebook file") if "usage" in f.keys() else None
-    problem = cbmod.vectors_problem(vectors, channels, patch)
+    problem = vectors_problem(vectors, channels, patch)
     if problem is None and usage is not None and tuple(usage.shape) != tuple(vectors.shape[:2]):
         problem = f"its usage counts are {list(usage.shape)}, not [levels, codes] = {list(vectors.shape[:2])}"
     if problem:
         raise VQFileError(f"codebook file {path.name} is damaged: {problem}")
-    cb = Codebook(vectors, channels, patch, usage, source=str(meta.get("source", ""))[:200], path=str(path))
-    if cb.sha256() != meta.get("sha256"):
+    book = Codebook(vectors, channels, patch, usage, source=str(meta.get("source", ""))[:200], path=str(path))
+    if book.sha256() != meta.get("sha256"):
         raise VQFileError(f"codebook file {path.name} is damaged: its content does not match its stored hash")
-    return cb
+    return book
 
 
 def _short(value) -> str:
@@ -183,8 +180,7 @@ def _float_tensor(f, name: str, path: Path, what: str) -> torch.Tensor:
     return t
 
 
-# ---------------------------------------------------------------------------------------------
-# token files
+# ---------------------------------------------------------------- token files
 
 
 def tokens_bytes(tokens: Tokens, embed_codebook: bool, codebook_name: str | None = None) -> tuple[bytes, dict]:
@@ -312,7 +308,7 @@ def load_tokens(path: str | Path, codebook: Codebook | None = None,
             raise CodebookMismatch(f"{path.name} was made with another codebook (hash {head.sha256[:12]}…, the given "
                                    f"one is {codebook.sha256()[:12]}…); connect the codebook the tokens were encoded with")
     if codebook is None and embedded is not None:
-        problem = cbmod.vectors_problem(embedded, head.shape[1], head.patch)
+        problem = vectors_problem(embedded, head.shape[1], head.patch)
         if problem:
             raise VQFileError(f"token file {path.name} is damaged: its embedded codebook {problem}")
         codebook = Codebook(embedded, head.shape[1], head.patch, source=f"embedded in {path.name}")
@@ -353,7 +349,7 @@ def _stored_report(meta: dict) -> dict:
 
 
 def check_compatible(codebook: Codebook, grid: Grid, k: int, levels: int) -> None:
-    problem = cbmod.vectors_problem(codebook.vectors, codebook.channels, codebook.patch)
+    problem = vectors_problem(codebook.vectors, codebook.channels, codebook.patch)
     if problem:
         raise CodebookMismatch(f"the codebook {problem}")
     if codebook.channels != grid.shape[1]:
@@ -367,8 +363,7 @@ def check_compatible(codebook: Codebook, grid: Grid, k: int, levels: int) -> Non
                           f"{levels} level(s) of {k}")
 
 
-# ---------------------------------------------------------------------------------------------
-# latents <-> tokens
+# ---------------------------------------------------------------- latents <-> tokens
 
 
 def encode_latent(codebook: Codebook, samples: torch.Tensor, pixels: int, depth: int | None = None,
@@ -376,9 +371,9 @@ def encode_latent(codebook: Codebook, samples: torch.Tensor, pixels: int, depth:
     """Tokens of a latent [B, C, H, W] or [B, C, T, H, W] with ``depth`` (default all) levels."""
     if samples.dim() not in (4, 5):
         raise VQFileError(f"a latent is [B, C, H, W] or [B, C, T, H, W]; got {tuple(samples.shape)}")
-    vectors, grid = cbmod.latent_to_vectors(samples, codebook.patch)
+    vectors, grid = latent_to_vectors(samples, codebook.patch)
     check_compatible(codebook, grid, codebook.size, depth or codebook.depth)
-    idx = cbmod.encode(codebook, vectors, depth, backend)
+    idx = encode(codebook, vectors, depth, backend)
     return Tokens(idx.reshape(idx.shape[0], *grid.tokens_shape).cpu(), grid, codebook.size, codebook.sha256(),
                   pixels, codebook=codebook, codebook_name=Path(codebook.path).name if codebook.path else None)
 
@@ -394,4 +389,4 @@ def decode_latent(tokens: Tokens, codebook: Codebook | None = None, depth: int |
                           f"the given one is {codebook.sha256()[:12]}…)")
     levels = tokens.depth if depth is None else min(depth, tokens.depth)
     flat = tokens.indices[:levels].reshape(levels, -1)
-    return cbmod.vectors_to_latent(cbmod.decode(codebook, flat), tokens.grid)
+    return vectors_to_latent(decode(codebook, flat), tokens.grid)

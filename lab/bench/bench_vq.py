@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from comfyui_accel.kernels import dispatch
-from comfyui_accel.kernels import kmeans as km
-from comfyui_accel.vq import codebook as cb
-from comfyui_accel.vq import tokens as tk
+from comfyui_accel.kernels.kmeans import nearest_centroid_reference
+from comfyui_accel.vq.codebook import fit, latent_to_vectors
+from comfyui_accel.vq.tokens import bitrate, decode_latent, encode_latent
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def bench_search(quick: bool) -> list[dict]:
             for n, d, k in SEARCH_SHAPES:
                 g = torch.Generator().manual_seed(n + d + k)
                 x, c = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
-                fns = {"accel": lambda: km.nearest_centroid_reference(x, c)[0],
+                fns = {"accel": lambda: nearest_centroid_reference(x, c)[0],
                        "plain": lambda: plain_chunked_search(x, c)}
                 if faiss is not None:
                     index = faiss.IndexFlatL2(d)
@@ -134,13 +134,13 @@ def photographs(quick: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def rd_point(train_vectors, test, patch: int, k: int, depth: int, iters: int) -> dict:
-    book = cb.fit(train_vectors, k, channels=3, patch=patch, depth=depth, iters=iters, seed=0)
+    book = fit(train_vectors, k, channels=3, patch=patch, depth=depth, iters=iters, seed=0)
     coded_bits = fixed_bits = pixels = 0
     sq_err = 0.0
     for img in test:
-        tokens = tk.encode_latent(book, img, pixels=img.shape[-2] * img.shape[-1])
-        report = tk.bitrate(tokens)
-        rec = tk.decode_latent(tokens).clamp(0, 1)
+        tokens = encode_latent(book, img, pixels=img.shape[-2] * img.shape[-1])
+        report = bitrate(tokens)
+        rec = decode_latent(tokens).clamp(0, 1)
         coded_bits += report["coded_bits"] + report["table_bits"]
         fixed_bits += report["fixed_bits"]
         pixels += report["pixels"]
@@ -164,7 +164,7 @@ def bench_rate_distortion(quick: bool, out: str | Path = "out") -> list[dict]:
     configs = ([(4, k, 1) for k in (16, 64, 256)] + [(4, 64, d) for d in (2, 3)] if quick else
                [(4, k, 1) for k in (16, 64, 256, 1024, 4096)] + [(4, 256, d) for d in (2, 3, 4)]
                + [(2, k, 1) for k in (64, 256, 1024)] + [(2, 256, d) for d in (2, 3)])
-    vectors = {p: torch.cat([cb.latent_to_vectors(img, p)[0] for img in train]) for p in {c[0] for c in configs}}
+    vectors = {p: torch.cat([latent_to_vectors(img, p)[0] for img in train]) for p in {c[0] for c in configs}}
     records = []
     for patch, k, depth in configs:
         start = time.perf_counter()

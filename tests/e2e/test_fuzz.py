@@ -41,9 +41,9 @@ import torch
 from lab import fixtures
 from lab.host import ComfyServer
 from lab.prompts import QUANTIZE_DEFAULTS, read_latent, sampling_prompt
-from comfyui_accel.vq import codebook as cb
+from comfyui_accel.vq.codebook import Codebook
 from comfyui_accel.vq import entropy
-from comfyui_accel.vq import tokens as tk
+from comfyui_accel.vq.tokens import codebook_bytes, encode_latent, tokens_bytes
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
@@ -264,9 +264,9 @@ class Schemas:
 
 
 def token_file_parts(embed: bool = True) -> tuple[dict, dict]:
-    book = cb.Codebook(torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(3)), channels=4)
+    book = Codebook(torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(3)), channels=4)
     latent = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(4))
-    data, _ = tk.tokens_bytes(tk.encode_latent(book, latent, pixels=48 * 40), embed_codebook=embed)
+    data, _ = tokens_bytes(encode_latent(book, latent, pixels=48 * 40), embed_codebook=embed)
     return _parts(data)
 
 
@@ -643,9 +643,9 @@ def harness(tmp_path_factory):
     h.info = fixtures.write_fixture("wan21", "tiny", h.server.models_dir)
     meta, tensors = token_file_parts()
     secret_tokens = _pack(meta, tensors, rehash=False)
-    book = cb.Codebook(torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(3)), channels=4)
+    book = Codebook(torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(3)), channels=4)
     (h.outside / "secret.vqt").write_bytes(secret_tokens)
-    (h.outside / "secret.safetensors").write_bytes(tk.codebook_bytes(book))
+    (h.outside / "secret.safetensors").write_bytes(codebook_bytes(book))
     (h.outside / "passwd").write_text("root:x:0:0:sentinel\n")
     (base / "input" / "fuzz_image.png").write_bytes(b"\x89PNG not really")
     (base / "input" / "link.vqt").symlink_to(h.outside / "secret.vqt")

@@ -102,11 +102,11 @@ def folders(comfy, tmp_path):
 
 def test_token_files_outside_comfyuis_folders_are_never_opened(nodes, folders):
     from comfyui_accel.nodes.common import AccelInputError
-    from comfyui_accel.vq import codebook as cb
-    from comfyui_accel.vq import tokens as tk
+    from comfyui_accel.vq.codebook import Codebook
+    from comfyui_accel.vq.tokens import encode_latent, tokens_bytes
     base, outside = folders
-    book = cb.Codebook(torch.randn(1, 8, 4), channels=4)
-    data, _ = tk.tokens_bytes(tk.encode_latent(book, torch.randn(1, 4, 3, 3), pixels=9), embed_codebook=True)
+    book = Codebook(torch.randn(1, 8, 4), channels=4)
+    data, _ = tokens_bytes(encode_latent(book, torch.randn(1, 4, 3, 3), pixels=9), embed_codebook=True)
     (outside / "secret.vqt").write_bytes(data)
     (base / "input" / "good.vqt").write_bytes(data)
     (base / "input" / "link.vqt").symlink_to(outside / "secret.vqt")
@@ -140,12 +140,12 @@ def test_token_files_outside_comfyuis_folders_are_never_opened(nodes, folders):
 
 def test_save_names_stay_in_the_output_folder(nodes, folders):
     from comfyui_accel.nodes.common import AccelInputError
-    from comfyui_accel.vq import codebook as cb
-    from comfyui_accel.vq import tokens as tk
+    from comfyui_accel.vq.codebook import Codebook
+    from comfyui_accel.vq.tokens import encode_latent, tokens_bytes
     base, outside = folders
     (base / "output" / "escape").symlink_to(outside, target_is_directory=True)
-    book = cb.Codebook(torch.randn(1, 8, 4), channels=4)
-    tokens = tk.encode_latent(book, torch.randn(1, 4, 3, 3), pixels=9)
+    book = Codebook(torch.randn(1, 8, 4), channels=4)
+    tokens = encode_latent(book, torch.randn(1, 4, 3, 3), pixels=9)
     save = nodes["AccelVQSaveTokens"]
     for prefix, message in [("../../outside/x", "must be a relative file name"), (str(outside / "x"), "relative"),
                             ("escape/x", "inside the output folder"), ("a\x00b", "NUL"), ("x" * 300, "longer than")]:

@@ -100,7 +100,7 @@ def test_bad_inputs_name_node_and_input(env):
                iterations=2, seed=0).args[0]
     with pytest.raises(AccelInputError, match="VQ Encode [(]AccelVQEncode[)]: input 'residual_levels'"):
         run(nv.AccelVQEncode, latent=latent, codebook=book, residual_levels=3)
-    with pytest.raises(AccelInputError, match=r"VQGAN Encode \(Stage A\): input 'vae'.*Stage A"):
+    with pytest.raises(AccelInputError, match=r"VQGAN Encode \(Stage A\) \(AccelVQGANEncode\): input 'vae'.*Stage A"):
         run(nv.AccelVQGANEncode, image=env["images"], vae=env["taesd"], report_psnr=False)
 
 
@@ -158,6 +158,7 @@ def test_token_files_through_the_nodes(env):
 def test_stage_a_vqgan_tokens_match_the_models_own_quantizer(env, tmp_path):
     import comfy.sd
 
+    from comfyui_accel import files
     from comfyui_accel.vq import tokens as tk
     nv, fx = env["nv"], env["fx"]
     with torch.inference_mode():
@@ -172,7 +173,7 @@ def test_stage_a_vqgan_tokens_match_the_models_own_quantizer(env, tmp_path):
         # The model's own quantizer (ComfyUI's StageA.vquantizer) picks the same codes.
         _, _, own = vae.first_stage_model.vquantizer(latent.float(), get_losses=False, dim=1)
     assert (own.reshape(-1) == tokens.indices.reshape(-1)).float().mean() >= 0.999
-    path = tk.write_new(tmp_path, "img", ".vqt", tk.tokens_bytes(tokens, embed_codebook=False)[0])
+    path = files.write_new(tmp_path, "img", ".vqt", tk.tokens_bytes(tokens, embed_codebook=False)[0])
     loaded, _ = tk.load_tokens(path)
     image = run(nv.AccelVQGANDecode, tokens=loaded, vae=vae).args[0]
     with torch.inference_mode():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_accel import files
 from comfyui_accel.metrics import psnr
 from comfyui_accel.vq import codebook as cb
 from comfyui_accel.vq import entropy
@@ -140,7 +141,7 @@ def test_token_file_round_trip_embedded_and_by_hash(tmp_path, fitted):
     tokens = tk.encode_latent(book, lat, pixels=2 * 128 * 128)
     for embed in (True, False):
         data, report = tk.tokens_bytes(tokens, embed_codebook=embed)
-        path = tk.write_new(tmp_path, "t", ".vqt", data)
+        path = files.write_new(tmp_path, "t", ".vqt", data)
         loaded, stored_report = tk.load_tokens(path, None if embed else book)
         assert torch.equal(loaded.indices, tokens.indices)
         assert torch.equal(tk.decode_latent(loaded), tk.decode_latent(tokens))
@@ -157,7 +158,7 @@ def test_token_file_round_trip_embedded_and_by_hash(tmp_path, fitted):
 def test_token_file_without_codebook_needs_one(tmp_path, fitted):
     lat, book = fitted
     data, _ = tk.tokens_bytes(tk.encode_latent(book, lat, pixels=1), embed_codebook=False)
-    loaded, _ = tk.load_tokens(tk.write_new(tmp_path, "t", ".vqt", data))
+    loaded, _ = tk.load_tokens(files.write_new(tmp_path, "t", ".vqt", data))
     with pytest.raises(tk.VQFileError, match="no codebook"):
         tk.decode_latent(loaded)
 
@@ -186,7 +187,7 @@ def test_corrupted_payload_is_refused(tmp_path, fitted):
 def test_other_codebook_and_channel_mismatch_are_refused(tmp_path, fitted):
     lat, book = fitted
     data, _ = tk.tokens_bytes(tk.encode_latent(book, lat, pixels=1), embed_codebook=False)
-    path = tk.write_new(tmp_path, "t", ".vqt", data)
+    path = files.write_new(tmp_path, "t", ".vqt", data)
     vectors, _ = cb.latent_to_vectors(lat, 1)
     other = cb.fit(vectors, 32, channels=4, depth=2, iters=5, seed=1)
     with pytest.raises(tk.VQFileError, match="another codebook"):
@@ -201,8 +202,8 @@ def test_other_codebook_and_channel_mismatch_are_refused(tmp_path, fitted):
 def test_saving_never_overwrites(tmp_path):
     mine = tmp_path / "t_00001_.vqt"
     mine.write_bytes(b"the user's own file")
-    a = tk.write_new(tmp_path, "t", ".vqt", b"one")
-    b = tk.write_new(tmp_path, "t", ".vqt", b"two")
+    a = files.write_new(tmp_path, "t", ".vqt", b"one")
+    b = files.write_new(tmp_path, "t", ".vqt", b"two")
     assert mine.read_bytes() == b"the user's own file"
     assert (a.name, b.name) == ("t_00002_.vqt", "t_00003_.vqt")
     assert a.read_bytes() == b"one" and b.read_bytes() == b"two"
@@ -211,7 +212,7 @@ def test_saving_never_overwrites(tmp_path):
 
 def test_codebook_file_round_trip_and_damage(tmp_path, fitted):
     _, book = fitted
-    path = tk.write_new(tmp_path, "book", ".safetensors", tk.codebook_bytes(book))
+    path = files.write_new(tmp_path, "book", ".safetensors", tk.codebook_bytes(book))
     loaded = tk.load_codebook(path)
     assert torch.equal(loaded.vectors, book.vectors) and loaded.sha256() == book.sha256()
     assert (loaded.channels, loaded.patch) == (4, 1)
