@@ -1,98 +1,61 @@
 """Where the ComfyUI versions the pack supports differ, and how the pack meets each difference.
 
-Supported: ComfyUI 0.3.75 (the newest on the package index) up to today's releases (0.3.75 and
-0.33.0 are tested; newer upstream source, to 0.38.1, was read). Every difference is found by a
-feature check on the running host, never by its version string, so a host that back-ports or
-drops a feature gets the right branch. ComfyUI is imported inside the functions only.
+Supported: 0.3.75 (newest on the package index) to today's releases; 0.3.75 and 0.33.0 are tested,
+newer upstream source (to 0.38.1: model_patcher.py at 08d0e510, wan/model.py at 0c9a69ae,
+attention.py at 05080f60, comfy_api/latest at 168efe45) was read. Every difference is a feature
+check on the running host, never its version string, so back-ports and removals take the right
+branch. ComfyUI is imported inside the functions only. API by API (0.3.75 -> 0.33 -> newer):
 
-What changes, API by API (0.3.75 -> 0.33 -> newer upstream), and what the pack does about it.
-"Newer" is what the code index holds of Comfy-Org/ComfyUI: one stored version per file, each
-from its own commit, none confirmed to be the 0.38.1 tag (comfyui_version.py 0.38.1 is commit
-20ca544e; model_patcher.py was read at 08d0e510, wan/model.py at 0c9a69ae, attention.py at
-05080f60, comfy_api/latest/__init__.py at 168efe45, all newer than 0.33).
-
-- Weight loading, plain loader (``ModelPatcher.load``, ``patch_weight_to_device``,
-  ``get_key_weight``, the ``convert_weight``/``set_weight`` layer protocol): unchanged in shape.
-  0.33 merges a LoRA in ``lora_compute_dtype`` (fp16 on most GPUs, fp32 on the CPU) instead of
-  fp32 and adds ``return_weight``/``force_cast``; newer upstream also patches a shape-changing
-  LoRA in place in low-VRAM mode. ``QuantLinear`` is unaffected (its shape never changes);
-  ``packed_like`` keeps a weight handed back unchanged in its packed form.
-- ``LowVramPatch``: on 0.3.75 the patch dequantizes the layer's weight through the layer's
-  ``convert_weight``, adds the LoRA and repacks it through ``set_weight``. From 0.33 on it only
-  adds the LoRA to whatever weight it is handed and ``convert_func``/``set_func`` are unused
-  ("TODO: remove" upstream; still so in newer upstream). ``lowvram_patch_converts`` tells which;
-  ``QuantLinear`` dequantizes and repacks around the patches itself where the host does not.
-- Dynamic VRAM (0.33+: ``ModelPatcherDynamic``, comfy-aimdo; what main.py makes every loader
-  build on NVIDIA and recent AMD GPUs unless ``--disable-dynamic-vram``, ``--highvram``,
-  ``--gpu-only`` or ``--novram``; never with ``--cpu``): weights stay on the
-  offload device and are streamed per layer. A LoRA goes to ``<param>_lowvram_function`` instead
-  of ``<param>_function`` (``loader_functions``); layers of 16 KB or less, and layers whose LoRA
-  changes their shape, are patched at load time through ``patch_weight_to_device(force_cast=True)``
-  (convert, then set, also with no patch); ``force_patch_weights`` is refused by an assertion, so
-  Save Quantized Model bakes patches itself (``checkpoint.computed_state``); a layer gets a slot in
-  the VRAM arena and, once cast, pinned host copies, which a copy of the layer must not share
-  (``LOADER_MODULE_STATE``). Unchanged in newer upstream apart from a fast-disk pin pool.
-- ``string_to_seed`` moved from ``comfy.model_patcher`` to ``comfy.utils`` (0.33; the old name
-  logs a warning at each call from 0.33 on): ``string_to_seed`` here takes whichever exists.
-- V3 combo values: 0.33 refuses a value outside a combo's options when the prompt is queued;
-  0.3.75 passes any value to the node. No host refuses NaN in a FLOAT or checks a value that
-  arrives through a link. The pack does not branch on this: ``nodes/validate.py`` checks every
-  input of every node against its schema on every host, before the node runs.
-- Model parameter dataclasses gained required fields after 0.3.75 (``FluxParams.txt_ids_dims``,
-  ``ChromaParams.txt_ids_dims`` and ``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``) and
-  optional ones (Flux 2's ``txt_norm``, ``yak_mlp``...); the stock loader's detection fills them
-  from the checkpoint. Only the test fixtures, which build small models from a config instead of
-  a file, need them: ``complete_unet_config`` adds what a host requires and drops what it lacks.
-- Wan 2.2 S2V's blocks get the transformer options (and so their attention reaches
-  ``optimized_attention_override``) only since 0.33: ``blocks_get_transformer_options`` says, and
-  Sparse Attention refuses the model where they do not.
-- HunyuanVideo put its image tokens before the text up to 0.3.75 (its double blocks carry
-  ``flipped_img_txt``) and after since; 0.33 also names the image slice of joint streams
-  (``transformer_options["img_slice"]``). ``attention/layout.py`` and the block cache read both.
-- Object patches and wrappers (``clone``, ``add_object_patch``, ``get_model_object``,
-  ``add_wrapper_with_key``/``remove_wrappers_with_key``, ``WrappersMP.OUTER_SAMPLE``,
-  ``CALC_COND_BATCH``, ``APPLY_MODEL``, ``CFGGuider.outer_sample``'s arguments): same in 0.33;
-  ``clone`` gains ``disable_dynamic``/``model_override`` (the sampler's plain-loader delegate for
-  hooked conditioning shares our layers: ``loader_functions`` ignores a stale dynamic patch there).
-  Newer upstream adds "config" weight patches that become object patches of a
-  ``ConfigurableModule``; Quantize Model leaves any layer another node object-patched as it is.
-- ``patches_replace["dit"]``: the argument dicts our block hook passes on are unchanged (Wan in
-  newer upstream: ``img, txt, vec, pe, transformer_options`` / ``original_block``). 0.33's
-  Qwen-Image block ``_modulate`` takes a ``timestep_zero_index`` (edit models with a zero-timestep
-  reference, ``ref_latents_method="index_timestep_zero"``, which doubles the timestep batch) that
-  the replacement arguments do not carry. ``cache.adapters``'s Qwen signal sees it as a timestep
-  batch larger than the image batch and modulates the reference tokens (the last
-  ``sum(transformer_options["reference_image_num_tokens"])``) with the second half, through the
-  block's own ``_modulate`` (test: ``test_qwen_edit_signal_with_a_zero_timestep_reference``).
-  Flux's ``apply_mod`` slices the modulation differently (same values); the UNet's
-  ``forward_timestep_embed`` now checks its per-class patches before dispatching, which our block
-  containers' plain probe modules never match.
-- Attention override (``transformer_options["optimized_attention_override"]``, called as
-  ``override(func, q, k, v, heads, ...)``): 0.33 lets a model pass q, k, v in
-  ``AttentionTensorContainer`` (MiniMax); an override without ``container_function`` receives
-  the unpacked tensors, as ours does. Newer upstream pops a per-layer ``preferred_attention``
-  before calling the override, so the dense path we chain is the default backend, not that
-  layer's preference (comfy-kitchen int8 attention from a checkpoint). GQA calls
-  (``enable_gqa``) stay dense in our override on every host.
-- V3 node API (``comfy_api.latest``: ``io``, ``ui``, ``ComfyExtension``): still exported in newer
-  upstream (through ``_io_public``/``_ui_public``, plus a new ``sdk``); outputs' display names
-  default to their ids from 0.33, so our nodes name them. ``io.DynamicCombo``
-  (``COMFY_DYNAMICCOMBO_V3``, 0.33+) is used by stock nodes only (SaveVideo's ``format``); our
-  nodes declare none; ``lab/workflows.py`` converts the stock nodes that do.
-- ``comfy/quant_ops.py`` layouts (``_quantization_metadata`` v1.0, ``int8_tensorwise`` with a
-  per-row ``weight_scale`` [N, 1], ``float8_e4m3fn`` with a scalar ``weight_scale``): the same
-  names and parameters in 0.33 and newer upstream (0.33 adds ``convrot_w4a4`` and
-  ``asym_w4a8_int8``). ``load_diffusion_model_state_dict`` gains
-  ``disable_dynamic`` and skips ``convert_old_quants`` when given ``custom_operations`` (our
-  loader's case: our files need no conversion).
-- ``comfy.quant_ops`` (quantized layers): 0.3.75 has its own fp8-only ``QuantizedTensor``; from 0.33 on
-  it wraps comfy-kitchen's (layouts ``float8_e4m3fn``, ``float8_e5m2``, ``nvfp4``, ``mxfp8``,
-  ``int8_tensorwise``, ``convrot_w4a4``, ``asym_w4a8_int8``; 0.38.1 adds ``awq_w4a16``; no release up
-  to 0.38.1 lists kitchen's ``svdquant_w4a4``) and ``comfy.ops.pick_operations`` gives the
-  mixed-precision ``Linear`` its loader uses for them. ``core_quant_formats`` lists the layouts this
-  host builds (empty on 0.3.75 or without comfy-kitchen), ``core_linear_class`` that ``Linear``;
-  Quantize Model uses them for its formats core has (``quant/core.py``) and keeps its own layers
-  elsewhere.
+- Plain weight loading (``ModelPatcher.load``, ``patch_weight_to_device``, the layer's
+  ``convert_weight``/``set_weight``): same shape. 0.33 merges a LoRA in ``lora_compute_dtype`` and
+  adds ``return_weight``/``force_cast``; newer patches shape-changing LoRAs in place in low VRAM.
+  ``QuantLinear`` never changes shape; ``packed_like`` keeps a weight handed back unchanged packed.
+- ``LowVramPatch``: 0.3.75 converts the weight through the layer (dequantize, add LoRA, repack);
+  0.33+ adds the LoRA to whatever it is handed (``convert_func`` unused, "TODO: remove" upstream).
+  ``lowvram_patch_converts`` tells which; ``QuantLinear`` converts around the patches itself where
+  the host does not.
+- Dynamic VRAM (0.33+, ``ModelPatcherDynamic`` and comfy-aimdo; the default loader on NVIDIA and
+  recent AMD GPUs, never with ``--cpu``): weights stream per layer from the offload device; a LoRA
+  goes to ``<param>_lowvram_function`` (``loader_functions``); small or shape-changing layers are
+  patched at load through ``patch_weight_to_device(force_cast=True)``; ``force_patch_weights`` is
+  refused, so Save Quantized Model bakes patches itself (``checkpoint.computed_state``); a layer's
+  arena slot and pinned copies must not be shared by a copy (``LOADER_MODULE_STATE``). Newer
+  upstream only adds a fast-disk pin pool.
+- ``string_to_seed`` moved from ``comfy.model_patcher`` to ``comfy.utils`` (0.33 warns on the old).
+- V3 combos: 0.33 refuses a value outside the options at queue time, 0.3.75 does not; no host
+  refuses NaN or checks linked values. ``nodes/validate.py`` checks every input on every host.
+- Parameter dataclasses gained required fields (``FluxParams.txt_ids_dims``, Chroma's
+  ``txt_ids_dims``/``vec_in_dim``, ``HunyuanVideoParams.meanflow_sum``); detection fills them from
+  a file, so only configs built by hand need ``complete_unet_config``.
+- Wan 2.2 S2V's blocks get the transformer options (so the attention override) only since 0.33:
+  ``blocks_get_transformer_options``; Sparse Attention refuses the model where they do not.
+- HunyuanVideo put image tokens before the text up to 0.3.75 (``flipped_img_txt``) and after since;
+  0.33 names the image slice (``transformer_options["img_slice"]``). ``attention/layout.py`` and
+  the block cache read both.
+- Object patches and wrappers (``clone``, ``add_object_patch``, ``add_wrapper_with_key``,
+  ``WrappersMP.OUTER_SAMPLE``/``CALC_COND_BATCH``/``APPLY_MODEL``, ``outer_sample``'s arguments):
+  unchanged; ``clone`` gains ``disable_dynamic``/``model_override`` (the plain-loader delegate for
+  hooked conditioning shares our layers: ``loader_functions`` ignores a stale dynamic patch). Newer
+  upstream's "config" weight patches become object patches: Quantize Model leaves such layers as they are.
+- ``patches_replace["dit"]``: the argument dicts are unchanged. 0.33's Qwen-Image ``_modulate``
+  takes a ``timestep_zero_index`` (edit models with a zero-timestep reference double the timestep
+  batch) the arguments do not carry: the TeaCache signal modulates the reference tokens with the
+  second half (``cache/adapters.py``). The UNet's ``forward_timestep_embed`` checks per-class
+  patches first, which our probe modules never match.
+- Attention override (``optimized_attention_override(func, q, k, v, heads, ...)``): 0.33 may pass
+  q, k, v in an ``AttentionTensorContainer``, unpacked for an override without
+  ``container_function`` (ours). Newer upstream pops a per-layer ``preferred_attention`` first, so
+  the dense path we chain is the default backend. GQA calls stay dense on every host.
+- V3 API (``comfy_api.latest``): still exported in newer upstream. Outputs' display names default
+  to their ids from 0.33, so our nodes name them. ``io.DynamicCombo`` (0.33+) is used by stock
+  nodes only; the lab's workflow converter handles it.
+- ``comfy.quant_ops``: 0.3.75 has its own fp8-only ``QuantizedTensor``; 0.33+ wraps comfy-kitchen's
+  (``float8_e4m3fn``, ``float8_e5m2``, ``nvfp4``, ``mxfp8``, ``int8_tensorwise``, ``convrot_w4a4``,
+  ``asym_w4a8_int8``; 0.38.1 adds ``awq_w4a16``; none up to 0.38.1 lists ``svdquant_w4a4``), and
+  ``comfy.ops.pick_operations`` gives its mixed-precision ``Linear``. ``_quantization_metadata``
+  v1.0 keeps its names and parameters. ``core_quant_formats``/``core_linear_class`` feed
+  ``quant/core.py``. ``load_diffusion_model_state_dict`` skips ``convert_old_quants`` when given
+  ``custom_operations`` (our loader: our files need no conversion).
 """
 from __future__ import annotations
 
