@@ -150,7 +150,7 @@ def test_smoothing_is_transparent_to_the_layer_function():
     smooth = torch.rand(k) * 4 + 0.25
     w, qw = make(smooth=smooth)
     assert torch.equal(qw.smooth, smooth)
-    x = torch.randn(6, k)
+    x = torch.randn(64, k)   # 64 rows: with 6 the error of fresh random data passed 0.06 in 3 of 1,000 draws
     rel = (QuantLinear(qw)(x) - x @ w.t()).norm() / (x @ w.t()).norm()
     assert rel < 0.06  # random factors spread the weights' ranges, so a little above unsmoothed int8
     assert (qw.dequantize(torch.float32) - w).norm() / w.norm() < 0.04
