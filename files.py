@@ -140,6 +140,11 @@ def write_new(folder: str | Path, stem: str, ext: str, data: bytes, counter: int
     return _with_temp(folder, _bytes_writer(data), place)
 
 
+def write_json(folder: str | Path, stem: str, value) -> Path:
+    """``value`` as strict JSON in a new numbered file ``folder/stem_NNNNN_.json``."""
+    return write_new(folder, stem, ".json", json_bytes(value))
+
+
 def json_bytes(value) -> bytes:
     """Strict JSON (no bare NaN or Infinity, which most readers refuse): non-finite numbers become null."""
     def clean(v):

@@ -1,10 +1,7 @@
-"""The maths of step caching, free of ComfyUI: where a sigma sits in the schedule and on the
-model's noise table, TeaCache's accumulate-and-skip rule (also replayed offline to calibrate a
-threshold, for any step count), the rescale polynomial fit, the Forecast Cache's schedule, and
+"""The maths of step caching, free of ComfyUI (so it unit-tests alone): where a sigma sits on
+the model's noise table, TeaCache's accumulate-and-skip rule (also replayed offline to calibrate
+a threshold, for any step count), the rescale polynomial fit, the Forecast Cache's schedule, and
 the Taylor (Newton divided-difference) forecaster with its verified slope.
-
-Everything here is plain numpy/torch so it unit-tests alone; ``cache.engine`` applies it to
-a running sampler.
 """
 from __future__ import annotations
 
@@ -13,28 +10,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
-# Relative tolerance when matching a sigma against the schedule (ComfyUI passes the
-# schedule's own float32 values, so exact matches are the normal case).
-SIGMA_RTOL = 1e-4
-
-
-def step_index(sigma: float, schedule: Sequence[float]) -> int:
-    """The step a model evaluation at ``sigma`` belongs to.
-
-    ``schedule`` is the sampler's sigmas (``n_steps + 1`` values, decreasing). Step ``k`` is
-    the interval ``schedule[k] >= sigma > schedule[k + 1]``; a sigma equal to ``schedule[k]``
-    is step ``k`` (so Heun's corrector at ``schedule[k + 1]`` counts as step ``k + 1``, and an
-    intermediate sigma of DPM++ 2S counts as the step it lies in). Clamped to the schedule.
-    """
-    n_steps = max(len(schedule) - 1, 1)
-    step = -1
-    for i in range(n_steps):
-        if schedule[i] >= sigma * (1.0 - SIGMA_RTOL):
-            step = i
-        else:
-            break
-    return min(max(step, 0), n_steps - 1)
 
 
 def noise_position(sigma: float, log_table: Sequence[float]) -> float:

@@ -375,7 +375,7 @@ class AccelCacheReport(AccelNode):
         if setup is None:
             fail(node_name(cls), "model", "carries no TeaCache, TaylorSeer or Forecast Cache: connect the MODEL "
                                           "output of one of those nodes (or a model made from it, e.g. after a LoRA).")
-        report = setup.find_report(latent["samples"])
+        report = setup.history.find(latent["samples"])
         if report is None:
             text = ("Cache report\n============\nNo report for this latent: no sampling run with this model made "
                     "it, or its report is no longer kept (the newest runs are). Connect the LATENT output of the "
@@ -452,7 +452,7 @@ def save_json(prefix: str, data: dict) -> str:
     import folder_paths
     output_dir = folder_paths.get_output_directory()
     folder, name = os.path.split(os.path.join(output_dir, prefix))
-    path = files.write_new(folder, name, ".json", files.json_bytes(data))
+    path = files.write_json(folder, name, data)
     return os.path.relpath(path, output_dir)
 
 

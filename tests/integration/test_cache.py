@@ -218,7 +218,7 @@ def test_applying_twice_replaces_instead_of_stacking(fx):
 
 
 def test_reinstalling_on_a_unet_drops_the_block_containers(fx):
-    from comfyui_accel.cache.unet import is_cached_block
+    from comfyui_accel.cache.adapters import is_cached_block
     deep = teacache(fixture_model("sdxl"), 1e9)
     assert sum(map(is_cached_block, deep.object_patches.values())) >= 3
     output = install(deep, "taylorseer", target="output", interval=1, order=1)
