@@ -112,9 +112,8 @@ MODULATED_CONSUMER = {
 
 
 def test_every_adapter_is_covered_by_a_tested_model(fx):
-    from comfyui_accel.cache.unet import UNetAdapter
     covered = {adapters.find_adapter(fixture_model(f).get_model_object("diffusion_model")).family: f for f in HOOKED}
-    assert set(covered) == {a.family for a in adapters.ADAPTERS} | {UNetAdapter.family}
+    assert set(covered) == {a.family for a in adapters.ADAPTERS} | {adapters.UNetAdapter.family}
     with_modulated = {a.family for a in adapters.ADAPTERS if a.modulated}
     assert {covered[f] for f in with_modulated} <= set(MODULATED_CONSUMER)
 
