@@ -285,22 +285,20 @@ class SparseAttention(runs.RunOwner):
 
     # --- the sparse path ------------------------------------------------------------------
 
-    @staticmethod
-    def _heads_layout(q, k, v, heads, skip_reshape):
-        if skip_reshape:
-            return q, k, v
-        B, N, HD = q.shape
-        D = HD // heads
-        return tuple(t.view(B, N, heads, D).transpose(1, 2) for t in (q, k, v))
-
-    def _problem(self, run, fwd, layer, q, k, v, grid, scale, branch) -> Problem:
+    def _planned(self, run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs):
+        """q, k, v as [B, H, N, D], the softmax scale, the grid's problem and the policy's plan."""
+        if not skip_reshape:
+            B, N, HD = q.shape
+            q, k, v = (t.view(B, N, heads, HD // heads).transpose(1, 2) for t in (q, k, v))
+        scale = kwargs.get("scale") or q.shape[-1] ** -0.5
         c = self.config
         G, o = grid.tokens, grid.offset
         gq, gk, gv = (t[:, :, o:o + G] for t in (q, k, v))
         rows = min(c.probe_rows, G)
         probe = torch.randperm(G, generator=run.generator)[:rows].to(q.device) if rows else None
-        memory = run.memory.setdefault((layer, branch), {})
-        return Problem(gq, gk, gv, grid, c.block_size, c.density, scale, c.top_p, probe, memory, fwd.step)
+        memory = run.memory.setdefault((layer, _branch(kwargs, q.shape)), {})
+        problem = Problem(gq, gk, gv, grid, c.block_size, c.density, scale, c.top_p, probe, memory, fwd.step)
+        return q, k, v, scale, problem, self._plan(run, problem)
 
     def _plan(self, run, problem: Problem) -> Plan:
         c = self.config
@@ -346,14 +344,9 @@ class SparseAttention(runs.RunOwner):
         return out, full_lse
 
     def _sparse(self, run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs):
-        c = self.config
-        q, k, v = self._heads_layout(q, k, v, heads, skip_reshape)
-        scale = kwargs.get("scale") or q.shape[-1] ** -0.5
-        branch = _branch(kwargs, q.shape)
-        problem = self._problem(run, fwd, layer, q, k, v, grid, scale, branch)
-        plan = self._plan(run, problem)
+        q, k, v, scale, problem, plan = self._planned(run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs)
         out, _ = self._attend(q, k, v, plan, grid, scale)
-        if c.retention:
+        if self.config.retention:
             stats = problem.state.get("retention")
             if stats is not None and stats["ratio"].shape == out.shape[:3]:
                 out = retention_correct(out, stats)
@@ -375,10 +368,8 @@ class SparseAttention(runs.RunOwner):
         """On a dense step, what Re-ttention keeps: the share of each row's softmax mass the plan
         keeps, and what the kept keys alone then miss (dense output minus the rescaled sparse one)."""
         try:
-            q, k, v = self._heads_layout(q, k, v, heads, skip_reshape)
-            scale = kwargs.get("scale") or q.shape[-1] ** -0.5
-            problem = self._problem(run, fwd, layer, q, k, v, grid, scale, _branch(kwargs, q.shape))
-            plan = self._plan(run, problem)
+            q, k, v, scale, problem, plan = self._planned(run, fwd, layer, q, k, v, heads, skip_reshape, grid,
+                                                          kwargs)
             sparse_out, kept_lse = self._attend(q, k, v, plan, grid, scale, return_lse=True)
             if dense_out.ndim == 3:  # (B, N, H*D) from the dense function
                 dense_out = dense_out.view(q.shape[0], q.shape[2], q.shape[1], -1).transpose(1, 2)

@@ -279,20 +279,16 @@ def auto_preset(adapter: BlockAdapter, diffusion_model) -> str | None:
 
 # --- UNets: DeepCache through object patches ------------------------------------------------
 #
-# The UNet's ``transformer_options`` patches (``input_block_patch``, ``output_block_patch``...)
-# can only *transform* the feature between blocks and its ``patches_replace`` only replaces
-# attention; none can skip a block. But every block is a ``TimestepEmbedSequential`` that the
-# forward iterates (``for layer in block``). So the clone gets, by ``add_object_patch``, a
-# replacement container for each deep block holding the *same* child modules (same parameters
-# and state-dict keys, so LoRA and weight patches still apply) that decides, while iterated,
-# what to yield: ``input_blocks[k]`` (k = SHALLOW_BLOCKS) first yields a probe that sees the
-# shallow feature (the signal) and takes the decision; on a computed call every deep block
-# yields its layers and ``output_blocks[n - k - 1]`` then a recorder of the deep feature; on a
-# reused call the deep blocks yield nothing and ``output_blocks[n - k - 1]`` yields a replay of
-# the cached (or forecast) deep feature, on which the shallow output blocks run with fresh skip
-# features. Limits: attention patches keyed by the global ``transformer_index`` (GLIGEN) see
-# other indices on reused calls; patches that resize the feature between deep blocks (Kohya
-# Deep Shrink) do not combine with it.
+# The UNet's patches can only transform the feature between blocks or replace attention; none
+# can skip a block. But the forward iterates each block (a ``TimestepEmbedSequential``), so the
+# clone gets, by ``add_object_patch``, a container per deep block that holds the *same* child
+# modules (LoRA and weight patches still apply) and picks, while iterated, what to yield: the
+# first deep input block a probe that sees the shallow feature (the signal) and decides; on a
+# computed call the deep blocks' layers and, after the last one, a recorder of the deep
+# feature; on a reused call nothing but a replay of the cached (or forecast) deep feature, on
+# which the shallow output blocks run with fresh skip features. Limits: attention patches keyed
+# by the global ``transformer_index`` (GLIGEN) see other indices on reused calls; patches that
+# resize the feature between deep blocks (Kohya Deep Shrink) do not combine with it.
 
 SHALLOW_BLOCKS = 1   # input blocks always computed; DeepCache's default branch keeps only conv_in
 
@@ -301,8 +297,7 @@ class UNetAdapter:
     family = "unet"
     classes = ("comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel",)
 
-    def matches(self, diffusion_model) -> bool:
-        return any(name in self.classes for name in class_names(diffusion_model))
+    matches = BlockAdapter.matches
 
     def signals(self) -> tuple[str, ...]:
         return ("shallow",)

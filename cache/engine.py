@@ -409,7 +409,14 @@ class Run:
 
     # the decision
 
-    def decide(self, call: Call, signals: list | None, shape_key: tuple) -> bool:
+    def decide(self, call: Call, features: torch.Tensor, signal=None) -> bool:
+        """Whether ``call`` computes (True) or reuses; ``features`` is what it caches, ``signal()``
+        the tensor TeaCache's signal is measured on (None: no signal)."""
+        call.started = True
+        signals = None
+        if signal is not None and self.settings.method in SIGNALLED:
+            signals = call.signals = self.signal_changes(call, signal())
+        shape_key = (call.chunk,) + tuple(features.shape[1:])
         s, ev = self.settings, call.evaluation
         if ev.decision is None:
             i = call.keys.index(self.lead) if self.lead in call.keys else _decider(call.streams)
@@ -479,15 +486,10 @@ class Run:
         if hook.last:
             call.img_start = adapter.image_start(hook.key, args)
         if hook.first and not call.started:
-            call.started = True
             img = args["img"]
-            signals = None
-            if self.settings.method in SIGNALLED:
-                first_block = adapter.block(call.diffusion_model, hook.key)
-                signals = call.signals = self.signal_changes(
-                    call, adapter.signal(self.settings.signal, first_block, args))
             call.img_tokens = img.shape[1]
-            if self.decide(call, signals, (call.chunk,) + tuple(img.shape[1:])):
+            first_block = adapter.block(call.diffusion_model, hook.key)
+            if self.decide(call, img, lambda: adapter.signal(self.settings.signal, first_block, args)):
                 call.base = img.clone()   # some blocks (LTXV) update their input in place
                 return None
             call.final = img + self.forecast(call, img.dtype, img.device)
@@ -512,13 +514,8 @@ class Run:
             call.reached_last = True
 
     def unet_decide(self, call: Call, h: torch.Tensor) -> None:
-        if call.started:
-            return
-        call.started = True
-        signals = None
-        if self.settings.method in SIGNALLED:
-            signals = call.signals = self.signal_changes(call, h)
-        self.decide(call, signals, (call.chunk,) + tuple(h.shape[1:]))
+        if not call.started:
+            self.decide(call, h, lambda: h)
 
     def unet_record(self, call: Call, h: torch.Tensor) -> None:
         if call.computing and call.started:
@@ -532,11 +529,9 @@ class Run:
     def output_call(self, call: Call, executor, args: tuple, kwargs: dict):
         x, sigma = args[0], args[1]
         sig = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.device, torch.float32)
-        feature_shape = (call.chunk,) + tuple(x.shape[1:])
-        call.started = True
         if bool((sig <= 0).any()):
             call.evaluation.decision = True
-        if self.decide(call, None, feature_shape):
+        if self.decide(call, x):
             out = executor(*args, **kwargs)
             if bool((sig > 0).all()):
                 # The sampler's own derivative (x - denoised) / sigma: eps or velocity-like, and
