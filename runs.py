@@ -83,7 +83,8 @@ class RunOwner:
             output = executor(*args, **kwargs)
             return output
         except BaseException as e:
-            status = "interrupted" if type(e).__name__ == "InterruptProcessingException" else f"error: {type(e).__name__}"
+            interrupted = type(e).__name__ == "InterruptProcessingException"
+            status = "interrupted" if interrupted else f"error: {type(e).__name__}"
             raise
         finally:
             options.pop(self.run_key, None)

@@ -163,8 +163,8 @@ class SparseAttention(runs.RunOwner):
 
     def start(self, guider, sigmas) -> SparseRun:
         run = SparseRun(torch.as_tensor(sigmas).flatten().tolist())
-        override = getattr(guider, "model_options", {}).get("transformer_options", {}).get("optimized_attention_override")
-        if self not in _chain(override):
+        options = getattr(guider, "model_options", {}).get("transformer_options", {})
+        if self not in _chain(options.get("optimized_attention_override")):
             self._notice(run, "another node replaced the attention override after this one without chaining "
                               "it; attention stays dense for this run")
         return run

@@ -39,6 +39,12 @@ _TIP_SHORT = ("Schedules of 8 steps or fewer (distilled / turbo models) gain lit
               "detail: 'skip caching' runs them uncached with a warning; 'cache anyway' caches them too.")
 
 
+def _memory_inputs() -> list:
+    """The inputs every cache node shares: where the cache lives, and what short schedules do."""
+    return [io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
+            io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT)]
+
+
 def _diffusion_model(model):
     return model.get_model_object("diffusion_model")
 
@@ -84,8 +90,7 @@ class AccelTeaCache(AccelNode):
                                        "(Flux, HunyuanVideo 1.0, LTX-Video 2B, Mochi, Wan 2.1 by size and "
                                        "t2v/i2v; Wan 2.2 A14B uses Wan 2.1 14B's). A connected profile takes "
                                        "precedence. Kontext: choose flux_kontext."),
-                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
-                io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT),
+                *_memory_inputs(),
                 PROFILE.Input("profile", optional=True,
                               tooltip="A profile from Cache Calibrate for this model: its fitted coefficients and "
                                       "calibrated threshold replace the preset."),
@@ -167,8 +172,7 @@ class AccelTaylorSeer(AccelNode):
                                        "models with a block hook); 'model output' = the model's prediction (the "
                                        "sampler's derivative; about the latent's size per order; every model, "
                                        "UNets included). 'auto' = block residual where the model has the hook."),
-                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
-                io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT),
+                *_memory_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with TaylorSeer (the input model is unchanged).")],
         )
@@ -219,8 +223,7 @@ class AccelForecastCache(AccelNode):
                 io.Boolean.Input("verify", default=True,
                                  tooltip="Each computed step checks the forecast it replaces and rescales the "
                                          "extrapolation's slope (least squares). Off = plain linear extrapolation."),
-                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
-                io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT),
+                *_memory_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with Forecast Cache (the input model is unchanged).")],
         )
