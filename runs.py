@@ -60,8 +60,8 @@ class RunOwner:
     def reports(self) -> list[dict]:
         return self.history.reports
 
-    def start(self, guider, sigmas: torch.Tensor):
-        """The state of a run that starts sampling on ``sigmas``, or None to sample untouched."""
+    def start(self, guider, schedule: list[float]):
+        """The state of a run that samples along ``schedule`` (its sigmas), or None to leave it alone."""
         raise NotImplementedError
 
     def finish(self, run, status: str, output) -> None:
@@ -74,7 +74,8 @@ class RunOwner:
     def outer_sample(self, executor, *args, **kwargs):
         guider = executor.class_obj
         options = guider.model_options.setdefault("transformer_options", {})
-        run = self.start(guider, args[3] if len(args) > 3 else kwargs["sigmas"])
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        run = self.start(guider, [float(v) for v in torch.as_tensor(sigmas).flatten().tolist()])
         if run is None:
             return executor(*args, **kwargs)
         options[self.run_key] = run

@@ -94,8 +94,8 @@ class ForwardInfo:
 class SparseRun:
     """State of one sampling run: dropped when it ends."""
 
-    def __init__(self, schedule=()):
-        self.schedule = [float(s) for s in schedule]
+    def __init__(self, schedule: list[float] | tuple = ()):
+        self.schedule = schedule
         self.report = RunReport()
         self.layer_counts: dict[str, int] = {}   # family -> grid self-attention calls per forward
         self.static_plans: dict[tuple, Plan] = {}
@@ -161,8 +161,8 @@ class SparseAttention(runs.RunOwner):
 
     # --- wrappers -------------------------------------------------------------------------
 
-    def start(self, guider, sigmas) -> SparseRun:
-        run = SparseRun(torch.as_tensor(sigmas).flatten().tolist())
+    def start(self, guider, schedule: list[float]) -> SparseRun:
+        run = SparseRun(schedule)
         options = getattr(guider, "model_options", {}).get("transformer_options", {})
         if self not in _chain(options.get("optimized_attention_override")):
             self._notice(run, "another node replaced the attention override after this one without chaining "

@@ -91,8 +91,8 @@ class CacheSetup(runs.RunOwner):
         self.keys = keys
         self.family = family
 
-    def start(self, guider, sigmas) -> "Run":
-        return Run(self, sigmas, guider.model_patcher.get_model_object("model_sampling"))
+    def start(self, guider, schedule: list[float]) -> "Run":
+        return Run(self, schedule, guider.model_patcher.get_model_object("model_sampling"))
 
     def finish(self, run: "Run", status: str, output) -> None:
         report = run.report(status)
@@ -195,14 +195,9 @@ class BlockHook:
         early = _before_block(self, args)
         if early is not None:
             return early
-        out = self.forward(args, extra)
+        out = self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
         _after_block(self, out)
         return out
-
-    def forward(self, args, extra):
-        if self.inner is not None:
-            return self.inner(args, extra)
-        return extra["original_block"](args)
 
 
 def active_call():
@@ -281,10 +276,10 @@ class Call:
 class Run:
     """One sampling run: its schedule, its streams, its decisions, and the report at the end."""
 
-    def __init__(self, setup: CacheSetup, sigmas, model_sampling):
+    def __init__(self, setup: CacheSetup, schedule: list[float], model_sampling):
         s = self.settings = setup.settings
         self.setup = setup
-        self.schedule = [float(v) for v in torch.as_tensor(sigmas).flatten().tolist()]
+        self.schedule = schedule
         self.n_steps = max(len(self.schedule) - 1, 0)
         self.model_sampling = model_sampling
         self.enabled, self.note = True, ""
