@@ -145,6 +145,8 @@ _AUDIO = "an audio model: Sparse Attention's policies are written for image and 
 _SHAPE = "a 3-D shape model: its latent tokens are a set of points or voxels, not an image or video grid"
 _NO_OVERRIDE = ("its attention does not go through ComfyUI's attention override (optimized_attention_override), "
                 "so there is nothing to patch")
+_JOINT_KEYS = ("its attention attends to the image tokens and the conditioning in one sequence of keys, which the "
+               "block-sparse path does not cover")
 UNSUPPORTED: dict[str, str] = {
     "AudioDiffusionTransformer": _AUDIO,
     "ACEStepTransformer2DModel": _AUDIO,
@@ -158,10 +160,8 @@ UNSUPPORTED: dict[str, str] = {
     "HunYuanDiT": _NO_OVERRIDE,
     "ErnieImageModel": _NO_OVERRIDE,
     "NaDiT": _NO_OVERRIDE,
-    "StageC": "its attention attends to the image tokens and the conditioning in one sequence of keys, which the "
-              "block-sparse path does not cover",
-    "StageB": "its attention attends to the image tokens and the conditioning in one sequence of keys, which the "
-              "block-sparse path does not cover",
+    "StageC": _JOINT_KEYS,
+    "StageB": _JOINT_KEYS,
     "LensTransformer2DModel": "its attention always carries a text mask, and masked attention stays dense",
     "HiDreamO1Transformer": "its attention is a two-pass prefix attention (queries and keys of different lengths), "
                             "which the block-sparse path does not cover",
