@@ -14,6 +14,7 @@ below ``min_tokens`` or when the grid is too small for two blocks; otherwise the
 the blocks, the grid tokens are reordered, the block-sparse kernel runs on the grid rows and
 every other row (text, tails) attends densely, and the output is put back in order. Cross,
 masked and grouped-query attention go to the original function with a notice logged once.
+Nothing here imports ComfyUI at module level.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ class SparseAttention(runs.RunOwner):
     def start(self, guider, schedule: list[float]) -> SparseRun:
         run = SparseRun(schedule)
         options = getattr(guider, "model_options", {}).get("transformer_options", {})
-        if self not in _chain(options.get("optimized_attention_override")):
+        if not any(o is self for o in _chain(options.get("optimized_attention_override"))):
             self._notice(run, "another node replaced the attention override after this one without chaining "
                               "it; attention stays dense for this run")
         return run

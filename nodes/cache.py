@@ -49,12 +49,19 @@ def _diffusion_model(model):
     return model.get_model_object("diffusion_model")
 
 
-def _no_hook_message(model) -> str:
-    why = adapters.unhookable(_diffusion_model(model)) or (
-        "ComfyUI gives this model no block-replacement hook (patches_replace['dit'])")
-    return (f"is {families.a_model(model)}: {why}, so its blocks cannot be skipped. Use Forecast Cache (it "
-            f"forecasts the model output) or TaylorSeer with forecast 'model output', which work on every "
-            f"model (and Quantize Model).")
+def _hooked(node: str, model, start: float, end: float):
+    """The diffusion model and its cache adapter, for the nodes that need a block hook (TeaCache's
+    signal): the window and the model checked, a model without the hook refused."""
+    _check_window(node, start, end)
+    require_diffusion_model(node, model)
+    dm = _diffusion_model(model)
+    adapter = adapters.find_adapter(dm)
+    if adapter is None:
+        why = adapters.unhookable(dm) or "ComfyUI gives this model no block-replacement hook (patches_replace['dit'])"
+        fail(node, "model", f"is {families.a_model(model)}: {why}, so its blocks cannot be skipped. Use Forecast "
+                            f"Cache (it forecasts the model output) or TaylorSeer with forecast 'model output', "
+                            f"which work on every model (and Quantize Model).")
+    return dm, adapter
 
 
 class AccelTeaCache(AccelNode):
@@ -102,12 +109,7 @@ class AccelTeaCache(AccelNode):
     def execute(cls, model, threshold, start, end, coefficients, cache_device, short_schedule,
                 profile: CacheProfile | None = None) -> io.NodeOutput:
         node = node_name(cls)
-        _check_window(node, start, end)
-        require_diffusion_model(node, model)
-        dm = _diffusion_model(model)
-        adapter = adapters.find_adapter(dm)
-        if adapter is None:
-            fail(node, "model", _no_hook_message(model))
+        dm, adapter = _hooked(node, model, start, end)
         if profile is not None:
             if profile.family != adapter.family:
                 fail(node, "profile", f"was calibrated on a {profile.family} model ({profile.model_class}); this "
@@ -299,12 +301,7 @@ class AccelCacheCalibrate(AccelNode):
                 denoise, target_speedup, start, end, signal) -> io.NodeOutput:
         import comfy.sample
         node = node_name(cls)
-        _check_window(node, start, end)
-        require_diffusion_model(node, model)
-        dm = _diffusion_model(model)
-        adapter = adapters.find_adapter(dm)
-        if adapter is None:
-            fail(node, "model", _no_hook_message(model).replace("Use TaylorSeer", "TeaCache cannot run on it; use TaylorSeer"))
+        dm, adapter = _hooked(node, model, start, end)
         kind = adapter.signals()[0] if signal == "auto" else signal
         if kind not in adapter.signals():
             fail(node, "signal", f"'{signal}' is not available for {adapter.family} models; choose one of "
