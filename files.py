@@ -2,16 +2,14 @@
 
 One home for the rules every node follows:
 
-- Writing (Save Quantized, Save Codebook, Save Tokens, the JSON reports): the bytes go to a
-  temporary file in the destination folder first, are flushed to disk, then get their final
-  name with a hard link, which fails instead of replacing a file that appeared meanwhile. Where
-  the file system has no hard links (FAT, some network shares), the name is first reserved with
-  an exclusive create and the temporary file is renamed over that reservation, so a file
-  someone else made is never replaced there either. The folder is flushed after the rename.
+- Writing (saved models, codebooks, tokens, JSON reports): the bytes go to a temporary file in
+  the destination folder, are flushed to disk, then get their final name with a hard link,
+  which fails instead of replacing a file that appeared meanwhile. Without hard links (FAT,
+  some network shares) the name is first reserved with an exclusive create and the temporary
+  file renamed over that reservation, so someone else's file is never replaced there either.
 - Reading a user-named file: :func:`inside` resolves ``..`` and symbolic links and says whether
   the result stays in the folder it must be in, before anything opens it.
-- Listing a folder (the token files a combo offers): :func:`listing` walks it once and then
-  only checks the folders' modification times.
+- Listing a folder: :func:`listing` walks it once, then only checks the folders' times.
 """
 from __future__ import annotations
 
@@ -138,6 +136,11 @@ def write_new(folder: str | Path, stem: str, ext: str, data: bytes, counter: int
             n += 1
         raise FileExistsError(f"no free file name for {stem} in {folder}")
     return _with_temp(folder, _bytes_writer(data), place)
+
+
+def write_json(folder: str | Path, stem: str, value) -> Path:
+    """``value`` as strict JSON in a new numbered file ``folder/stem_NNNNN_.json``."""
+    return write_new(folder, stem, ".json", json_bytes(value))
 
 
 def json_bytes(value) -> bytes:

@@ -1,28 +1,20 @@
 """Where the latent grid sits in each model family's attention sequence.
 
-One place for the per-family facts the sparse policies need: the grid of video/image
-tokens (frames, height, width, in tokens after patching), the number of tokens in front of
-it in the self-attention sequence, and how many self-attention layers one forward runs.
-Every token outside the grid (text, references, registers) attends and is attended densely.
+One place for the per-family facts the sparse policies need: the grid of video/image tokens
+(frames, height, width, in tokens after patching), the tokens in front of it in the
+self-attention sequence, and how many self-attention layers one forward runs. Every token
+outside the grid (text, references, registers) attends and is attended densely.
 
-Families are matched by class name anywhere in the diffusion model's MRO (subclasses such as
-Wan VACE or Chroma Radiance share their parent's layout). Each known family has one rule:
-
-- ``grid_first``: the sequence starts with the grid; anything after it (references, text in a
-  single-stream model) is a dense tail. ``exact`` rules accept only sequences of exactly the
-  grid (LTX-2's audio stream and the UNets' other resolutions are other sequences).
-- ``text_first``: the text tokens (as many as the conditioning has) come first, then the grid,
-  then any references.
-- ``grid_last``: the grid ends the sequence (what comes before it has a length the model
-  computes: registers, padded text, byT5 or vision tokens, references).
-- ``unet``: a UNet; each level attends over the latent grid at its own resolution.
-
-The layouts were read from ComfyUI's model code and are checked, family by family, against the
-model itself (``tests/integration/test_family_matrix.py`` moves one latent pixel and finds the
-attention row that moves). Families the sparse path cannot serve have a reason instead
-(:func:`unsupported`), which the Sparse Attention node gives when it refuses them.
-Facts come from the latent the model is called with (``x``), its text context and extra
-inputs, and the diffusion model object, read in an APPLY_MODEL wrapper; no ComfyUI import.
+Families are matched by class name anywhere in the MRO (so subclasses such as Wan VACE share
+their parent's layout), each with one rule: ``grid_first`` (the grid starts the sequence;
+anything after it is a dense tail; ``exact`` rules accept only sequences of exactly the grid,
+since LTX-2's audio stream and a UNet's other levels are other sequences), ``text_first`` (the
+conditioning's text tokens, then the grid, then any references), ``grid_last`` (the grid ends
+the sequence, after a prefix whose length the model computes) or ``unet`` (each level attends
+over the latent grid at its own resolution). The layouts were read from ComfyUI's model code
+and are checked family by family against the model itself (tests/integration/
+test_family_matrix.py moves one latent pixel and finds the attention row that moves).
+Families the sparse path cannot serve have a reason instead (:func:`unsupported`).
 """
 from __future__ import annotations
 
@@ -153,6 +145,8 @@ _AUDIO = "an audio model: Sparse Attention's policies are written for image and 
 _SHAPE = "a 3-D shape model: its latent tokens are a set of points or voxels, not an image or video grid"
 _NO_OVERRIDE = ("its attention does not go through ComfyUI's attention override (optimized_attention_override), "
                 "so there is nothing to patch")
+_JOINT_KEYS = ("its attention attends to the image tokens and the conditioning in one sequence of keys, which the "
+               "block-sparse path does not cover")
 UNSUPPORTED: dict[str, str] = {
     "AudioDiffusionTransformer": _AUDIO,
     "ACEStepTransformer2DModel": _AUDIO,
@@ -166,10 +160,8 @@ UNSUPPORTED: dict[str, str] = {
     "HunYuanDiT": _NO_OVERRIDE,
     "ErnieImageModel": _NO_OVERRIDE,
     "NaDiT": _NO_OVERRIDE,
-    "StageC": "its attention attends to the image tokens and the conditioning in one sequence of keys, which the "
-              "block-sparse path does not cover",
-    "StageB": "its attention attends to the image tokens and the conditioning in one sequence of keys, which the "
-              "block-sparse path does not cover",
+    "StageC": _JOINT_KEYS,
+    "StageB": _JOINT_KEYS,
     "LensTransformer2DModel": "its attention always carries a text mask, and masked attention stays dense",
     "HiDreamO1Transformer": "its attention is a two-pass prefix attention (queries and keys of different lengths), "
                             "which the block-sparse path does not cover",

@@ -1,18 +1,13 @@
 """What one sampling run with sparse attention did, per layer and head.
 
 Collected while sampling (density kept, the pattern svg chose, the error against exact
-attention on sampled query rows) and turned into a plain dict at the end of the run: the
-node layer prints it, plots it and the patch saves it as JSON.
+attention on sampled query rows) and turned into a plain dict at the end of the run, which the
+node layer prints and plots and the patch saves as JSON.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from pathlib import Path
-
-from .. import files
-
-REPORT_PREFIX = "accel_sparse_attention_"
 
 
 class RunReport:
@@ -108,9 +103,3 @@ def matrices(report: dict) -> tuple[list[list[float]], list[list[float]], list[i
             error[pos[r["layer"]]][r["head"]] = r["rel_error"]
     return density, error, layers
 
-
-def save(report: dict, folder: str | Path) -> Path:
-    """Write the report as a new numbered JSON file in ``folder`` (atomic, strict JSON, never over
-    an existing file)."""
-    report = {k: v for k, v in report.items() if k != "fingerprint"}
-    return files.write_new(folder, REPORT_PREFIX.rstrip("_"), ".json", files.json_bytes(report))

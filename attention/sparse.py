@@ -3,9 +3,8 @@
 ``apply_sparse_attention(model, config)`` returns a clone of a ComfyUI ModelPatcher with:
 - ``transformer_options["optimized_attention_override"]`` = a :class:`SparseAttention`,
   which chains the override that was there before (called for every dense attention);
-- an OUTER_SAMPLE wrapper that creates the per-run state (statistics for the Re-ttention
-  correction, k-means centroids, the report) and drops it at the end of the run, after
-  saving the report;
+- an OUTER_SAMPLE wrapper (``runs.RunOwner``) that makes the per-run state (statistics for the
+  Re-ttention correction, k-means centroids, the report) and saves the report at the end;
 - an APPLY_MODEL wrapper that, for every model call, reads where the latent grid sits in the
   attention sequence (``layout.model_facts``) and the sampling step, and hands both to the
   attention calls of that forward through ``transformer_options``.
@@ -13,9 +12,9 @@
 Per self-attention call over the grid: dense while warming up, in the first/last layers,
 below ``min_tokens`` or when the grid is too small for two blocks; otherwise the policy plans
 the blocks, the grid tokens are reordered, the block-sparse kernel runs on the grid rows and
-every other row (text, tails) attends densely, and the output is put back in order. Cross
-attention, masked attention and grouped-query attention go to the original function with a
-notice logged once. Nothing here imports ComfyUI at module level.
+every other row (text, tails) attends densely, and the output is put back in order. Cross,
+masked and grouped-query attention go to the original function with a notice logged once.
+Nothing here imports ComfyUI at module level.
 """
 from __future__ import annotations
 
@@ -27,12 +26,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import files, runs
 from ..kernels.block_sparse_attention import block_sparse_attention
 from . import policies
 from .layout import ModelFacts, model_facts
 from .policies import Plan, Problem
-from ..reports import RunHistory
-from .report import RunReport, save
+from .report import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_PROBE_ROWS = 32
 # Memory for one chunk of scores when computing full-attention log-sum-exps.
 LSE_CHUNK_BYTES = 64 << 20
+REPORT_STEM = "accel_sparse_attention"   # saved reports: REPORT_STEM_00001_.json, ...
 
 
 @dataclass
@@ -95,23 +95,14 @@ class ForwardInfo:
 class SparseRun:
     """State of one sampling run: dropped when it ends."""
 
-    def __init__(self):
+    def __init__(self, schedule: list[float] | tuple = ()):
+        self.schedule = schedule
         self.report = RunReport()
         self.layer_counts: dict[str, int] = {}   # family -> grid self-attention calls per forward
         self.static_plans: dict[tuple, Plan] = {}
         self.memory: dict[tuple, dict] = {}       # (layer, branch) -> svg2 centroids, Re-ttention ratios
         self.notices: list[str] = []
         self.generator = torch.Generator().manual_seed(0)
-
-
-def step_index(options: dict) -> int:
-    """Index of the current sampling step: how many scheduled sigmas lie above the current one."""
-    sigmas, schedule = options.get("sigmas"), options.get("sample_sigmas")
-    if sigmas is None or schedule is None or len(schedule) == 0:
-        return 0
-    current = float(sigmas.max())
-    schedule = schedule.float()
-    return int((schedule > current * (1 + 1e-4) + 1e-8).sum())
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -146,28 +137,21 @@ def row_logsumexp(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
                       for i in range(0, N, rows)], dim=2)
 
 
-class SparseAttention:
-    """The override callable. Shared, not copied, when ComfyUI deep-copies model options."""
+class SparseAttention(runs.RunOwner):
+    """The override callable and the run's wrappers."""
 
     def __init__(self, config: SparseConfig, previous=None, report_dir: str | None = None):
         config.validate()
+        super().__init__(f"accel_sparse_attention_{uuid.uuid4().hex[:12]}")
         self.config = config
         self.previous = previous
         self.report_dir = report_dir
-        self.key = f"accel_sparse_attention_{uuid.uuid4().hex[:12]}"
-        self.run: SparseRun | None = None
-        self.history = RunHistory()   # bounded; each report found by the latent its run made
         self.last_report_path = None
         self._logged: set[str] = set()
-
-    def __deepcopy__(self, memo):
-        return self
 
     @property
     def last_report(self) -> dict | None:
         return self.history.latest()
-
-    # --- notices --------------------------------------------------------------------------
 
     def _notice(self, run: SparseRun | None, message: str) -> None:
         if run is not None and message not in run.notices:
@@ -178,31 +162,16 @@ class SparseAttention:
 
     # --- wrappers -------------------------------------------------------------------------
 
-    def installed_in(self, model_options: dict) -> bool:
-        override = model_options.get("transformer_options", {}).get("optimized_attention_override")
-        while override is not None:
-            if override is self:
-                return True
-            override = getattr(override, "previous", None)
-        return False
-
-    def outer_sample(self, executor, *args, **kwargs):
-        guider = executor.class_obj
-        run = SparseRun()
-        if not self.installed_in(getattr(guider, "model_options", {})):
+    def start(self, guider, schedule: list[float]) -> SparseRun:
+        run = SparseRun(schedule)
+        options = getattr(guider, "model_options", {}).get("transformer_options", {})
+        if not any(o is self for o in _chain(options.get("optimized_attention_override"))):
             self._notice(run, "another node replaced the attention override after this one without chaining "
                               "it; attention stays dense for this run")
-        self.run = run
-        output = None
-        try:
-            output = executor(*args, **kwargs)
-            return output
-        finally:
-            self.run = None
-            self._finish(run, output)
+        return run
 
     def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        run = self.run
+        run = self.run_of(transformer_options)
         if run is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         diffusion_model = getattr(executor.class_obj, "diffusion_model", None)
@@ -212,7 +181,8 @@ class SparseAttention:
         except Exception as e:  # a latent we cannot read as a grid: this call stays dense
             self._notice(run, f"could not read the token grid of this model ({type(e).__name__}: {e}); dense")
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        fwd = ForwardInfo(facts, step_index(transformer_options), facts.layers or run.layer_counts.get(facts.family))
+        step = runs.step_index(float(torch.as_tensor(t).max()), run.schedule)
+        fwd = ForwardInfo(facts, step, facts.layers or run.layer_counts.get(facts.family))
         options = dict(transformer_options)
         options[self.key] = fwd
         try:
@@ -221,7 +191,7 @@ class SparseAttention:
             if fwd.calls:
                 run.layer_counts[facts.family] = fwd.calls
 
-    def _finish(self, run: SparseRun, output) -> None:
+    def finish(self, run: SparseRun, status: str, output) -> None:
         c = self.config
         settings = {"policy": c.policy, "density_requested": c.density, "block_size": c.block_size,
                     "top_p": c.top_p, "dense_steps": c.dense_steps, "dense_first_layers": c.dense_first_layers,
@@ -235,7 +205,7 @@ class SparseAttention:
         s = report["summary"]
         if self.report_dir:
             try:
-                self.last_report_path = save(report, self.report_dir)
+                self.last_report_path = files.write_json(self.report_dir, REPORT_STEM, report)
             except OSError as e:
                 log.warning("Sparse attention: could not save the report in %s: %s", self.report_dir, e)
         log.info("Sparse attention (%s): %d sparse / %d dense attention calls, mean density %s, mean error "
@@ -253,7 +223,7 @@ class SparseAttention:
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
 
-        run = self.run
+        run = self.run_of(kwargs.get("transformer_options"))
         fwd = (kwargs.get("transformer_options") or {}).get(self.key)
         if run is None or fwd is None:
             return dense()
@@ -316,22 +286,20 @@ class SparseAttention:
 
     # --- the sparse path ------------------------------------------------------------------
 
-    @staticmethod
-    def _heads_layout(q, k, v, heads, skip_reshape):
-        if skip_reshape:
-            return q, k, v
-        B, N, HD = q.shape
-        D = HD // heads
-        return tuple(t.view(B, N, heads, D).transpose(1, 2) for t in (q, k, v))
-
-    def _problem(self, run, fwd, layer, q, k, v, grid, scale, branch) -> Problem:
+    def _planned(self, run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs):
+        """q, k, v as [B, H, N, D], the softmax scale, the grid's problem and the policy's plan."""
+        if not skip_reshape:
+            B, N, HD = q.shape
+            q, k, v = (t.view(B, N, heads, HD // heads).transpose(1, 2) for t in (q, k, v))
+        scale = kwargs.get("scale") or q.shape[-1] ** -0.5
         c = self.config
         G, o = grid.tokens, grid.offset
         gq, gk, gv = (t[:, :, o:o + G] for t in (q, k, v))
         rows = min(c.probe_rows, G)
         probe = torch.randperm(G, generator=run.generator)[:rows].to(q.device) if rows else None
-        memory = run.memory.setdefault((layer, branch), {})
-        return Problem(gq, gk, gv, grid, c.block_size, c.density, scale, c.top_p, probe, memory, fwd.step)
+        memory = run.memory.setdefault((layer, _branch(kwargs, q.shape)), {})
+        problem = Problem(gq, gk, gv, grid, c.block_size, c.density, scale, c.top_p, probe, memory, fwd.step)
+        return q, k, v, scale, problem, self._plan(run, problem)
 
     def _plan(self, run, problem: Problem) -> Plan:
         c = self.config
@@ -377,14 +345,9 @@ class SparseAttention:
         return out, full_lse
 
     def _sparse(self, run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs):
-        c = self.config
-        q, k, v = self._heads_layout(q, k, v, heads, skip_reshape)
-        scale = kwargs.get("scale") or q.shape[-1] ** -0.5
-        branch = _branch(kwargs, q.shape)
-        problem = self._problem(run, fwd, layer, q, k, v, grid, scale, branch)
-        plan = self._plan(run, problem)
+        q, k, v, scale, problem, plan = self._planned(run, fwd, layer, q, k, v, heads, skip_reshape, grid, kwargs)
         out, _ = self._attend(q, k, v, plan, grid, scale)
-        if c.retention:
+        if self.config.retention:
             stats = problem.state.get("retention")
             if stats is not None and stats["ratio"].shape == out.shape[:3]:
                 out = retention_correct(out, stats)
@@ -406,10 +369,8 @@ class SparseAttention:
         """On a dense step, what Re-ttention keeps: the share of each row's softmax mass the plan
         keeps, and what the kept keys alone then miss (dense output minus the rescaled sparse one)."""
         try:
-            q, k, v = self._heads_layout(q, k, v, heads, skip_reshape)
-            scale = kwargs.get("scale") or q.shape[-1] ** -0.5
-            problem = self._problem(run, fwd, layer, q, k, v, grid, scale, _branch(kwargs, q.shape))
-            plan = self._plan(run, problem)
+            q, k, v, scale, problem, plan = self._planned(run, fwd, layer, q, k, v, heads, skip_reshape, grid,
+                                                          kwargs)
             sparse_out, kept_lse = self._attend(q, k, v, plan, grid, scale, return_lse=True)
             if dense_out.ndim == 3:  # (B, N, H*D) from the dense function
                 dense_out = dense_out.view(q.shape[0], q.shape[2], q.shape[1], -1).transpose(1, 2)
@@ -454,10 +415,12 @@ def apply_sparse_attention(model, config: SparseConfig, report_dir: str | None =
 
 def find_patches(model) -> list[SparseAttention]:
     """Our patches on ``model``'s override chain, outermost first."""
-    found = []
     override = getattr(model, "model_options", {}).get("transformer_options", {}).get("optimized_attention_override")
+    return [p for p in _chain(override) if isinstance(p, SparseAttention)]
+
+
+def _chain(override):
+    """An attention override and those it chains (``previous``), outermost first."""
     while override is not None:
-        if isinstance(override, SparseAttention):
-            found.append(override)
+        yield override
         override = getattr(override, "previous", None)
-    return found

@@ -1,19 +1,18 @@
-"""Per-family facts the block hook needs, and nothing more.
+"""Per-family facts the cache's block hooks need, and nothing more.
 
 For each diffusion-transformer family whose ComfyUI forward consults
-``transformer_options["patches_replace"]["dit"]``, an adapter says:
-
-- which block lists exist and in which order the forward runs them (the hook keys);
-- how the stream the *last* block returns holds the image tokens (Flux and AuraFlow
-  concatenate ``(txt, img)`` for their single blocks, HunyuanVideo ``(img, txt)``);
-- how to compute TeaCache's signal from what the first block replacement receives: the
-  modulated image input of block 0, using that block's own modulation and norm submodules
-  (the first two lines of the block, never a copy of the model's forward), or the
-  modulation/time vector itself.
+``transformer_options["patches_replace"]["dit"]``, a :class:`BlockAdapter` says which block
+lists the forward runs in which order (the hook keys); how the stream the *last* block returns
+holds the image tokens (Flux and AuraFlow concatenate ``(txt, img)`` for their single blocks,
+HunyuanVideo ``(img, txt)``); and how to compute TeaCache's signal from what the first block
+replacement receives: block 0's modulated image input, from that block's own modulation and
+norm submodules (its first two lines, never a copy of the model's forward), or the
+modulation/time vector itself. SD1.x/SDXL UNets have no such hook: :class:`UNetAdapter`
+caches their deep blocks DeepCache-style through object patches.
 
 Families are matched by class (``module.Class`` anywhere in the diffusion model's MRO), so
 subclasses (Wan VACE, Camera, S2V, HuMo, Animate; Chroma Radiance) are covered. ComfyUI is
-imported lazily inside the signal functions only.
+imported lazily, inside the functions that use it.
 """
 from __future__ import annotations
 
@@ -240,7 +239,6 @@ def unhookable(diffusion_model) -> str | None:
 
 def find_adapter(diffusion_model):
     """The family's BlockAdapter, the UNet adapter (DeepCache through object patches), or None."""
-    from .unet import UNetAdapter
     if unhookable(diffusion_model) is not None:
         return None
     for adapter in ADAPTERS + (UNetAdapter(),):
@@ -277,3 +275,108 @@ def auto_preset(adapter: BlockAdapter, diffusion_model) -> str | None:
         if dim == 5120:
             return "wan21_i2v_480p_14b" if i2v else "wan21_t2v_14b"
     return None
+
+
+# --- UNets: DeepCache through object patches ------------------------------------------------
+#
+# The UNet's patches can only transform the feature between blocks or replace attention; none
+# can skip a block. But the forward iterates each block (a ``TimestepEmbedSequential``), so the
+# clone gets, by ``add_object_patch``, a container per deep block that holds the *same* child
+# modules (LoRA and weight patches still apply) and picks, while iterated, what to yield: the
+# first deep input block a probe that sees the shallow feature (the signal) and decides; on a
+# computed call the deep blocks' layers and, after the last one, a recorder of the deep
+# feature; on a reused call nothing but a replay of the cached (or forecast) deep feature, on
+# which the shallow output blocks run with fresh skip features. Limits: attention patches keyed
+# by the global ``transformer_index`` (GLIGEN) see other indices on reused calls; patches that
+# resize the feature between deep blocks (Kohya Deep Shrink) do not combine with it.
+
+SHALLOW_BLOCKS = 1   # input blocks always computed; DeepCache's default branch keeps only conv_in
+
+
+class UNetAdapter:
+    family = "unet"
+    classes = ("comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel",)
+
+    matches = BlockAdapter.matches
+
+    def signals(self) -> tuple[str, ...]:
+        return ("shallow",)
+
+    def layout(self, diffusion_model) -> tuple[int, int]:
+        """(index of the first skipped input block, index of the output block whose result is cached)."""
+        n_in, n_out = len(diffusion_model.input_blocks), len(diffusion_model.output_blocks)
+        k = min(SHALLOW_BLOCKS, n_in - 1, n_out - 1)
+        return k, n_out - k - 1
+
+    def install(self, model, current_call: Callable) -> list[str]:
+        """Object-patch the deep blocks of the clone ``model``; returns the patched names.
+        ``current_call()`` gives the cache's model call in progress (None: run the block as is)."""
+        from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential
+        dm = model.get_model_object("diffusion_model")
+        first, cached = self.layout(dm)
+        names = {f"input_blocks.{i}": ("decide" if i == first else "skip") for i in range(first, len(dm.input_blocks))}
+        if dm.middle_block is not None:
+            names["middle_block"] = "skip"
+        names.update({f"output_blocks.{j}": ("cache" if j == cached else "skip") for j in range(cached + 1)})
+        container = _container_class(TimestepEmbedSequential)
+        for name, role in names.items():
+            original = model.get_model_object(f"diffusion_model.{name}")
+            model.add_object_patch(f"diffusion_model.{name}", container(role, original, current_call))
+        return list(names)
+
+
+_CONTAINERS: dict = {}
+
+
+def _container_class(base):
+    """A TimestepEmbedSequential whose iteration follows the current call's decision."""
+    if base in _CONTAINERS:
+        return _CONTAINERS[base]
+
+    class CachedBlock(base):
+        def __init__(self, role: str, original, current_call: Callable):
+            super().__init__(*original)       # the same child modules, registered under the same names
+            self.role, self.current_call = role, current_call
+
+        def __iter__(self):
+            call = self.current_call()
+            if call is None:
+                yield from super().__iter__()
+                return
+            if self.role == "decide":
+                yield _Probe(call)
+            if not call.computing:
+                if self.role == "cache":
+                    yield _Replay(call)
+                return
+            yield from super().__iter__()
+            if self.role == "cache":
+                yield _Record(call)
+
+    _CONTAINERS[base] = CachedBlock
+    return CachedBlock
+
+
+def is_cached_block(obj) -> bool:
+    return any(isinstance(obj, cls) for cls in _CONTAINERS.values())
+
+
+class _Probe(torch.nn.Module):
+    def __init__(self, call):
+        super().__init__()
+        self.call = call
+
+    def forward(self, h):
+        self.call.run.unet_decide(self.call, h)
+        return h
+
+
+class _Record(_Probe):
+    def forward(self, h):
+        self.call.run.unet_record(self.call, h)
+        return h
+
+
+class _Replay(_Probe):
+    def forward(self, h):
+        return self.call.run.unet_replay(self.call, h)

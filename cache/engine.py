@@ -2,22 +2,18 @@
 
 ``install(model, settings, adapter)`` returns a clone of the ModelPatcher with:
 
-- an ``OUTER_SAMPLE`` wrapper that creates a :class:`Run` for each sampling run (in the
-  guider's per-run copy of the model options) and drops it when the run ends, also on an
-  error or an interrupt, after logging one line and keeping the run's report;
+- an ``OUTER_SAMPLE`` wrapper (``runs.RunOwner``) that makes a :class:`Run` per sampling run;
 - a ``CALC_COND_BATCH`` wrapper: one call is one evaluation of the guider (every cond at one
   latent and sigma), which gets ONE compute-or-reuse decision, shared by cond and uncond
   whether ComfyUI batches them into one model call or runs them one by one;
-- an ``APPLY_MODEL`` wrapper (it wraps every ComfyUI model class, DiT or UNet) that marks
-  the current model call for the block hooks and, for the "model output" target, forecasts
-  the whole call;
-- for the "blocks" target, a ``patches_replace["dit"]`` replacement on every block: the
-  first block computes TeaCache's signal and takes the decision; on reuse it returns its
-  input plus the cached (or forecast) residual, the middle blocks pass through, and the last
-  block returns that value again (overriding anything added in between, e.g. ControlNet
-  residuals, which the cached residual already holds); on a computed call the last block
-  records ``image output - image input`` as the new residual. Block replacements another
-  node installed before are chained, not replaced.
+- an ``APPLY_MODEL`` wrapper (every model class has one, DiT or UNet) that marks the current
+  model call for the block hooks and, for the "model output" target, forecasts the whole call;
+- for the "blocks" target, a ``patches_replace["dit"]`` replacement on every block: the first
+  block computes TeaCache's signal and takes the decision; on reuse it returns its input plus
+  the cached (or forecast) residual, the middle blocks pass through, and the last block returns
+  that value again (overriding anything added in between, e.g. ControlNet residuals, which the
+  cached residual already holds); on a computed call the last block records ``image output -
+  image input`` as the new residual. Block replacements installed before are chained.
 
 Streams (the cache entries) are keyed by the cond's uuid, the context window, and how often
 that uuid was already evaluated at this sigma (so Heun's second evaluation at one sigma,
@@ -35,14 +31,13 @@ from collections import defaultdict
 
 import torch
 
-from ..reports import RunHistory
+from .. import runs
 from . import rules
-from .adapters import BlockAdapter
+from .adapters import BlockAdapter, is_cached_block
 
 log = logging.getLogger(__name__)
 
 KEY = "comfyui_accel.cache"          # wrapper key and transformer_options entry of the setup
-RUN_KEY = "comfyui_accel.cache_run"  # transformer_options entry of the live run
 
 FORECASTING = ("taylorseer", "forecast")   # methods whose streams forecast with their order
 SIGNALLED = ("teacache", "record")         # methods that compute TeaCache's first-block signal
@@ -86,31 +81,55 @@ class Settings:
         return "recording"
 
 
-class CacheSetup:
-    """What a cache node put on its clone: settings, adapter, hook keys, and the reports of the
-    runs so far. Shared (not copied) by every later clone of that model, so a report node
-    given the cache node's MODEL sees runs made through a LoRA clone of it too."""
+class CacheSetup(runs.RunOwner):
+    """What a cache node put on its clone: settings, adapter, hook keys, and its runs' reports."""
 
     def __init__(self, settings: Settings, adapter: BlockAdapter | None, keys: list, family: str):
+        super().__init__(KEY)
         self.settings = settings
         self.adapter = adapter
         self.keys = keys
         self.family = family
-        self.history = RunHistory()   # bounded; each report found by the latent its run made
 
-    def __deepcopy__(self, memo):
-        return self
+    def start(self, guider, schedule: list[float]) -> "Run":
+        return Run(self, schedule, guider.model_patcher.get_model_object("model_sampling"))
 
-    @property
-    def reports(self) -> list[dict]:
-        return self.history.reports
+    def finish(self, run: "Run", status: str, output) -> None:
+        report = run.report(status)
+        self.history.add(report, output)
+        (log.warning if report["warnings"] else log.info)("%s", report["log_line"])
+        for st in run.streams.values():
+            st.forecaster.reset()
+            st.prev_signal = None
 
-    def find_report(self, latent: torch.Tensor | None) -> dict | None:
-        """The report of the run that produced ``latent``, or None."""
-        return self.history.find(latent)
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        run = self.run_of(model_options.get("transformer_options"))
+        if run is None or not run.enabled:
+            return executor(model, conds, x_in, timestep, model_options)
+        run.begin_evaluation(timestep, model_options["transformer_options"].get("context_window"))
+        try:
+            return executor(model, conds, x_in, timestep, model_options)
+        finally:
+            run.end_evaluation()
 
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                    transformer_options={}, **kwargs):
+        run = self.run_of(transformer_options)
+        if run is None or not run.enabled:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        call = run.begin_call(x, t, transformer_options, executor.class_obj)
+        token = _current_call.set(call)
+        try:
+            if run.settings.target == "output" and not call.bypass:
+                return run.output_call(call, executor, (x, t, c_concat, c_crossattn, control, transformer_options),
+                                       kwargs)
+            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            run.end_call(call)
+            return out
+        finally:
+            _current_call.reset(token)
+            run.close_call(call)
 
-# --- installing on a clone ---------------------------------------------------------------
 
 def setup_of(model) -> CacheSetup | None:
     return model.model_options.get("transformer_options", {}).get(KEY)
@@ -120,15 +139,15 @@ def install(model, settings: Settings, adapter: BlockAdapter | None, family: str
     """A clone of ``model`` with the cache installed; an earlier cache of ours is replaced."""
     import comfy.patcher_extension as pe
     m = model.clone()
-    for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH, pe.WrappersMP.APPLY_MODEL):
+    wrapper_types = (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH, pe.WrappersMP.APPLY_MODEL)
+    for wrapper_type in wrapper_types:
         m.remove_wrappers_with_key(wrapper_type, KEY)
     _remove_block_hooks(m)
     keys = []
     if settings.target == "blocks" and not isinstance(adapter, BlockAdapter):
-        keys = adapter.install(m)       # UNet: object patches on the deep blocks
+        keys = adapter.install(m, active_call)       # UNet: object patches on the deep blocks
     elif settings.target == "blocks":
-        diffusion_model = m.get_model_object("diffusion_model")
-        keys = adapter.keys(diffusion_model)
+        keys = adapter.keys(m.get_model_object("diffusion_model"))
         if not keys:
             raise ValueError(f"{settings.node}: the model has no blocks to cache")
         existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
@@ -137,16 +156,14 @@ def install(model, settings: Settings, adapter: BlockAdapter | None, family: str
             m.set_model_patch_replace(hook, "dit", key[0], key[1])
     setup = CacheSetup(settings, adapter, keys, family)
     m.model_options["transformer_options"][KEY] = setup
-    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
-    m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY, calc_cond_batch_wrapper)
-    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, KEY, apply_model_wrapper)
+    for wrapper_type, wrapper in zip(wrapper_types, (setup.outer_sample, setup.calc_cond_batch, setup.apply_model)):
+        m.add_wrapper_with_key(wrapper_type, KEY, wrapper)
     return m
 
 
 def _remove_block_hooks(m) -> None:
     """Undo an earlier install of ours on the clone: block hooks (keeping what they chained)
     and the UNet's block containers."""
-    from .unet import is_cached_block
     m.object_patches = {k: v for k, v in m.object_patches.items() if not is_cached_block(v)}
     to = m.model_options.get("transformer_options", {})
     dit = to.get("patches_replace", {}).get("dit")
@@ -161,59 +178,6 @@ def _remove_block_hooks(m) -> None:
             new[key] = patch
     to["patches_replace"]["dit"] = new
     to.pop(KEY, None)
-
-
-# --- wrappers ------------------------------------------------------------------------------
-
-def outer_sample_wrapper(executor, *args, **kwargs):
-    guider = executor.class_obj
-    options = guider.model_options.setdefault("transformer_options", {})
-    setup = options.get(KEY)
-    if setup is None:
-        return executor(*args, **kwargs)
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = Run(setup, sigmas, guider.model_patcher.get_model_object("model_sampling"))
-    options[RUN_KEY] = run
-    status, output = "ok", None
-    try:
-        output = executor(*args, **kwargs)
-        return output
-    except BaseException as e:
-        status = "interrupted" if type(e).__name__ == "InterruptProcessingException" else f"error: {type(e).__name__}"
-        raise
-    finally:
-        options.pop(RUN_KEY, None)
-        run.finish(status, output)
-
-
-def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
-    run = model_options.get("transformer_options", {}).get(RUN_KEY)
-    if run is None or not run.enabled:
-        return executor(model, conds, x_in, timestep, model_options)
-    window = model_options["transformer_options"].get("context_window")
-    run.begin_evaluation(timestep, window)
-    try:
-        return executor(model, conds, x_in, timestep, model_options)
-    finally:
-        run.end_evaluation()
-
-
-def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
-                        transformer_options={}, **kwargs):
-    run = transformer_options.get(RUN_KEY)
-    if run is None or not run.enabled:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    call = run.begin_call(x, t, transformer_options, executor.class_obj)
-    token = _current_call.set(call)
-    try:
-        if run.settings.target == "output" and not call.bypass:
-            return run.output_call(call, executor, (x, t, c_concat, c_crossattn, control, transformer_options), kwargs)
-        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        run.end_call(call)
-        return out
-    finally:
-        _current_call.reset(token)
-        run.close_call(call)
 
 
 class BlockHook:
@@ -231,14 +195,9 @@ class BlockHook:
         early = _before_block(self, args)
         if early is not None:
             return early
-        out = self.forward(args, extra)
+        out = self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
         _after_block(self, out)
         return out
-
-    def forward(self, args, extra):
-        if self.inner is not None:
-            return self.inner(args, extra)
-        return extra["original_block"](args)
 
 
 def active_call():
@@ -317,10 +276,10 @@ class Call:
 class Run:
     """One sampling run: its schedule, its streams, its decisions, and the report at the end."""
 
-    def __init__(self, setup: CacheSetup, sigmas, model_sampling):
+    def __init__(self, setup: CacheSetup, schedule: list[float], model_sampling):
         s = self.settings = setup.settings
         self.setup = setup
-        self.schedule = [float(v) for v in torch.as_tensor(sigmas).flatten().tolist()]
+        self.schedule = schedule
         self.n_steps = max(len(self.schedule) - 1, 0)
         self.model_sampling = model_sampling
         self.enabled, self.note = True, ""
@@ -385,7 +344,7 @@ class Run:
     def begin_evaluation(self, timestep, window=None) -> Evaluation:
         sigma = float(torch.as_tensor(timestep).flatten()[0])
         wkey = tuple(int(i) for i in getattr(window, "index_list", ())) if window is not None else None
-        ev = Evaluation(len(self.evaluations), sigma, rules.step_index(sigma, self.schedule),
+        ev = Evaluation(len(self.evaluations), sigma, runs.step_index(sigma, self.schedule),
                         self.time_of(sigma), wkey)
         self.evaluations.append(ev)
         self.current = ev
@@ -445,7 +404,14 @@ class Run:
 
     # the decision
 
-    def decide(self, call: Call, signals: list | None, shape_key: tuple) -> bool:
+    def decide(self, call: Call, features: torch.Tensor, signal=None) -> bool:
+        """Whether ``call`` computes (True) or reuses; ``features`` is what it caches, ``signal()``
+        the tensor TeaCache's signal is measured on (None: no signal)."""
+        call.started = True
+        signals = None
+        if signal is not None and self.settings.method in SIGNALLED:
+            signals = call.signals = self.signal_changes(call, signal())
+        shape_key = (call.chunk,) + tuple(features.shape[1:])
         s, ev = self.settings, call.evaluation
         if ev.decision is None:
             i = call.keys.index(self.lead) if self.lead in call.keys else _decider(call.streams)
@@ -515,15 +481,10 @@ class Run:
         if hook.last:
             call.img_start = adapter.image_start(hook.key, args)
         if hook.first and not call.started:
-            call.started = True
             img = args["img"]
-            signals = None
-            if self.settings.method in SIGNALLED:
-                first_block = adapter.block(call.diffusion_model, hook.key)
-                signals = call.signals = self.signal_changes(
-                    call, adapter.signal(self.settings.signal, first_block, args))
             call.img_tokens = img.shape[1]
-            if self.decide(call, signals, (call.chunk,) + tuple(img.shape[1:])):
+            first_block = adapter.block(call.diffusion_model, hook.key)
+            if self.decide(call, img, lambda: adapter.signal(self.settings.signal, first_block, args)):
                 call.base = img.clone()   # some blocks (LTXV) update their input in place
                 return None
             call.final = img + self.forecast(call, img.dtype, img.device)
@@ -548,13 +509,8 @@ class Run:
             call.reached_last = True
 
     def unet_decide(self, call: Call, h: torch.Tensor) -> None:
-        if call.started:
-            return
-        call.started = True
-        signals = None
-        if self.settings.method in SIGNALLED:
-            signals = call.signals = self.signal_changes(call, h)
-        self.decide(call, signals, (call.chunk,) + tuple(h.shape[1:]))
+        if not call.started:
+            self.decide(call, h, lambda: h)
 
     def unet_record(self, call: Call, h: torch.Tensor) -> None:
         if call.computing and call.started:
@@ -568,11 +524,9 @@ class Run:
     def output_call(self, call: Call, executor, args: tuple, kwargs: dict):
         x, sigma = args[0], args[1]
         sig = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.device, torch.float32)
-        feature_shape = (call.chunk,) + tuple(x.shape[1:])
-        call.started = True
         if bool((sig <= 0).any()):
             call.evaluation.decision = True
-        if self.decide(call, None, feature_shape):
+        if self.decide(call, x):
             out = executor(*args, **kwargs)
             if bool((sig > 0).all()):
                 # The sampler's own derivative (x - denoised) / sigma: eps or velocity-like, and
@@ -585,16 +539,7 @@ class Run:
 
     # the end
 
-    def finish(self, status: str, output) -> dict:
-        report = self.report(status, output)
-        self.setup.history.add(report, output)
-        (log.warning if report["warnings"] else log.info)("%s", report["log_line"])
-        for st in self.streams.values():
-            st.forecaster.reset()
-            st.prev_signal = None
-        return report
-
-    def report(self, status: str, output) -> dict:
+    def report(self, status: str) -> dict:
         s = self.settings
         evs = [e for e in self.evaluations if e.computed_calls + e.skipped_calls > 0]
         computed = sum(1 for e in evs if e.computed_calls > 0)

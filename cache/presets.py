@@ -1,12 +1,11 @@
 """Published TeaCache rescale coefficients, per model, and the settings they were published with.
 
-Numbers are the ones in the official TeaCache repository (ali-vilab/TeaCache) and the
-ComfyUI-TeaCache pack, as collected in shared/research/caching.md §1.2–1.4. Coefficients are
-highest power first (``numpy.polyval`` order). ``signal`` says what the polynomial was fitted
-on: ``modulated`` = the first block's modulated image input, ``vec`` = the modulation/time
-vector the first block receives (Wan's ``e0``, the "ret-steps" sets). ``threshold`` is the
-published setting for about 2x; ``warmup_steps`` are the steps the published mode always
-computes (Wan's ret-steps mode: 5).
+From the official TeaCache repository (ali-vilab/TeaCache) and the ComfyUI-TeaCache pack
+(shared/research/caching.md §1.2–1.4), highest power first (``numpy.polyval`` order).
+``signal``: what the polynomial was fitted on (``modulated``: the first block's modulated image
+input; ``vec``: the modulation/time vector it receives, Wan's "ret-steps" ``e0`` sets).
+``threshold``: the published setting for about 2x; ``warmup_steps``: the steps the published
+mode always computes.
 """
 from __future__ import annotations
 

@@ -1,18 +1,13 @@
-"""A calibrated TeaCache profile: the rescale polynomial fitted on this very model, and the
-threshold that reaches a requested speedup on the recorded run. Saved as JSON.
+"""A calibrated TeaCache profile: the rescale polynomial fitted on this very model and the
+threshold that reaches a requested speedup on the recorded run, saved as JSON.
 
-``from_recording`` turns the report of a recording run (every step computed, each stream's
-signal change and residual change recorded by ``cache.engine``) into a profile:
-
-1. fit ``residual change ~ poly(signal change)`` over every stream's consecutive steps
-   (``numpy.polyfit``, degree 4 when there are enough points);
-2. replay TeaCache's accumulate rule on the lead stream's recorded signal curve, with the
-   same forced steps (warm-up, start/end window, last step) the cache will use, and pick the
-   smallest threshold whose schedule reaches the target speedup;
-3. keep that curve as a rate along the noise position (``rules.signal_rates``), so TeaCache
-   can replay the rule on the curve a run of any other step count will see and pick the
-   threshold for that run (the calibrated threshold alone holds only for the calibrated step
-   count: at 50 steps each step changes less, the sum grows slower, and it skips far more).
+``from_recording`` turns a recording run's report (every step computed, each stream's signal
+and residual change recorded by ``cache.engine``) into a profile: it fits ``residual change ~
+poly(signal change)``, replays TeaCache's rule on the lead stream's signal curve with the
+forced steps the cache will use to pick the smallest threshold that reaches the target, and
+keeps the curve as a rate along the noise position (``rules.signal_rates``). The threshold
+alone holds only for the calibrated step count (at 50 steps each step changes less and the
+rule would skip far more); the rate lets each run pick the threshold for its own schedule.
 """
 from __future__ import annotations
 
@@ -77,7 +72,8 @@ def from_recording(report: dict, *, family: str, model_class: str, signal: str, 
     coefficients = rules.fit_rescale(x, y)
     rescale = rules.Rescale(coefficients)
     n_steps = report["summary"]["steps"]
-    signals, forced = replay_inputs(report["rows"], n_steps, start, end, warmup_steps, last_step)
+    signals = [r["signal"] for r in report["rows"]]
+    forced = [rules.is_forced(r["step"], n_steps, start, end, warmup_steps, last_step) for r in report["rows"]]
     threshold, predicted = rules.threshold_for_speedup(signals, forced, rescale, target)
     return CacheProfile(
         family=family, model_class=model_class, signal=signal, coefficients=coefficients,
@@ -88,14 +84,6 @@ def from_recording(report: dict, *, family: str, model_class: str, signal: str, 
         signal_rates=rules.signal_rates([r["position"] for r in report["rows"]], signals)
         if all("position" in r for r in report["rows"]) else [],
         created=time.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-def replay_inputs(rows: list[dict], n_steps: int, start: float, end: float, warmup_steps: int,
-                  last_step: bool) -> tuple[list, list]:
-    """The lead stream's signal per evaluation and whether the cache would force it."""
-    signals = [r["signal"] for r in rows]
-    forced = [rules.is_forced(r["step"], n_steps, start, end, warmup_steps, last_step) for r in rows]
-    return signals, forced
 
 
 def r_squared(x, y, coefficients) -> float:

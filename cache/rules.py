@@ -1,10 +1,7 @@
-"""The maths of step caching, free of ComfyUI: where a sigma sits in the schedule and on the
-model's noise table, TeaCache's accumulate-and-skip rule (also replayed offline to calibrate a
-threshold, for any step count), the rescale polynomial fit, the Forecast Cache's schedule, and
+"""The maths of step caching, free of ComfyUI (so it unit-tests alone): where a sigma sits on
+the model's noise table, TeaCache's accumulate-and-skip rule (also replayed offline to calibrate
+a threshold, for any step count), the rescale polynomial fit, the Forecast Cache's schedule, and
 the Taylor (Newton divided-difference) forecaster with its verified slope.
-
-Everything here is plain numpy/torch so it unit-tests alone; ``cache.engine`` applies it to
-a running sampler.
 """
 from __future__ import annotations
 
@@ -14,40 +11,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-# Relative tolerance when matching a sigma against the schedule (ComfyUI passes the
-# schedule's own float32 values, so exact matches are the normal case).
-SIGMA_RTOL = 1e-4
-
-
-def step_index(sigma: float, schedule: Sequence[float]) -> int:
-    """The step a model evaluation at ``sigma`` belongs to.
-
-    ``schedule`` is the sampler's sigmas (``n_steps + 1`` values, decreasing). Step ``k`` is
-    the interval ``schedule[k] >= sigma > schedule[k + 1]``; a sigma equal to ``schedule[k]``
-    is step ``k`` (so Heun's corrector at ``schedule[k + 1]`` counts as step ``k + 1``, and an
-    intermediate sigma of DPM++ 2S counts as the step it lies in). Clamped to the schedule.
-    """
-    n_steps = max(len(schedule) - 1, 1)
-    step = -1
-    for i in range(n_steps):
-        if schedule[i] >= sigma * (1.0 - SIGMA_RTOL):
-            step = i
-        else:
-            break
-    return min(max(step, 0), n_steps - 1)
-
 
 def noise_position(sigma: float, log_table: Sequence[float]) -> float:
     """Where ``sigma`` sits on the model's own noise table (``model_sampling.sigmas``, ascending,
     given as logs): 0 at its lowest sigma, 1 at its highest, linear in the table index between
-    and extrapolated linearly beyond its ends.
+    and extrapolated beyond its ends.
 
-    This is the time axis of the forecasts. ComfyUI's table is the model's timesteps run
-    through its noise shift, so the position is the unshifted time ``t`` (flow models: Wan's
-    shift 8, Flux's 1.15) or the discrete timestep (eps models), whatever scheduler picked the
-    sigmas. Measured on the reference models, features are smoother along it than along sigma
-    (a degree-4 fit over a whole run leaves 1.4-2.2x less residual), because shifted schedules
-    crowd many steps into a tiny range of sigma near 1."""
+    The forecasts' time axis: the table is the model's timesteps run through its noise shift,
+    so this is the unshifted time (or the discrete timestep), whatever scheduler picked the
+    sigmas. Features are smoother along it than along sigma, because shifted schedules crowd
+    many steps into a tiny range of sigma near 1 (docs/caching.md)."""
     x = math.log(max(float(sigma), 1e-30))
     n = len(log_table)
     if n < 2:
@@ -63,18 +36,13 @@ def noise_position(sigma: float, log_table: Sequence[float]) -> float:
     return float((i + frac) / (n - 1))
 
 
-def in_window(step: int, n_steps: int, start: float, end: float) -> bool:
-    """Whether caching may act at ``step``: ``start <= step / n_steps < end``."""
-    frac = step / max(n_steps, 1)
-    return start <= frac + 1e-9 and frac < end - 1e-9
-
-
 def is_forced(step: int, n_steps: int, start: float, end: float, warmup_steps: int,
               last_step: bool) -> bool:
     """Whether a step must be computed whatever the cache policy says: the warm-up steps,
-    steps outside the ``[start, end)`` window, and (when ``last_step``) the last step."""
-    return (step < warmup_steps or not in_window(step, n_steps, start, end)
-            or (last_step and step >= n_steps - 1))
+    steps outside ``start <= step / n_steps < end``, and (when ``last_step``) the last step."""
+    frac = step / max(n_steps, 1)
+    in_window = start <= frac + 1e-9 and frac < end - 1e-9
+    return step < warmup_steps or not in_window or (last_step and step >= n_steps - 1)
 
 
 def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -221,9 +189,8 @@ def _first_reaching(speed, goal: float, lo: float, hi: float) -> float:
 
 # --- Forecast Cache's schedule ---------------------------------------------------------------
 
-# How fast the gaps between computed steps grow along a run (1 = even spacing). Spectrum
-# (CVPR 2026) widens its window as sampling goes on; on the reference models 1.3 measured best
-# on average over 20/30 steps and 3-4x (0.75-2.5 dB over even spacing).
+# How fast the gaps between computed steps grow along a run (1 = even spacing), as Spectrum
+# widens its window; 1.3 measured best on the reference models (docs/caching.md).
 GAP_GROWTH = 1.3
 
 
@@ -264,19 +231,16 @@ SLOPE_RANGE = (0.0, 1.5)
 class TaylorForecaster:
     """Forecast a feature from its last computed values by a Newton/Taylor polynomial.
 
-    After each full computation ``update(t, value)`` refreshes the divided differences
-    ``F[t_k]``, ``F[t_k, t_k-1]``, ``F[t_k, t_k-1, t_k-2]`` (up to ``order``), spaced by the
-    actual times ``t`` (not step counts); ``predict(t)`` evaluates the polynomial through the
-    last ``order + 1`` computed points. It is exact for features that are polynomials of
-    degree <= order in ``t``. Memory: ``order + 1`` tensors of the feature's size.
+    ``update(t, value)`` refreshes the divided differences ``F[t_k]``, ``F[t_k, t_k-1]``, ...
+    (up to ``order``), spaced by the actual times ``t``; ``predict(t)`` evaluates the polynomial
+    through the last ``order + 1`` computed points (exact for polynomials of degree <= order).
+    Memory: ``order + 1`` tensors of the feature's size.
 
-    With ``verify``, every computed value first checks the forecast the forecaster would have
-    made for it (forecast, then verify, as SpeCa does, but free: the value was computed
-    anyway): the least-squares factor ``a`` that best scales the forecast's increment over the
-    last computed value onto the real one, ``a = <real - F, forecast - F> / |forecast - F|^2``,
-    is blended into ``slope`` and later forecasts use ``F + slope * (forecast - F)`` (a
-    calibrated extrapolation, as FoCa calibrates its forecasts). ``slope`` is 1 until the first
-    verification and returns to 1 on ``reset``.
+    With ``verify``, each computed value first checks the forecast that would have replaced it
+    (SpeCa's forecast-then-verify, free here since the value was computed anyway): the
+    least-squares factor ``a = <real - F, forecast - F> / |forecast - F|^2`` is blended into
+    ``slope``, and later forecasts use ``F + slope * (forecast - F)`` (FoCa's calibration).
+    ``slope`` is 1 until the first verification and after ``reset``.
     """
 
     def __init__(self, order: int, device: torch.device | str | None = None, verify: bool = False):

@@ -17,7 +17,7 @@ NOT_CODE = {"tests", "scripts", "docs", "example_workflows", "out"}
 # package and anything in a lower layer, never sideways or upward; the lab sits above the pack,
 # and inside the lab the benchmarks sit above the harness they use.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"kernels", "metrics", "files", "reports", "compat", "families"}),
+    frozenset({"kernels", "metrics", "files", "runs", "compat", "families"}),
     frozenset({"quant", "vq", "cache", "attention"}),
     frozenset({"nodes"}),
     frozenset({""}),                    # the package root: ComfyUI's entry point

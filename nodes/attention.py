@@ -89,21 +89,22 @@ class AccelSparseAttention(AccelNode):
     @classmethod
     def execute(cls, model, policy, density, block_size, top_p, dense_steps, dense_first_layers,
                 dense_last_layers, min_tokens, retention, probe_rows, save_report) -> io.NodeOutput:
+        node = node_name(cls)
         config = SparseConfig(policy=policy, density=float(density), block_size=int(block_size),
                               top_p=float(top_p), dense_steps=int(dense_steps),
                               dense_first_layers=int(dense_first_layers), dense_last_layers=int(dense_last_layers),
                               min_tokens=int(min_tokens), retention=bool(retention), probe_rows=int(probe_rows))
         for name, message in config.problems():
-            fail(node_name(cls), name, message)
+            fail(node, name, message)
         dm = getattr(getattr(model, "model", None), "diffusion_model", None)
         if dm is None:
-            fail(node_name(cls), "model", "has no diffusion model whose attention could be patched")
-        require_diffusion_model(node_name(cls), model)
+            fail(node, "model", "has no diffusion model whose attention could be patched")
+        require_diffusion_model(node, model)
         reason = unsupported(dm)
         if reason is not None:
             also = "; TeaCache works on it too" if find_adapter(dm) is not None else ""
-            fail(node_name(cls), "model", f"is {families.a_model(model)}: {reason}. Quantize Model and "
-                                              f"TaylorSeer work on it{also}.")
+            fail(node, "model", f"is {families.a_model(model)}: {reason}. Quantize Model and TaylorSeer work on "
+                                f"it{also}.")
         report_dir = None
         if save_report:
             import folder_paths
@@ -135,14 +136,15 @@ class AccelSparseAttentionReport(AccelNode):
 
     @classmethod
     def execute(cls, model, latent) -> io.NodeOutput:
+        node = node_name(cls)
         patches = find_patches(model)
         if not patches:
-            fail(node_name(cls), "model", "carries no Sparse Attention patch: connect the MODEL output "
-                                                      "of a Sparse Attention node")
+            fail(node, "model", "carries no Sparse Attention patch: connect the MODEL output of a Sparse Attention "
+                                "node")
         report = patches[0].history.find(latent["samples"])
         if report is None:
-            fail(node_name(cls), "latent", "comes from no sampling run with this model that is still "
-                                                       "kept: connect the LATENT output of the sampler that used it")
+            fail(node, "latent", "comes from no sampling run with this model that is still kept: connect the LATENT "
+                                 "output of the sampler that used it")
         summary = dict(report["summary"])
         if patches[0].last_report_path:
             summary["saved_as"] = str(patches[0].last_report_path)

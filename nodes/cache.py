@@ -39,16 +39,29 @@ _TIP_SHORT = ("Schedules of 8 steps or fewer (distilled / turbo models) gain lit
               "detail: 'skip caching' runs them uncached with a warning; 'cache anyway' caches them too.")
 
 
+def _memory_inputs() -> list:
+    """The inputs every cache node shares: where the cache lives, and what short schedules do."""
+    return [io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
+            io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT)]
+
+
 def _diffusion_model(model):
     return model.get_model_object("diffusion_model")
 
 
-def _no_hook_message(model) -> str:
-    why = adapters.unhookable(_diffusion_model(model)) or (
-        "ComfyUI gives this model no block-replacement hook (patches_replace['dit'])")
-    return (f"is {families.a_model(model)}: {why}, so its blocks cannot be skipped. Use Forecast Cache (it "
-            f"forecasts the model output) or TaylorSeer with forecast 'model output', which work on every "
-            f"model (and Quantize Model).")
+def _hooked(node: str, model, start: float, end: float):
+    """The diffusion model and its cache adapter, for the nodes that need a block hook (TeaCache's
+    signal): the window and the model checked, a model without the hook refused."""
+    _check_window(node, start, end)
+    require_diffusion_model(node, model)
+    dm = _diffusion_model(model)
+    adapter = adapters.find_adapter(dm)
+    if adapter is None:
+        why = adapters.unhookable(dm) or "ComfyUI gives this model no block-replacement hook (patches_replace['dit'])"
+        fail(node, "model", f"is {families.a_model(model)}: {why}, so its blocks cannot be skipped. Use Forecast "
+                            f"Cache (it forecasts the model output) or TaylorSeer with forecast 'model output', "
+                            f"which work on every model (and Quantize Model).")
+    return dm, adapter
 
 
 class AccelTeaCache(AccelNode):
@@ -84,8 +97,7 @@ class AccelTeaCache(AccelNode):
                                        "(Flux, HunyuanVideo 1.0, LTX-Video 2B, Mochi, Wan 2.1 by size and "
                                        "t2v/i2v; Wan 2.2 A14B uses Wan 2.1 14B's). A connected profile takes "
                                        "precedence. Kontext: choose flux_kontext."),
-                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
-                io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT),
+                *_memory_inputs(),
                 PROFILE.Input("profile", optional=True,
                               tooltip="A profile from Cache Calibrate for this model: its fitted coefficients and "
                                       "calibrated threshold replace the preset."),
@@ -97,12 +109,7 @@ class AccelTeaCache(AccelNode):
     def execute(cls, model, threshold, start, end, coefficients, cache_device, short_schedule,
                 profile: CacheProfile | None = None) -> io.NodeOutput:
         node = node_name(cls)
-        _check_window(node, start, end)
-        require_diffusion_model(node, model)
-        dm = _diffusion_model(model)
-        adapter = adapters.find_adapter(dm)
-        if adapter is None:
-            fail(node, "model", _no_hook_message(model))
+        dm, adapter = _hooked(node, model, start, end)
         if profile is not None:
             if profile.family != adapter.family:
                 fail(node, "profile", f"was calibrated on a {profile.family} model ({profile.model_class}); this "
@@ -167,8 +174,7 @@ class AccelTaylorSeer(AccelNode):
                                        "models with a block hook); 'model output' = the model's prediction (the "
                                        "sampler's derivative; about the latent's size per order; every model, "
                                        "UNets included). 'auto' = block residual where the model has the hook."),
-                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
-                io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT),
+                *_memory_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with TaylorSeer (the input model is unchanged).")],
         )
@@ -219,8 +225,7 @@ class AccelForecastCache(AccelNode):
                 io.Boolean.Input("verify", default=True,
                                  tooltip="Each computed step checks the forecast it replaces and rescales the "
                                          "extrapolation's slope (least squares). Off = plain linear extrapolation."),
-                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model device", tooltip=_TIP_DEVICE),
-                io.Combo.Input("short_schedule", options=list(SHORT_SCHEDULE), default="skip caching", tooltip=_TIP_SHORT),
+                *_memory_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with Forecast Cache (the input model is unchanged).")],
         )
@@ -296,12 +301,7 @@ class AccelCacheCalibrate(AccelNode):
                 denoise, target_speedup, start, end, signal) -> io.NodeOutput:
         import comfy.sample
         node = node_name(cls)
-        _check_window(node, start, end)
-        require_diffusion_model(node, model)
-        dm = _diffusion_model(model)
-        adapter = adapters.find_adapter(dm)
-        if adapter is None:
-            fail(node, "model", _no_hook_message(model).replace("Use TaylorSeer", "TeaCache cannot run on it; use TaylorSeer"))
+        dm, adapter = _hooked(node, model, start, end)
         kind = adapter.signals()[0] if signal == "auto" else signal
         if kind not in adapter.signals():
             fail(node, "signal", f"'{signal}' is not available for {adapter.family} models; choose one of "
@@ -375,7 +375,7 @@ class AccelCacheReport(AccelNode):
         if setup is None:
             fail(node_name(cls), "model", "carries no TeaCache, TaylorSeer or Forecast Cache: connect the MODEL "
                                           "output of one of those nodes (or a model made from it, e.g. after a LoRA).")
-        report = setup.find_report(latent["samples"])
+        report = setup.history.find(latent["samples"])
         if report is None:
             text = ("Cache report\n============\nNo report for this latent: no sampling run with this model made "
                     "it, or its report is no longer kept (the newest runs are). Connect the LATENT output of the "
@@ -452,7 +452,7 @@ def save_json(prefix: str, data: dict) -> str:
     import folder_paths
     output_dir = folder_paths.get_output_directory()
     folder, name = os.path.split(os.path.join(output_dir, prefix))
-    path = files.write_new(folder, name, ".json", files.json_bytes(data))
+    path = files.write_json(folder, name, data)
     return os.path.relpath(path, output_dir)
 
 

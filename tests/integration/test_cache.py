@@ -112,9 +112,8 @@ MODULATED_CONSUMER = {
 
 
 def test_every_adapter_is_covered_by_a_tested_model(fx):
-    from comfyui_accel.cache.unet import UNetAdapter
     covered = {adapters.find_adapter(fixture_model(f).get_model_object("diffusion_model")).family: f for f in HOOKED}
-    assert set(covered) == {a.family for a in adapters.ADAPTERS} | {UNetAdapter.family}
+    assert set(covered) == {a.family for a in adapters.ADAPTERS} | {adapters.UNetAdapter.family}
     with_modulated = {a.family for a in adapters.ADAPTERS if a.modulated}
     assert {covered[f] for f in with_modulated} <= set(MODULATED_CONSUMER)
 
@@ -218,7 +217,7 @@ def test_applying_twice_replaces_instead_of_stacking(fx):
 
 
 def test_reinstalling_on_a_unet_drops_the_block_containers(fx):
-    from comfyui_accel.cache.unet import is_cached_block
+    from comfyui_accel.cache.adapters import is_cached_block
     deep = teacache(fixture_model("sdxl"), 1e9)
     assert sum(map(is_cached_block, deep.object_patches.values())) >= 3
     output = install(deep, "taylorseer", target="output", interval=1, order=1)

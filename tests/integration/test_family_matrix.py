@@ -179,12 +179,13 @@ def test_nodes_refuse_models_that_are_not_diffusion_models(comfy, config):
     if model is None:
         pytest.skip(f"ComfyUI {families._version()} has no {config}")
     calls = {
-        "Quantize Model": lambda: AccelQuantizeModel.execute(model, "int8", 64, "auto", 0.5, 8, 0, 5.0, "int8", 0.35,
-                                                             0.0, ""),
-        "TeaCache": lambda: AccelTeaCache.execute(model, -1.0, 0.0, 1.0, "auto", "model device", "skip caching"),
-        "TaylorSeer": lambda: AccelTaylorSeer.execute(model, 3, 1, 1, 1.0, "auto", "model device",
-                                                           "skip caching"),
-        "Sparse Attention": lambda: AccelSparseAttention.execute(model, **family_matrix.SPARSE),
+        "Quantize Model (AccelQuantizeModel)": lambda: AccelQuantizeModel.execute(
+            model, "int8", 64, "auto", 0.5, 8, 0, 5.0, "int8", 0.35, 0.0, ""),
+        "TeaCache (AccelTeaCache)": lambda: AccelTeaCache.execute(
+            model, -1.0, 0.0, 1.0, "auto", "model device", "skip caching"),
+        "TaylorSeer (AccelTaylorSeer)": lambda: AccelTaylorSeer.execute(
+            model, 3, 1, 1, 1.0, "auto", "model device", "skip caching"),
+        "Sparse Attention (AccelSparseAttention)": lambda: AccelSparseAttention.execute(model, **family_matrix.SPARSE),
     }
     for node, call in calls.items():
         with pytest.raises(AccelInputError) as e:

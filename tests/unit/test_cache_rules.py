@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_accel import runs
 from comfyui_accel.cache import rules
 
 SCHEDULE = [1.0, 0.8, 0.5, 0.2, 0.0]
@@ -15,13 +16,13 @@ SCHEDULE = [1.0, 0.8, 0.5, 0.2, 0.0]
 @pytest.mark.parametrize("sigma,step", [(1.0, 0), (0.9, 0), (0.8, 1), (0.79, 1), (0.5, 2), (0.2, 3),
                                         (0.05, 3), (1.7, 0)])
 def test_step_index_locates_sigma_in_schedule(sigma, step):
-    assert rules.step_index(sigma, SCHEDULE) == step
+    assert runs.step_index(sigma, SCHEDULE) == step
 
 
 def test_step_index_tolerates_float32_rounding():
     sched = torch.linspace(1, 0, 31, dtype=torch.float32).tolist()
     for k in range(30):
-        assert rules.step_index(float(torch.tensor(sched[k], dtype=torch.float32)), sched) == k
+        assert runs.step_index(float(torch.tensor(sched[k], dtype=torch.float32)), sched) == k
 
 
 def test_forced_steps_cover_warmup_window_and_last_step():

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfyui_accel import files, reports
+from comfyui_accel import files, runs
 from comfyui_accel.attention.geometry import tensor_cache
 from comfyui_accel.quant import checkpoint, formats, policy
 from comfyui_accel.vq import codebook as cb
@@ -261,7 +261,7 @@ def test_json_reports_are_strict():
 
 
 def test_run_reports_are_matched_to_their_output_and_bounded():
-    history = reports.RunHistory(max_reports=3, max_bytes=50_000)
+    history = runs.RunHistory(max_reports=3, max_bytes=50_000)
     outs = [torch.full((1, 4), float(i)) for i in range(5)]
     for i, out in enumerate(outs):
         history.add({"summary": {"run": i}, "rows": [{"x": i}] * 10}, out)

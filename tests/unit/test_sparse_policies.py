@@ -6,8 +6,8 @@ import torch
 
 from comfyui_accel.attention import geometry, policies
 from comfyui_accel.attention.layout import ModelFacts, TokenGrid
-from comfyui_accel.attention.sparse import (ForwardInfo, SparseAttention, SparseConfig, SparseRun, row_logsumexp,
-                                            step_index)
+from comfyui_accel import runs
+from comfyui_accel.attention.sparse import ForwardInfo, SparseAttention, SparseConfig, SparseRun, row_logsumexp
 from comfyui_accel.kernels.block_sparse_attention import block_mask
 
 GEOMETRIC = ("radial", "sliding_tile", "svg", "draft")
@@ -235,7 +235,7 @@ def dense_backend(calls):
 
 
 def call(patch, q, k, v, heads, fwd, **kw):
-    options = {patch.key: fwd, "cond_or_uncond": [0]}
+    options = {patch.key: fwd, patch.run_key: patch.run, "cond_or_uncond": [0]}
     return patch(kw.pop("func"), q, k, v, heads, transformer_options=options, **kw)
 
 
@@ -350,11 +350,12 @@ def test_config_errors_name_the_input():
 
 
 def test_step_index():
-    schedule = torch.tensor([14.6, 5.0, 1.2, 0.3, 0.0])
-    assert step_index({"sigmas": torch.tensor([14.6, 14.6]), "sample_sigmas": schedule}) == 0
-    assert step_index({"sigmas": torch.tensor([1.2]), "sample_sigmas": schedule}) == 2
-    assert step_index({"sigmas": torch.tensor([0.8]), "sample_sigmas": schedule}) == 3
-    assert step_index({}) == 0
+    # The patch locates steps with the cache's locator (runs.step_index), on the run's schedule.
+    schedule = torch.tensor([14.6, 5.0, 1.2, 0.3, 0.0]).tolist()
+    assert runs.step_index(14.6, schedule) == 0
+    assert runs.step_index(1.2, schedule) == 2
+    assert runs.step_index(0.8, schedule) == 2   # an intermediate sigma belongs to the step it lies in
+    assert runs.step_index(1.0, []) == 0
 
 
 def test_grid_placement():
@@ -365,13 +366,13 @@ def test_grid_placement():
 
 def test_a_run_that_never_reaches_the_override_says_so(tmp_path):
     patch = SparseAttention(SparseConfig(), report_dir=str(tmp_path))
-    patch._finish(SparseRun(), None)
+    patch.finish(SparseRun(), "ok", None)
     assert any("cannot be patched" in n for n in patch.last_report["notices"])
     assert patch.last_report["summary"]["sparse_calls"] == 0
     # Reports are saved as new numbered files, never over an existing one, as strict JSON.
     (tmp_path / "accel_sparse_attention_00002_.json").write_text("user file")
-    patch._finish(SparseRun(), None)
-    patch._finish(SparseRun(), None)
+    patch.finish(SparseRun(), "ok", None)
+    patch.finish(SparseRun(), "ok", None)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["accel_sparse_attention_00001_.json", "accel_sparse_attention_00002_.json",
                      "accel_sparse_attention_00003_.json", "accel_sparse_attention_00004_.json"]
