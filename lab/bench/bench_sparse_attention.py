@@ -22,6 +22,7 @@ from comfyui_accel.attention.layout import TokenGrid
 from comfyui_accel.kernels.block_sparse_attention import block_mask, block_sparse_attention
 from comfyui_accel.metrics import psnr, ssim
 from lab.measure import compare_timings, time_fn
+from lab.sampling import ksampler
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +123,17 @@ def e2e_records(quick: bool) -> list[dict]:
     from lab import fixtures as fx
     from lab import host
     host.import_comfy()
-    import comfy.sample
     # Long grid: 25 frames at 384x512 -> 7 x 24 x 32 = 5,376 tokens (quick: 17 x 256^2 -> 1,280).
     width, height, length = (256, 256, 17) if quick else (512, 384, 25)
     steps, density, block = (3, 0.25, 64) if quick else (4, 0.25, 128)
     base = fx.load_model("wan21", "medium").clone()
     base.model_options["transformer_options"]["optimized_attention_override"] = _sdpa_backend
     latent = fx.empty_latent("wan21", "medium", width=width, height=height, length=length)["samples"]
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
     positive = fx.make_conditioning("wan21", "medium", seed=1)
     negative = fx.make_conditioning("wan21", "medium", seed=2)
 
     def sample(model):
-        return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, negative, latent,
-                                   seed=0, disable_pbar=True)
+        return ksampler(model, positive, negative, latent, steps, 1.0)
 
     clock = SelfAttentionClock(_sdpa_backend)
     timed = base.clone()

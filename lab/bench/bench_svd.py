@@ -30,8 +30,9 @@ from typing import Callable
 import torch
 
 from lab import fixtures, host
-from lab.quant_checks import plans_for
 from lab import measure
+from lab.quant_checks import plans_for
+from lab.sampling import ksampler
 from comfyui_accel import metrics
 
 # FLUX.1-dev's quantized linears (19 double blocks, 38 single blocks; modulation layers are
@@ -53,14 +54,8 @@ class Subject:
 
 def _sampler(positive, negative, latent, steps: int, cfg: float, seeds) -> Callable[[object], torch.Tensor]:
     def sample(model):
-        import comfy.sample
-        outs = []
-        for seed in seeds:
-            x = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-            with torch.no_grad():
-                outs.append(comfy.sample.sample(model, comfy.sample.prepare_noise(x, seed), steps, cfg, "euler",
-                                                "simple", positive, negative, x, seed=seed, disable_pbar=True))
-        return torch.cat(outs)
+        return torch.cat([ksampler(model, positive, negative, latent["samples"], steps, cfg, seed, fix_empty_latent=True)
+                          for seed in seeds])
     return sample
 
 

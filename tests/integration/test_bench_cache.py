@@ -4,13 +4,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lab.bench import bench_cache, bench_stack, run as bench_run
+from lab import sampling
+from lab.bench import bench_cache, run as bench_run
 
 
 @pytest.fixture(scope="module")
 def cache_bench(comfy, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache")
-    subject = bench_stack.reference_subject("ref_flux", steps=20)
+    subject = sampling.reference_subject("ref_flux", steps=20)
     subject.timing_rounds = 1
     before = subject.sample(subject.model)
     records = bench_cache.run(quick=True, out=out, subjects_=[subject])

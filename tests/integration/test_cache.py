@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from comfyui_accel.cache import adapters, engine, rules
+from lab import sampling
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +37,7 @@ def sample(m, family, steps=10, seed=0, cfg=3.0, sampler="euler", **kw):
     if family in BUILT:
         from lab import families
         return families.sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler)
-    from lab.sampling import sample as _sample
-    return _sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler, **kw)
+    return sampling.sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler, **kw)
 
 
 def install(m, method: str, **kw):
@@ -146,7 +146,6 @@ def test_qwen_edit_signal_with_a_zero_timestep_reference(fx):
     # gets a timestep batch twice the image's and modulates the reference tokens with the second
     # half. The signal must still be what the block feeds its attention, cond and uncond batched.
     import inspect
-    import comfy.sample
     from lab import families
     m = fixture_model("qwen_image")
     block = m.get_model_object("diffusion_model").transformer_blocks[0]
@@ -161,8 +160,7 @@ def test_qwen_edit_signal_with_a_zero_timestep_reference(fx):
         cond[0][1]["reference_latents_method"] = "index_timestep_zero"
     x = families.latent("qwen_image")
     try:
-        comfy.sample.sample(rec, comfy.sample.prepare_noise(x, 0), 6, 3.0, "euler", "simple", pos, neg, x,
-                            seed=0, disable_pbar=True)
+        sampling.ksampler(rec, pos, neg, x, 6, 3.0)
     finally:
         handle.remove()
     assert len(seen) == 6 and seen[0].shape[0] == 2
@@ -662,12 +660,12 @@ def test_a_30_step_profile_holds_its_speedup_at_20_and_50_steps(fx, output_dir):
     # TeaCache with the threshold on auto sets it for each run's own schedule.
     from lab.bench import bench_stack
     from comfyui_accel.nodes.cache import AccelTeaCache
-    s30 = bench_stack.reference_subject("ref_wan21", 30)
+    s30 = sampling.reference_subject("ref_wan21", 30)
     profile = bench_stack.calibrate(s30, s30.model, 2.0)
     assert profile.steps == 30 and profile.signal_rates
 
     def bound(steps, threshold):
-        s = bench_stack.reference_subject("ref_wan21", steps)
+        s = sampling.reference_subject("ref_wan21", steps)
         cached = AccelTeaCache.execute(s30.model, threshold, 0.0, 1.0, "auto", "model device", "skip caching",
                                        profile=profile).args[0]
         s.sample(cached)

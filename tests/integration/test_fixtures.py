@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lab import fixtures as fx
+from lab import sampling
 
 pytestmark = pytest.mark.integration
 
@@ -73,11 +74,8 @@ def test_a_short_sampling_run_gives_a_finite_latent_of_the_right_shape(comfy, mo
     info = fx.fixture_info(family, "tiny")
     latent = fx.empty_latent(family, "tiny")["samples"]
     assert tuple(latent.shape) == info.latent_shape
-    noise = comfy.sample.prepare_noise(latent, 7)
-    positive = fx.make_conditioning(family, "tiny", seed=1)
-    negative = fx.make_conditioning(family, "tiny", seed=2)
-    out = comfy.sample.sample(model, noise, 3, 2.0, "euler", "simple", positive, negative, latent,
-                              disable_pbar=True, seed=7)
+    noise = comfy.sample.prepare_noise(latent, 7)   # what the run starts from
+    out = sampling.sample(model, family, steps=3, seed=7, cfg=2.0, latent=latent)
     assert tuple(out.shape) == info.latent_shape
     assert torch.isfinite(out).all()
     assert (out - noise).abs().mean() > 1e-2

@@ -8,6 +8,7 @@ import torch
 from lab import reference as ref
 from lab.reference import autoencoder as ae
 from lab.reference import data, samples, train
+from lab.sampling import ksampler
 
 pytestmark = pytest.mark.integration
 
@@ -69,9 +70,8 @@ def test_a_few_sampling_steps_give_finite_pictures(comfy, models, name):
     import comfy.sample
     model = models[name]
     latent = ref.empty_latent(name)["samples"]
-    noise = comfy.sample.prepare_noise(latent, 5)
-    out = comfy.sample.sample(model, noise, 4, 4.0, "euler", "simple", ref.make_conditioning(name, 0),
-                              ref.make_conditioning(name, ""), latent, disable_pbar=True, seed=5)
+    noise = comfy.sample.prepare_noise(latent, 5)   # what the run starts from
+    out = ksampler(model, ref.make_conditioning(name, 0), ref.make_conditioning(name, ""), latent, 4, 4.0, seed=5)
     assert out.shape == latent.shape and torch.isfinite(out).all()
     assert (out - noise).abs().mean() > 0.1           # it sampled, not returned the noise
     pixels = ref.decode(name, out)
@@ -89,9 +89,8 @@ def test_one_sampler_step_makes_the_call_training_makes(comfy, models, name):
     spec = ref.reference_spec(name)
     model = models[name]
     latent = ref.empty_latent(name)["samples"]
-    noise = comfy.sample.prepare_noise(latent, 7)
-    out = comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", ref.make_conditioning(name, 1),
-                              ref.make_conditioning(name, ""), latent, disable_pbar=True, seed=7)
+    noise = comfy.sample.prepare_noise(latent, 7)   # what the run starts from
+    out = ksampler(model, ref.make_conditioning(name, 1), ref.make_conditioning(name, ""), latent, 1, 1.0, seed=7)
     context, pooled = ref.embed_captions([ref.caption(name, 1)], spec.family_spec.context_dim)
     extra = {"y": pooled} if spec.family_spec.pooled_dim is not None else {}
     with torch.no_grad():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lab import fixtures as fx
+from lab import sampling
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +29,7 @@ def wan_dense(models):
 
 
 def sample(model, family, steps=1, seed=0, latent=None, cfg=2.0):
-    import comfy.sample
-    latent = latent if latent is not None else fx.empty_latent(family, "tiny")["samples"]
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    positive = fx.make_conditioning(family, "tiny", seed=1)
-    negative = fx.make_conditioning(family, "tiny", seed=2)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
-                               seed=seed, disable_pbar=True)
+    return sampling.sample(model, family, steps=steps, seed=seed, cfg=cfg, latent=latent)
 
 
 def patched(model, **config):
