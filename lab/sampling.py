@@ -106,5 +106,6 @@ def fixture_subject(family: str, size: str, steps: int) -> Subject:
     return Subject(
         name=f"{family} {size} fixture, {steps} steps", model=fixtures.load_model(family, size),
         load=lambda dtype: fixtures.load_model(family, size, dtype=dtype),
-        positive=fixtures.make_conditioning(family, size, seed=1), negative=fixtures.make_conditioning(family, size, seed=2),
+        positive=fixtures.make_conditioning(family, size, seed=1),
+        negative=fixtures.make_conditioning(family, size, seed=2),
         latent=fixtures.empty_latent(family, size), steps=steps, cfg=3.0, decode=None, block_size=64, core_only=True)

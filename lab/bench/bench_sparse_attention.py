@@ -70,7 +70,7 @@ def op_records(quick: bool) -> list[dict]:
     def dense():
         return F.scaled_dot_product_attention(q, k, v)
 
-    timings = compare_timings(dense, {"sparse": sparse}, warmup=1, repeat=repeat)
+    timings = compare_timings(dense, {"sparse": sparse}, warmup=1, repeat=repeat, autorange=True)
     dense_s = timings["baseline"]["median_s"]
     sparse_s = timings["variants"]["sparse"]["median_s"]
     flex_s = time_fn(lambda: _flex(q, k, v, lists, counts), warmup=0, repeat=1)["median_s"]

@@ -54,8 +54,8 @@ class Subject:
 
 def _sampler(positive, negative, latent, steps: int, cfg: float, seeds) -> Callable[[object], torch.Tensor]:
     def sample(model):
-        return torch.cat([ksampler(model, positive, negative, latent["samples"], steps, cfg, seed, fix_empty_latent=True)
-                          for seed in seeds])
+        return torch.cat([ksampler(model, positive, negative, latent["samples"], steps, cfg, seed,
+                                   fix_empty_latent=True) for seed in seeds])
     return sample
 
 
@@ -187,7 +187,7 @@ def layer_overhead(tokens: int, repeat: int) -> list[dict]:
         timing = measure.compare_timings(lambda: layers["w4a4 (same GEMM, no branch)"](xb),
                                          {"branch": lambda: layers["w4a4 + rank-32 branch"](xb),
                                           "bf16": lambda: torch.nn.functional.linear(xb, bf16_w)},
-                                         warmup=1, repeat=repeat)
+                                         warmup=1, repeat=repeat, autorange=True)
     ref = x @ w.t()
     plain_w4a4 = QuantWeight.quantize(w, Spec("w4a4", 64), torch.bfloat16)   # no smoothing, no branch
     base, with_branch = timing["baseline"], timing["variants"]["branch"]
