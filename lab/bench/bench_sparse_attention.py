@@ -22,7 +22,7 @@ from comfyui_accel.attention.layout import TokenGrid
 from comfyui_accel.kernels.block_sparse_attention import block_mask, block_sparse_attention
 from comfyui_accel.metrics import psnr, ssim
 from lab.measure import compare_timings, time_fn
-from lab.sampling import ksampler
+from lab import sampling
 
 log = logging.getLogger(__name__)
 
@@ -114,26 +114,23 @@ class SelfAttentionClock:
 def _sdpa_backend(func, *args, **kwargs):
     """Dense attention through PyTorch SDPA, for the baseline and the patch's dense calls alike
     (ComfyUI's default CPU backend is sub-quadratic attention, slower than SDPA)."""
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
     return attention.attention_pytorch.__wrapped__(*args, **kwargs)
 
 
 def e2e_records(quick: bool) -> list[dict]:
     from comfyui_accel.attention.sparse import SparseConfig, apply_sparse_attention
-    from lab import fixtures as fx
-    from lab import host
+    from lab import fixtures, host
     host.import_comfy()
     # Long grid: 25 frames at 384x512 -> 7 x 24 x 32 = 5,376 tokens (quick: 17 x 256^2 -> 1,280).
     width, height, length = (256, 256, 17) if quick else (512, 384, 25)
     steps, density, block = (3, 0.25, 64) if quick else (4, 0.25, 128)
-    base = fx.load_model("wan21", "medium").clone()
+    base = fixtures.load_model("wan21", "medium").clone()
     base.model_options["transformer_options"]["optimized_attention_override"] = _sdpa_backend
-    latent = fx.empty_latent("wan21", "medium", width=width, height=height, length=length)["samples"]
-    positive = fx.make_conditioning("wan21", "medium", seed=1)
-    negative = fx.make_conditioning("wan21", "medium", seed=2)
+    latent = fixtures.empty_latent("wan21", "medium", width=width, height=height, length=length)["samples"]
 
     def sample(model):
-        return ksampler(model, positive, negative, latent, steps, 1.0)
+        return sampling.sample(model, "wan21", "medium", steps, cfg=1.0, latent=latent)
 
     clock = SelfAttentionClock(_sdpa_backend)
     timed = base.clone()

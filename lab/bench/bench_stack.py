@@ -108,7 +108,7 @@ def sparse(model, density: float, block_size: int):
 
 def comfy_attention(model, backend: str):
     """ComfyUI's registered attention backend ``backend`` for every attention call (its public override)."""
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
     func = attention.get_attention_function(backend)
     m = model.clone()
 
@@ -175,7 +175,7 @@ def variants(subject: Subject, quick: bool) -> list[Variant]:
     for density in ((0.5,) if quick else (0.5, 0.25)):
         out.append(Variant("Sparse Attention", f"radial, density {density:g}", sparse(base, density, subject.block_size),
                            density=density))
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
     backends = [b for b in ("pytorch", "split") if b in attention.REGISTERED_ATTENTION_FUNCTIONS]
     for backend in backends[:1] if quick else backends:
         out.append(Variant("ComfyUI attention", backend, comfy_attention(base, backend), peer=True))

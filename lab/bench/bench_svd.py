@@ -74,11 +74,12 @@ def reference_subject(name: str, steps: int, seeds: int) -> Subject:
     training, not from a random init with planted outliers. Sampled as KSampler would (``steps``,
     cfg 4) on its first prompt, calibrated on its second; its trajectories branch easily, so the
     PSNR pools ``seeds`` seeds."""
-    from lab import reference as ref
-    neg, latent = ref.make_conditioning(name, ""), ref.empty_latent(name)
-    return Subject(f"{name} (trained), {steps} steps, {seeds} seeds", ref.load_reference(name),
-                   _sampler(ref.make_conditioning(name, 0), neg, latent, steps, 4.0, range(seeds)),
-                   dict(positive=ref.make_conditioning(name, 1), negative=neg, latent=latent, steps=4, seed=1, cfg=4.0))
+    from lab import reference
+    neg, latent = reference.make_conditioning(name, ""), reference.empty_latent(name)
+    return Subject(f"{name} (trained), {steps} steps, {seeds} seeds", reference.load_reference(name),
+                   _sampler(reference.make_conditioning(name, 0), neg, latent, steps, 4.0, range(seeds)),
+                   dict(positive=reference.make_conditioning(name, 1), negative=neg, latent=latent, steps=4, seed=1,
+                        cfg=4.0))
 
 
 # Quantization settings compared "at the same bits": (label, format, group size). Each is run

@@ -464,7 +464,7 @@ def test_forecast_cache_follows_its_plan_on_every_family(fx, family):
 def test_forecast_cache_forecasts_each_stream_linearly_along_the_noise_position(fx):
     # Model output, no verification: on a forecast step each cond's prediction must be the line
     # through its own last two computed velocities, at this step's noise position.
-    import comfy.patcher_extension as pe
+    import comfy.patcher_extension
     spied = fixture_model("wan21").clone()
     seen = []
 
@@ -473,7 +473,8 @@ def test_forecast_cache_forecasts_each_stream_linearly_along_the_noise_position(
         seen.append((float(t.flatten()[0]), x.detach().clone(), out.detach().clone()))
         return out
 
-    spied.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.spy", spy)   # first: outside the cache's
+    # registered first: it runs outside the cache's wrapper
+    spied.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.spy", spy)
     m = forecast(spied, 2.5, target="output", verify=False)
     sample(m, "wan21", steps=10)
     assert len(seen) == 10
@@ -580,7 +581,7 @@ def test_lora_before_or_after_the_cache_gives_the_same_result(fx):
 def test_torch_compile_in_either_order(fx):
     # ComfyUI's TorchCompileModel mechanism (an APPLY_MODEL wrapper swapping in the compiled
     # diffusion model), with the "eager" backend so no C compiler is needed.
-    import comfy.patcher_extension as pe
+    import comfy.patcher_extension
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
     torch._dynamo.reset()
@@ -591,8 +592,8 @@ def test_torch_compile_in_either_order(fx):
     set_torch_compile_wrapper(compiled, backend="eager")
     cache_after = teacache(compiled, 0.4)              # compile node, then the cache node
     cache_first = teacache(m, 0.4)                     # the cache node, then compile (same compiled module)
-    cache_first.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, COMPILE_KEY,
-                                     compiled.get_wrappers(pe.WrappersMP.APPLY_MODEL, COMPILE_KEY)[0])
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    cache_first.add_wrapper_with_key(apply_model, COMPILE_KEY, compiled.get_wrappers(apply_model, COMPILE_KEY)[0])
     want = computed(report_of(plain))
     for cached in (cache_after, cache_first):
         out = sample(cached, "wan21")
