@@ -1,6 +1,6 @@
 """Quantize Model on the CPU: full sampling runs of the Wan 2.1 and Flux fixtures.
 
-Two sizes: ``medium`` (the issue's fixtures) and the bench-only ``wide`` (lab/fixtures.py:
+Two sizes: ``medium`` (the test fixtures' largest size) and the bench-only ``wide`` (lab/fixtures.py:
 Wan 2.1 1.3B's width, dim 1536 and ffn 8960 in 2 blocks; Flux at hidden 1536). The targets are
 about real DiTs (dim 1536-5120), where the linear layers take most of the time; at ``medium``'s
 dim 384-512 and ~768 tokens they take only about a third of the fp32 run (the rest is the

@@ -11,7 +11,7 @@
   8 activation outlier channels, output SQNR on held-out tokens.
 - ``svdquant layer``: one 3072x3072 layer (FLUX width; 4096 tokens, 512 in quick mode), rank 32: W4A4 with the branch fused
   against the same W4A4 GEMM without it, timed interleaved; ``overhead`` = time ratio - 1
-  (the issue's target: <= 0.15). Weight bytes against bf16 (SVDQuant's paper: ~3.5x for FLUX).
+  (target: <= 0.15). Weight bytes against bf16 (SVDQuant's paper: ~3.5x for FLUX).
 - ``svd method``: torch.svd_lowrank (rank + 16, 2 power iterations) against torch.linalg.svd on
   a smoothed 3072x3072 weight (512x512 in quick mode): time and the error of the rank-32
   approximation against the best.

@@ -229,7 +229,7 @@ def bench_weights(quick: bool) -> list[dict]:
     records = []
     for name, group in WEIGHT_FORMATS:
         if quick and name == "vq3":
-            continue  # 4096-code k-means: minutes on a loaded 2-core machine
+            continue  # 4096-code k-means takes minutes on a CPU: too slow for the quick run
         fmt, spec = formats.get(name), Spec(name, group, False)
         for calibrated in (False, True) if name.startswith("vq") else (False,):
             start = time.perf_counter()
