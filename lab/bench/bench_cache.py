@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lab import measure, sampling
+from lab import host, measure, sampling
 from lab.bench import bench_stack
 from lab.peer_caches import DEFAULTS, comfy_cache
 from comfyui_accel import metrics
@@ -177,24 +177,12 @@ def subjects(quick: bool) -> list:
 
 def run(quick: bool, out: Path | None = None, subjects_: list | None = None) -> list[dict]:
     """The records; with ``out``, also one speed-against-PSNR plot per reference model there."""
-    import tempfile
-    from lab.host import import_comfy
-    import_comfy()
-    import folder_paths
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # small models on a shared machine: more threads add contention noise
-    saved_output = folder_paths.get_output_directory()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder_paths.set_output_directory(tmp)   # Cache Calibrate saves its profiles there
-            records = []
-            for subject in subjects_ if subjects_ is not None else subjects(quick):
-                records += bench_subject(subject, quick)
-            if not quick and subjects_ is None:
-                records += expert_records()
-    finally:
-        folder_paths.set_output_directory(saved_output)
-        torch.set_num_threads(threads)
+    with host.in_process():
+        records = []
+        for subject in subjects_ if subjects_ is not None else subjects(quick):
+            records += bench_subject(subject, quick)
+        if not quick and subjects_ is None:
+            records += expert_records()
     if out is not None:
         write_plots(records, Path(out))
     return records

@@ -28,13 +28,12 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from lab import measure
+from lab import host, measure
 from lab.bench.bench_sparse_attention import SelfAttentionClock
 from lab.peer_caches import DEFAULTS, comfy_cache
 from lab.sampling import SEED, Subject, count_calls, fixture_subject, reference_subject
@@ -358,22 +357,11 @@ def subjects(quick: bool) -> list[Subject]:
 
 def run(quick: bool, out: Path | None = None, subjects_: list[Subject] | None = None) -> list[dict]:
     """The records; with ``out``, also the plots and output pictures written there (PNG)."""
-    from lab.host import import_comfy
-    import_comfy()
-    import folder_paths
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # small models on a shared machine: more threads add contention noise
-    saved_output = folder_paths.get_output_directory()
     images: dict = {}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder_paths.set_output_directory(tmp)   # Cache Calibrate saves its profiles there
-            records = []
-            for subject in subjects_ if subjects_ is not None else subjects(quick):
-                records += bench_subject(subject, quick, images)
-    finally:
-        folder_paths.set_output_directory(saved_output)
-        torch.set_num_threads(threads)
+    with host.in_process():
+        records = []
+        for subject in subjects_ if subjects_ is not None else subjects(quick):
+            records += bench_subject(subject, quick, images)
     if out is not None:
         write_outputs(records, images, Path(out))
     return records

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from comfyui_accel import families as family_names
-from lab import families, family_matrix
+from lab import families, family_matrix, host
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +45,10 @@ class Matrix:
 
 
 @pytest.fixture(scope="module")
-def matrix(comfy, tmp_path_factory):
-    import folder_paths
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: one thread, or two cores shared by others thrash
-    before = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path_factory.mktemp("matrix-output")))   # calibration profiles
+def matrix(comfy):
     collected = Matrix()
-    yield collected
-    folder_paths.set_output_directory(before)
-    torch.set_num_threads(threads)
+    with host.in_process():   # tiny models: one thread, or two cores shared by others thrash
+        yield collected
     families.build.cache_clear()
     if collected.complete():   # a partial run (-k) never overwrites the full one
         family_matrix.write(collected.run())
