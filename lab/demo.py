@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from comfyui_accel.metrics import psnr, ssim
 from lab import fixtures, workflows
+from lab.measure import speed
 from lab.host import ComfyServer, HostError, PromptError, comfyui_dir, comfyui_version, exec_seconds
 from lab.prompts import quantize_step, read_latent, sampling_prompt
 
@@ -141,14 +141,6 @@ def run_variants(server: ComfyServer, info, todo: list[Variant], steps: int, see
 def _texts(entry: dict) -> dict:
     """Text shown by nodes in the UI (our reports), by node id."""
     return {node: out["text"] for node, out in entry.get("outputs", {}).items() if "text" in out}
-
-
-def speed(base_runs: list[float], runs: list[float]) -> dict:
-    """Median time, its range, the speedup (ratio of medians) and the range of per-round ratios."""
-    ratios = [b / v for b, v in zip(base_runs, runs)]
-    return {"median_s": statistics.median(runs), "min_s": min(runs), "max_s": max(runs),
-            "speedup": statistics.median(base_runs) / statistics.median(runs),
-            "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
 def table(rows: list[dict]) -> str:

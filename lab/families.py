@@ -21,7 +21,7 @@ import functools
 from types import SimpleNamespace
 from typing import Callable
 
-from lab import fixtures
+from lab import fixtures, sampling
 
 STEPS = 6        # sampler steps of every matrix run
 CFG = 1.0        # the cond stream only: half the time (tests/integration/test_cache.py runs both streams)
@@ -644,11 +644,7 @@ def latent(name: str):
 def sample(model, name: str, steps: int | None = None, seed: int = 0, cfg: float | None = None,
            sampler: str = "euler"):
     """A real sampling run (comfy.sample, ``sampler``, simple) on the family's latent and conditioning."""
-    import comfy.sample
     fam = family(name)
-    steps = steps or fam.steps
     cfg = fam.cfg if cfg is None else cfg
-    x = latent(name)
-    noise = comfy.sample.prepare_noise(x, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, "simple", conditioning(name, 1),
-                               conditioning(name, 2), x, seed=seed, disable_pbar=True)
+    return sampling.ksampler(model, conditioning(name, 1), conditioning(name, 2), latent(name), steps or fam.steps,
+                             cfg, seed, sampler)

@@ -59,8 +59,8 @@ def _flat(x):
 
 
 def psnr(ref, x) -> float:
-    from comfyui_accel.metrics import psnr as _psnr
-    return _psnr(_flat(ref), _flat(x))
+    from comfyui_accel import metrics
+    return metrics.psnr(_flat(ref), _flat(x))
 
 
 def equal(a, b) -> bool:
@@ -168,7 +168,7 @@ def layout_check(model, name) -> dict:
     in every frame. Returns ``{"expected": [...], "observed": [...]}`` per pixel, or
     ``{"skipped": why}`` when the rows cannot be told apart (the model mixes the pixels before
     its first attention, as a UNet's convolutions do)."""
-    import comfy.patcher_extension as ext
+    import comfy.patcher_extension
     import comfy.sample
     from comfyui_accel.attention.layout import model_facts
     runs = {}
@@ -194,7 +194,7 @@ def layout_check(model, name) -> dict:
                         skip_output_reshape=skip_output_reshape, **kw)
 
         m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-        m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, "accel_layout_check", apply_model)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "accel_layout_check", apply_model)
         cond = families.conditioning(name, 1)
         # Image-to-image models (FlowRVS) start from the latent image, the others from the noise.
         start = x if families.family(name).source_latent else x * 0

@@ -602,14 +602,15 @@ def build_model(model_config, sd: dict, dtype=None):
     """
     _comfy()
     import torch
-    import comfy.model_management as mm
+    import comfy.model_management
     import comfy.model_patcher
     params = sum(t.numel() for t in sd.values())
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
     supported = list(model_config.supported_inference_dtypes)
-    unet_dtype = dtype or mm.unet_dtype(model_params=params, supported_dtypes=supported, weight_dtype=torch.float32)
-    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
+    unet_dtype = dtype or comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported,
+                                                            weight_dtype=torch.float32)
+    manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device, supported)
     model_config.set_inference_dtype(unet_dtype, manual_cast)
     model = model_config.get_model(sd, "")
     model = model.to(offload_device)

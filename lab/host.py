@@ -6,6 +6,7 @@ The ComfyUI in use is ``COMFYUI_PATH`` when set, else the copy that
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -112,6 +113,25 @@ def import_comfy() -> Path:
     import comfy.model_management  # noqa: F401
     _imported = True
     return root
+
+
+@contextlib.contextmanager
+def in_process(output_dir: str | None = None, threads: int = 1):
+    """ComfyUI imported in this process, with ``threads`` torch threads (small models on a shared
+    machine: more threads add contention noise) and its output folder at ``output_dir`` (a temporary
+    one when None: nodes that save, such as Cache Calibrate's profiles, write there); both restored."""
+    import_comfy()
+    import folder_paths
+    import torch
+    saved_threads, saved_output = torch.get_num_threads(), folder_paths.get_output_directory()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder_paths.set_output_directory(output_dir or tmp)
+            yield
+    finally:
+        folder_paths.set_output_directory(saved_output)
+        torch.set_num_threads(saved_threads)
 
 
 def _load_aimdo() -> None:

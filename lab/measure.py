@@ -10,7 +10,6 @@ import multiprocessing
 import resource
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -21,29 +20,43 @@ import torch
 # ---------------------------------------------------------------- timing
 
 
-def _sync() -> None:
-    # CUDA work is asynchronous: without a sync the clock stops before the kernels finish.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+AUTORANGE_SECONDS = 0.2   # per function and round: torch.utils.benchmark's own default
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    _sync()
-    start = time.perf_counter()
+def _seconds(fn: Callable[[], object], autorange: bool) -> float:
+    """Seconds per call of ``fn``, timed by ``torch.utils.benchmark`` (it synchronizes an accelerator).
+
+    ``autorange`` (cheap calls: a kernel, a layer): the Timer's ``blocked_autorange``, which warms
+    up, then times blocks of calls for ``AUTORANGE_SECONDS``; its median per call. Otherwise (whole
+    sampling runs) one call on the same clock: the Timer's warm-up call would double each round.
+    """
+    from torch.utils import benchmark   # imports torch's C++ extension tooling, which warns without CUDA
+    if autorange:
+        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=AUTORANGE_SECONDS).median
+    start = benchmark.timer()
     fn()
-    _sync()
-    return time.perf_counter() - start
+    return benchmark.timer() - start
 
 
 def _summary(runs: list[float]) -> dict:
-    return dict(median_s=statistics.median(runs), min_s=min(runs), runs=runs)
+    return dict(median_s=statistics.median(runs), min_s=min(runs), max_s=max(runs), runs=runs)
 
 
-def time_fn(fn: Callable[[], object], warmup: int = 2, repeat: int = 5) -> dict:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times; ``{median_s, min_s, runs}`` in seconds."""
+def speed(base_runs: list[float], runs: list[float]) -> dict:
+    """``runs`` against ``base_runs`` timed in the same rounds: the median time and its range, the
+    speedup (ratio of medians) and the range of the per-round ratios."""
+    ratios = [b / v for b, v in zip(base_runs, runs)]
+    return {**_summary(runs), "speedup": statistics.median(base_runs) / statistics.median(runs),
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 2, repeat: int = 5, autorange: bool = False) -> dict:
+    """Run ``fn`` ``warmup`` times untimed, then time it ``repeat`` times (see ``_seconds`` for
+    ``autorange``); ``{median_s, min_s, max_s, runs}`` in seconds."""
     for _ in range(warmup):
         fn()
-    return _summary([_timed(fn) for _ in range(repeat)])
+    return _summary([_seconds(fn, autorange) for _ in range(repeat)])
 
 
 def compare_timings(
@@ -51,13 +64,15 @@ def compare_timings(
     variant_fns: dict[str, Callable[[], object]],
     warmup: int = 2,
     repeat: int = 5,
+    autorange: bool = False,
 ) -> dict:
     """Time a baseline and its variants interleaved round by round, so drift hits all alike.
 
-    Returns ``{"baseline": summary, "variants": {name: summary + speedup + time_ratio}}`` where
-    a summary is :func:`time_fn`'s dict, ``speedup = baseline median / variant median`` (> 1 is
-    faster) and ``time_ratio`` is its inverse. The order within a round rotates each round so
-    no function always runs first (cold caches) or last.
+    Returns ``{"baseline": summary, "variants": {name: summary + speed + time_ratio}}`` where a
+    summary is :func:`time_fn`'s dict, the speed fields are :func:`speed`'s (``speedup = baseline
+    median / variant median``, > 1 is faster) and ``time_ratio`` is the speedup's inverse. The
+    order within a round rotates each round so no function always runs first (cold caches) or
+    last. ``autorange``: see ``_seconds``.
     """
     fns = {"baseline": baseline_fn, **variant_fns}
     if len(fns) != len(variant_fns) + 1:
@@ -70,15 +85,11 @@ def compare_timings(
     for round_index in range(repeat):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            runs[name].append(_timed(fns[name]))
-    baseline = _summary(runs["baseline"])
-    variants = {}
-    for name in variant_fns:
-        summary = _summary(runs[name])
-        summary["speedup"] = baseline["median_s"] / summary["median_s"]
-        summary["time_ratio"] = summary["median_s"] / baseline["median_s"]
-        variants[name] = summary
-    return dict(baseline=baseline, variants=variants)
+            runs[name].append(_seconds(fns[name], autorange))
+    variants = {name: speed(runs["baseline"], runs[name]) for name in variant_fns}
+    for summary in variants.values():
+        summary["time_ratio"] = 1 / summary["speedup"]
+    return dict(baseline=_summary(runs["baseline"]), variants=variants)
 
 
 # ---------------------------------------------------------------- memory

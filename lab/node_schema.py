@@ -1,31 +1,23 @@
-"""The public face of every node of ours: ids, names, inputs and outputs, as a snapshot.
+"""The public face of every node of ours: ids, names, inputs, outputs and tooltips, as a snapshot.
 
 Saved workflows refer to nodes by id and to inputs by name and position; a renamed input, a
-removed option or a changed default silently changes or breaks them. ``tests/node_schema_snapshot.json``
-records what the nodes offer, and ``tests/integration/test_node_schema.py`` fails on any
-difference, added nodes included, until the snapshot is updated on purpose:
-
-    ACCEL_UPDATE_SNAPSHOT=1 make test PYTEST_ARGS=tests/integration/test_node_schema.py
-    # or: python -m lab.node_schema
+removed option or a changed default silently changes or breaks them, and a tooltip is what the
+user reads. ``tests/integration/test_node_schema.py`` compares ``snapshot()`` with the committed
+one (``SNAPSHOT_PATH``, a syrupy snapshot) and fails on any difference, added nodes included,
+until the snapshot is updated on purpose (``UPDATE_COMMAND``).
 
 Choice lists that come from the host (samplers, schedulers) or from files on disk are recorded
-by what they are, not by their current content.
+by what they are, not by their current content, so both hosts give the same snapshot.
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
-import sys
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
-PACK_ROOT = Path(__file__).resolve().parents[1]
-SNAPSHOT_PATH = PACK_ROOT / "tests" / "node_schema_snapshot.json"
-UPDATE_ENV = "ACCEL_UPDATE_SNAPSHOT"
-UPDATE_COMMAND = f"{UPDATE_ENV}=1 make test PYTEST_ARGS=tests/integration/test_node_schema.py"
-_KEPT_OPTIONS = ("default", "min", "max", "step", "multiline", "forceInput", "control_after_generate")
+SNAPSHOT_PATH = (Path(__file__).resolve().parents[1] / "tests" / "integration" / "__snapshots__" / "test_node_schema"
+                 / "test_node_schemas_match_the_snapshot.json")
+UPDATE_COMMAND = 'make test PYTEST_ARGS="tests/integration/test_node_schema.py --snapshot-update"'
+_KEPT_OPTIONS = ("default", "min", "max", "step", "multiline", "forceInput", "control_after_generate", "tooltip")
 
 
 def our_nodes() -> list:
@@ -98,7 +90,9 @@ def schema(info: dict, host_lists: dict | None = None, files: set | None = None)
             inputs.append(entry)
     names = info.get("output_name") or info["output"]
     lists = info.get("output_is_list") or [False] * len(info["output"])
-    outputs = [{"type": t, "name": n, "is_list": bool(lst)} for t, n, lst in zip(info["output"], names, lists)]
+    tips = info.get("output_tooltips") or [None] * len(info["output"])
+    outputs = [{"type": t, "name": n, "is_list": bool(lst), **({"tooltip": tip} if tip else {})}
+               for t, n, lst, tip in zip(info["output"], names, lists, tips)]
     return {"display_name": info.get("display_name"), "category": info.get("category"),
             "output_node": bool(info.get("output_node")), "inputs": inputs, "outputs": outputs}
 
@@ -131,19 +125,3 @@ def differences(old: dict, new: dict) -> list[str]:
                 lines.append(f"{node_id}: input order {[i['name'] for i in a['inputs']]} -> "
                              f"{[i['name'] for i in b['inputs']]} (moves saved widget values)")
     return lines
-
-
-def write(data: dict, path: Path = SNAPSHOT_PATH) -> None:
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def main() -> int:
-    data = snapshot()
-    write(data)
-    log.info("wrote %s: %d nodes", SNAPSHOT_PATH.relative_to(PACK_ROOT), len(data))
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(main())

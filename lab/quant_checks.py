@@ -2,23 +2,17 @@
 reference models and the checks that a node left its input model alone (real ComfyUI)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from lab import fixtures
+from lab import fixtures, sampling
 from comfyui_accel.quant import model as qmodel
 from comfyui_accel.quant import policy
 
 
-def sample(model, family: str, steps: int = 1, seed: int = 0) -> torch.Tensor:
-    """A real sampling run (comfy.sample, euler) on the family's tiny latent and conditioning."""
-    import comfy.sample
-    latent = fixtures.empty_latent(family, "tiny")["samples"]
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    pos = fixtures.make_conditioning(family, "tiny", seed=1)
-    neg = fixtures.make_conditioning(family, "tiny", seed=2)
-    return comfy.sample.sample(model, noise, steps, 3.0, "euler", "simple", pos, neg, latent,
-                               seed=seed, disable_pbar=True)
+# One euler step on the family's tiny fixture (``sample(model, family)``): enough for the checks.
+sample = functools.partial(sampling.sample, steps=1, fix_empty_latent=True)
 
 
 def plans_for(model, fmt: str, group: int = 64, overrides: str = ""):

@@ -56,15 +56,15 @@ def comfyui_templates() -> dict[str, Path]:
     layout is installed. Empty when the package is not installed.
     """
     try:
-        import comfyui_workflow_templates_core as core
+        import comfyui_workflow_templates_core
     except ImportError:
         return {}
     found = {}
-    for entry in core.iter_templates():
+    for entry in comfyui_workflow_templates_core.iter_templates():
         name = f"{entry.template_id}.json"
         if any(asset.filename == name for asset in entry.assets):
             try:
-                found[entry.template_id] = Path(core.get_asset_path(entry.template_id, name))
+                found[entry.template_id] = Path(comfyui_workflow_templates_core.get_asset_path(entry.template_id, name))
             except FileNotFoundError:      # its bundle is not installed
                 continue
     return found

@@ -34,6 +34,20 @@ def comfy():
 
 
 @pytest.fixture(scope="session")
+def quick_bench(comfy, tmp_path_factory):
+    """``quick_bench(module, steps)``: a benchmark's quick path on the trained Flux reference, one
+    timing round: (the subject, its output before the run, the records, the output folder)."""
+    def run(bench, steps: int):
+        from lab import sampling
+        out = tmp_path_factory.mktemp(bench.__name__.rpartition(".")[2])
+        subject = sampling.reference_subject("ref_flux", steps=steps)
+        subject.timing_rounds = 1
+        before = subject.sample(subject.model)
+        return subject, before, bench.run(quick=True, out=out, subjects_=[subject]), out
+    return run
+
+
+@pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """One real ComfyUI server for the session, in its own base directory.
 

@@ -6,7 +6,7 @@ at 20 and 30 steps, euler / simple, cfg 4, the same seed and conditioning for ev
 - Forecast Cache (ours) at 1.5-5x, verified slope, and at 3x and 4x with the plain slope;
 - TeaCache (ours) with a Cache Calibrate profile made on the subject for 1.5, 2, 2.5 and 3x;
 - TaylorSeer (ours) every 2, 3 and 4 steps, order 1 (the node's defaults otherwise);
-- ComfyUI's EasyCache (handed a copy of its input, see ``hand_over_a_copy``) and LazyCache at
+- ComfyUI's EasyCache (handed a copy of its input, see ``lab.peer_caches.hand_over_a_copy``) and LazyCache at
   thresholds 0.1-0.5 (start 0.15, end 0.95: the nodes' defaults);
 - fewer steps: the same sampler on a half, a third and a quarter of the steps (what anyone can
   do instead of caching; its bound is steps / its steps).
@@ -20,71 +20,23 @@ tracks the solution it approximates.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
 
 import torch
 
-from lab import measure
+from lab import host, measure, sampling
+from lab.bench import bench_stack
+from lab.peer_caches import DEFAULTS, comfy_cache
 from comfyui_accel import metrics
 
 log = logging.getLogger(__name__)
 
-COUNT_KEY = "lab.bench.count"
-COPY_KEY = "lab.bench.copy_input"
-EASYCACHE_DEFAULTS = dict(start_percent=0.15, end_percent=0.95)
-GOALS = {"ref_wan21": {3.0: 30.0, 4.0: 25.0}, "ref_flux": {3.0: 27.0, 4.0: 25.0}}   # issue 19: speed -> dB
+GOALS = {"ref_wan21": {3.0: 30.0, 4.0: 25.0}, "ref_flux": {3.0: 27.0, 4.0: 25.0}}   # speedup -> PSNR dB to reach
 CONVERGED_STEPS = 200
 OURS = "Forecast Cache"
-
-
-def _counted(model):
-    """A clone that counts the calls reaching the diffusion model (after any cache wrapper)."""
-    import comfy.patcher_extension as pe
-    m = model.clone()
-    counter = {"calls": 0}
-
-    def count(executor, *args, **kwargs):
-        counter["calls"] += 1
-        return executor(*args, **kwargs)
-
-    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, COUNT_KEY, count)
-    return m, counter
-
-
-def _comfy_cache(model, kind: str, reuse_threshold: float, start_percent: float, end_percent: float):
-    """ComfyUI's own EasyCache / LazyCache node on ``model``, with a counter of the model calls.
-
-    EasyCache gets its input as a copy (``hand_over_a_copy``): see that function for why."""
-    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
-    node = EasyCacheNode if kind == "EasyCache" else LazyCacheNode
-    if kind == "EasyCache":
-        model = hand_over_a_copy(model)
-    out = node.execute(model, reuse_threshold, start_percent, end_percent, False)
-    return _counted(out.args[0] if hasattr(out, "args") else out[0])
-
-
-def hand_over_a_copy(model):
-    """A clone whose diffusion model receives a copy of its input, as it does on a GPU.
-
-    On a reused step EasyCache adds its cached difference to its input *in place* and returns
-    that tensor as the model output. ComfyUI's ``BaseModel._apply_model`` passes the sampler's
-    own latent as that input whenever the cast to the model's dtype is a no-op: flow models
-    (``calculate_input`` returns the latent unchanged) computing in float32, i.e. on a CPU. The
-    output is then the very tensor ``calculate_denoised`` takes as ``x``, so ``denoised = x - x *
-    sigma`` and the picture turns to noise (8-10 dB on both reference models). In bf16/fp16 on a
-    GPU the cast makes a copy and nothing aliases. This wrapper, registered before EasyCache's
-    (so it runs outside it), makes that copy here too, so the bench measures EasyCache as GPU
-    users run it. LazyCache returns a new tensor and needs none."""
-    import comfy.patcher_extension as pe
-    m = model.clone()
-
-    def copy_input(executor, x, *args, **kwargs):
-        return executor(x.clone(), *args, **kwargs)
-
-    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, COPY_KEY, copy_input)
-    return m
 
 
 # --- rows ------------------------------------------------------------------------------------
@@ -96,25 +48,24 @@ def _row(method, setting, model, sample, peer=False, counter=None, computed=None
 
 def variants(subject, quick: bool) -> list[dict]:
     """Every row for one subject: method, setting, the MODEL and how to sample it, call counts."""
-    from lab.bench import bench_stack as bs
     base, n = subject.model, subject.steps
     out = []
     for speedup in ((3.0,) if quick else (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)):
-        out.append(_row(OURS, f"{speedup:g}x", bs.forecast(base, speedup), subject.sample))
+        out.append(_row(OURS, f"{speedup:g}x", bench_stack.forecast(base, speedup), subject.sample))
     for speedup in ((3.0,) if quick else (3.0, 4.0)):
-        out.append(_row(f"{OURS} (plain slope)", f"{speedup:g}x", bs.forecast(base, speedup, verify=False),
-                        subject.sample))
+        plain = bench_stack.forecast(base, speedup, verify=False)
+        out.append(_row(f"{OURS} (plain slope)", f"{speedup:g}x", plain, subject.sample))
     for target in ((2.0,) if quick else (1.5, 2.0, 2.5, 3.0)):
-        out.append(_row("TeaCache", f"calibrated {target:g}x", bs.teacache(base, bs.calibrate(subject, base, target)),
-                        subject.sample))
+        profile = bench_stack.calibrate(subject, base, target)
+        out.append(_row("TeaCache", f"calibrated {target:g}x", bench_stack.teacache(base, profile), subject.sample))
     for interval in ((3,) if quick else (2, 3, 4)):
-        out.append(_row("TaylorSeer", f"N={interval}, order 1", bs.taylorseer(base, interval), subject.sample))
+        out.append(_row("TaylorSeer", f"N={interval}, order 1", bench_stack.taylorseer(base, interval), subject.sample))
     for kind in ("EasyCache", "LazyCache"):
         for thr in ((0.2,) if quick else (0.1, 0.2, 0.3, 0.5)):
-            m, counter = _comfy_cache(base, kind, reuse_threshold=thr, **EASYCACHE_DEFAULTS)
+            m, counter = comfy_cache(base, kind, reuse_threshold=thr, **DEFAULTS)
             out.append(_row(f"{kind} (ComfyUI)", f"threshold {thr:g}", m, subject.sample, peer=True, counter=counter))
     for divisor in ((3,) if quick else (2, 3, 4)):
-        fewer = bs.Subject(**{**subject.__dict__, "steps": max(1, round(n / divisor))})
+        fewer = dataclasses.replace(subject, steps=max(1, round(n / divisor)))
         out.append(_row("Fewer steps (ComfyUI)", f"{fewer.steps} steps", base, fewer.sample, peer=True,
                         computed=fewer.steps))
     return out
@@ -132,7 +83,6 @@ def _counts(row, steps: int) -> tuple[int, int]:
 
 
 def bench_subject(subject, quick: bool) -> list[dict]:
-    from lab.bench import bench_stack as bs
     log.info("== cache: %s", subject.name)
     reference_px = subject.picture(subject.sample(subject.model))
     todo = variants(subject, quick)
@@ -166,7 +116,7 @@ def bench_subject(subject, quick: bool) -> list[dict]:
             timing_rounds=repeat, threads=torch.get_num_threads()))
         log.info("   %-45s %.2fx (bound %.2fx)  PSNR %.1f dB", records[-1]["variant"], records[-1]["speedup"],
                  bound, records[-1]["psnr_db"])
-    converged = bs.Subject(**{**subject.__dict__, "steps": CONVERGED_STEPS})
+    converged = dataclasses.replace(subject, steps=CONVERGED_STEPS)
     converged_px = subject.picture(converged.sample(converged.model))
     records.append(dict(
         name="cache limit", model=subject.name, reference=reference_name, steps=subject.steps,
@@ -180,20 +130,10 @@ def bench_subject(subject, quick: bool) -> list[dict]:
 def two_experts(steps: int, split: int, high, low, subject):
     """KSamplerAdvanced's pair: ``high`` samples steps [0, split) and returns the leftover noise,
     ``low`` finishes [split, steps) (Wan 2.2's high- and low-noise experts)."""
-    import comfy.sample
-    latent = comfy.sample.fix_empty_latent_channels(high, subject.latent["samples"])
-    noise = comfy.sample.prepare_noise(latent, bench_seed())
-    args = (subject.cfg, "euler", "simple", subject.positive, subject.negative)
-    with torch.no_grad():
-        x = comfy.sample.sample(high, noise, steps, *args, latent, seed=bench_seed(), start_step=0, last_step=split,
-                                force_full_denoise=False, disable_pbar=True)
-        return comfy.sample.sample(low, torch.zeros_like(x), steps, *args, x, seed=bench_seed(), start_step=split,
-                                   last_step=steps, force_full_denoise=True, disable_noise=True, disable_pbar=True)
-
-
-def bench_seed() -> int:
-    from lab.bench.bench_stack import SEED
-    return SEED
+    pair = dataclasses.replace(subject, steps=steps)
+    x = pair.sample(high, start_step=0, last_step=split, force_full_denoise=False)
+    return sampling.ksampler(low, subject.positive, subject.negative, x, steps, subject.cfg, sampling.SEED,
+                             start_step=split, last_step=steps, force_full_denoise=True, disable_noise=True)
 
 
 def expert_records() -> list[dict]:
@@ -202,8 +142,7 @@ def expert_records() -> list[dict]:
     Forecast Cache on each expert (cached anyway on the short one, where it would stand down)
     against the same pair on fewer steps. Fidelity and model calls only."""
     from comfyui_accel.cache import engine
-    from lab.bench import bench_stack as bs
-    subject = bs.reference_subject("ref_wan21", 20)
+    subject = sampling.reference_subject("ref_wan21", 20)
     m = subject.model
     records = []
     for steps, speedups, fewer_steps in ((8, (1.33,), (4, 5, 6)), (20, (2.0, 3.0), (6, 7, 10))):
@@ -221,7 +160,7 @@ def expert_records() -> list[dict]:
                                 weight_bytes_ratio=None, computed=computed, evaluations=steps))
 
         for speedup in speedups:
-            high, low = (bs.forecast(m, speedup, short_schedule="cache anyway") for _ in range(2))
+            high, low = (bench_stack.forecast(m, speedup, short_schedule="cache anyway") for _ in range(2))
             out = two_experts(steps, split, high, low, subject)
             computed = sum(engine.setup_of(x).reports[-1]["summary"]["computed"] for x in (high, low))
             add(OURS, f"{speedup:g}x on each expert", out, computed)
@@ -231,32 +170,19 @@ def expert_records() -> list[dict]:
 
 
 def subjects(quick: bool) -> list:
-    from lab.bench import bench_stack as bs
     steps = (20,) if quick else (20, 30)
     names = ("ref_flux",) if quick else ("ref_flux", "ref_wan21")
-    return [bs.reference_subject(name, n) for name in names for n in steps]
+    return [sampling.reference_subject(name, n) for name in names for n in steps]
 
 
 def run(quick: bool, out: Path | None = None, subjects_: list | None = None) -> list[dict]:
     """The records; with ``out``, also one speed-against-PSNR plot per reference model there."""
-    import tempfile
-    from lab.host import import_comfy
-    import_comfy()
-    import folder_paths
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # small models on a shared machine: more threads add contention noise
-    saved_output = folder_paths.get_output_directory()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder_paths.set_output_directory(tmp)   # Cache Calibrate saves its profiles there
-            records = []
-            for subject in subjects_ if subjects_ is not None else subjects(quick):
-                records += bench_subject(subject, quick)
-            if not quick and subjects_ is None:
-                records += expert_records()
-    finally:
-        folder_paths.set_output_directory(saved_output)
-        torch.set_num_threads(threads)
+    with host.in_process():
+        records = []
+        for subject in subjects_ if subjects_ is not None else subjects(quick):
+            records += bench_subject(subject, quick)
+        if not quick and subjects_ is None:
+            records += expert_records()
     if out is not None:
         write_plots(records, Path(out))
     return records

@@ -48,13 +48,15 @@ def _bench_shape(M: int, K: int, N: int, quick: bool) -> list[dict]:
         {name: fn for name, (fn, _, _) in cases.items() if name != "fp32 matmul"},
         warmup=1 if quick else 2,
         repeat=repeat,
+        autorange=True,
     )
     medians = {"fp32 matmul": timings["baseline"]["median_s"]}
     medians.update({name: v["median_s"] for name, v in timings["variants"].items()})
     # The parts of the int8 call on their own, to see where its time goes.
-    quantize_s = {a.dtype: time_fn(lambda: quantize_per_token_int8(a), repeat=repeat)["median_s"] for a in (x, x_bf16)}
+    quantize_s = {a.dtype: time_fn(lambda: quantize_per_token_int8(a), repeat=repeat, autorange=True)["median_s"]
+                  for a in (x, x_bf16)}
     xq, _ = quantize_per_token_int8(x)
-    int_mm_s = time_fn(lambda: torch._int_mm(xq, wq.t()), repeat=repeat)["median_s"]
+    int_mm_s = time_fn(lambda: torch._int_mm(xq, wq.t()), repeat=repeat, autorange=True)["median_s"]
 
     def record(baseline: str, variant: str) -> dict:
         fn, weights, activations = cases[variant]

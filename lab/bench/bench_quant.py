@@ -1,6 +1,6 @@
 """Quantize Model on the CPU: full sampling runs of the Wan 2.1 and Flux fixtures.
 
-Two sizes: ``medium`` (the issue's fixtures) and the bench-only ``wide`` (lab/fixtures.py:
+Two sizes: ``medium`` (the test fixtures' largest size) and the bench-only ``wide`` (lab/fixtures.py:
 Wan 2.1 1.3B's width, dim 1536 and ffn 8960 in 2 blocks; Flux at hidden 1536). The targets are
 about real DiTs (dim 1536-5120), where the linear layers take most of the time; at ``medium``'s
 dim 384-512 and ~768 tokens they take only about a third of the fp32 run (the rest is the
@@ -39,14 +39,14 @@ median output SQNR on those layers (calibration inputs), with and without Smooth
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import torch
 
-from lab import fixtures, host
+from lab import fixtures, host, measure, sampling
 from lab.quant_checks import plans_for
-from lab import measure
 from comfyui_accel import metrics
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,7 @@ CORE_FORMATS = ("int8", "fp8_e4m3", "w4a8", "nvfp4", "mxfp8", "w4a4")
 
 
 def _runner(model, family: str, steps: int, seed: int = 0, size: str = "medium"):
-    import comfy.sample
-    latent = fixtures.empty_latent(family, size)["samples"]
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    pos = fixtures.make_conditioning(family, size, seed=1)
-    neg = fixtures.make_conditioning(family, size, seed=2)
-
-    def run():
-        with torch.no_grad():
-            return comfy.sample.sample(model, noise, steps, 3.5, "euler", "simple", pos, neg, latent, seed=seed,
-                                       disable_pbar=True)
-    return run
+    return functools.partial(sampling.sample, model, family, size, steps, seed, cfg=3.5, fix_empty_latent=True)
 
 
 def _matmul_share(run) -> float:
@@ -269,11 +258,7 @@ def reference_fidelity(name: str, steps: int) -> list[dict]:
     positive, negative, latent = ref.make_conditioning(name, 0), ref.make_conditioning(name, ""), ref.empty_latent(name)
 
     def sample(m):
-        import comfy.sample
-        x = comfy.sample.fix_empty_latent_channels(m, latent["samples"])
-        with torch.no_grad():
-            return comfy.sample.sample(m, comfy.sample.prepare_noise(x, 0), steps, 4.0, "euler", "simple", positive,
-                                       negative, x, seed=0, disable_pbar=True)
+        return sampling.ksampler(m, positive, negative, latent["samples"], steps, 4.0, fix_empty_latent=True)
     reference = sample(model)
     picture = ref.decode(name, reference).float().clamp(0, 1)
     records = []

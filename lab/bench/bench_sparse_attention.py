@@ -22,6 +22,7 @@ from comfyui_accel.attention.layout import TokenGrid
 from comfyui_accel.kernels.block_sparse_attention import block_mask, block_sparse_attention
 from comfyui_accel.metrics import psnr, ssim
 from lab.measure import compare_timings, time_fn
+from lab import sampling
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def op_records(quick: bool) -> list[dict]:
     def dense():
         return F.scaled_dot_product_attention(q, k, v)
 
-    timings = compare_timings(dense, {"sparse": sparse}, warmup=1, repeat=repeat)
+    timings = compare_timings(dense, {"sparse": sparse}, warmup=1, repeat=repeat, autorange=True)
     dense_s = timings["baseline"]["median_s"]
     sparse_s = timings["variants"]["sparse"]["median_s"]
     flex_s = time_fn(lambda: _flex(q, k, v, lists, counts), warmup=0, repeat=1)["median_s"]
@@ -113,29 +114,23 @@ class SelfAttentionClock:
 def _sdpa_backend(func, *args, **kwargs):
     """Dense attention through PyTorch SDPA, for the baseline and the patch's dense calls alike
     (ComfyUI's default CPU backend is sub-quadratic attention, slower than SDPA)."""
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
     return attention.attention_pytorch.__wrapped__(*args, **kwargs)
 
 
 def e2e_records(quick: bool) -> list[dict]:
     from comfyui_accel.attention.sparse import SparseConfig, apply_sparse_attention
-    from lab import fixtures as fx
-    from lab import host
+    from lab import fixtures, host
     host.import_comfy()
-    import comfy.sample
     # Long grid: 25 frames at 384x512 -> 7 x 24 x 32 = 5,376 tokens (quick: 17 x 256^2 -> 1,280).
     width, height, length = (256, 256, 17) if quick else (512, 384, 25)
     steps, density, block = (3, 0.25, 64) if quick else (4, 0.25, 128)
-    base = fx.load_model("wan21", "medium").clone()
+    base = fixtures.load_model("wan21", "medium").clone()
     base.model_options["transformer_options"]["optimized_attention_override"] = _sdpa_backend
-    latent = fx.empty_latent("wan21", "medium", width=width, height=height, length=length)["samples"]
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    positive = fx.make_conditioning("wan21", "medium", seed=1)
-    negative = fx.make_conditioning("wan21", "medium", seed=2)
+    latent = fixtures.empty_latent("wan21", "medium", width=width, height=height, length=length)["samples"]
 
     def sample(model):
-        return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, negative, latent,
-                                   seed=0, disable_pbar=True)
+        return sampling.sample(model, "wan21", "medium", steps, cfg=1.0, latent=latent)
 
     clock = SelfAttentionClock(_sdpa_backend)
     timed = base.clone()

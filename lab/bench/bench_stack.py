@@ -28,70 +28,18 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from lab import measure
-from comfyui_accel import metrics
-from lab.bench.bench_cache import _comfy_cache, _counted
+from lab import host, measure
 from lab.bench.bench_sparse_attention import SelfAttentionClock
+from lab.peer_caches import DEFAULTS, comfy_cache
+from lab.sampling import SEED, Subject, count_calls, fixture_subject, reference_subject
+from comfyui_accel import metrics
 
 log = logging.getLogger(__name__)
-
-SEED = 0
-SECOND = 1.0   # a bound or speedup of 1.0: nothing saved
-
-
-@dataclasses.dataclass
-class Subject:
-    """A model plus everything needed to sample it the same way every time."""
-    name: str                       # shown in the "model" column
-    model: object                   # the unaccelerated ModelPatcher (fp32, as ComfyUI loads on a CPU)
-    load: Callable[[object], object]  # dtype -> a freshly loaded ModelPatcher (ComfyUI's weight_dtype)
-    positive: list
-    negative: list
-    latent: dict
-    steps: int
-    cfg: float
-    decode: Callable | None         # latent -> pixels (B, 3, [T,] H, W) in [0, 1], or None: compare latents
-    block_size: int                 # sparse attention block for this token count
-    core_only: bool = False         # one setting per technique and no interaction rows (slow subjects)
-    timing_rounds: int | None = None  # None: as many as fit the time budget
-
-    def sample(self, model) -> torch.Tensor:
-        import comfy.sample
-        latent = comfy.sample.fix_empty_latent_channels(model, self.latent["samples"])
-        noise = comfy.sample.prepare_noise(latent, SEED)
-        with torch.no_grad():
-            return comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "simple", self.positive,
-                                       self.negative, latent, seed=SEED, disable_pbar=True)
-
-    def picture(self, latent: torch.Tensor) -> torch.Tensor:
-        return latent.float() if self.decode is None else self.decode(latent).float().clamp(0, 1)
-
-
-def reference_subject(name: str, steps: int, prompt: int = 0) -> Subject:
-    from lab import reference as ref
-    tokens = math.prod(ref.latent_shape(name)[2:]) // 4    # patch 2x2 (Wan: 1x2x2)
-    return Subject(
-        name=f"{name}, {steps} steps", model=ref.load_reference(name),
-        load=lambda dtype: ref.load_reference(name, dtype=dtype),
-        positive=ref.make_conditioning(name, prompt), negative=ref.make_conditioning(name, ""),
-        latent=ref.empty_latent(name), steps=steps, cfg=4.0, decode=lambda x: ref.decode(name, x),
-        block_size=16 if tokens <= 128 else 32)
-
-
-def fixture_subject(family: str, size: str, steps: int) -> Subject:
-    from lab import fixtures
-    return Subject(
-        name=f"{family} {size} fixture, {steps} steps", model=fixtures.load_model(family, size),
-        load=lambda dtype: fixtures.load_model(family, size, dtype=dtype),
-        positive=fixtures.make_conditioning(family, size, seed=1), negative=fixtures.make_conditioning(family, size, seed=2),
-        latent=fixtures.empty_latent(family, size), steps=steps, cfg=3.0, decode=None, block_size=64, core_only=True)
 
 
 # --- building the MODEL chains with our nodes and ComfyUI's ---------------------------------------
@@ -159,7 +107,7 @@ def sparse(model, density: float, block_size: int):
 
 def comfy_attention(model, backend: str):
     """ComfyUI's registered attention backend ``backend`` for every attention call (its public override)."""
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
     func = attention.get_attention_function(backend)
     m = model.clone()
 
@@ -220,13 +168,13 @@ def variants(subject: Subject, quick: bool) -> list[Variant]:
         out.append(Variant("Forecast Cache", f"{speedup:g}x", forecast(base, speedup)))
     for kind in ("EasyCache", "LazyCache"):
         for thr in ((0.2,) if quick else (0.2, 0.5)):
-            m, counter = _comfy_cache(base, kind, reuse_threshold=thr, start_percent=0.15, end_percent=0.95)
+            m, counter = comfy_cache(base, kind, reuse_threshold=thr, **DEFAULTS)
             out.append(Variant(f"{kind} (ComfyUI)", f"threshold {thr:g}", m, peer=True, counter=counter))
 
     for density in ((0.5,) if quick else (0.5, 0.25)):
         out.append(Variant("Sparse Attention", f"radial, density {density:g}", sparse(base, density, subject.block_size),
                            density=density))
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
     backends = [b for b in ("pytorch", "split") if b in attention.REGISTERED_ATTENTION_FUNCTIONS]
     for backend in backends[:1] if quick else backends:
         out.append(Variant("ComfyUI attention", backend, comfy_attention(base, backend), peer=True))
@@ -326,7 +274,7 @@ def bench_subject(subject: Subject, quick: bool, images: dict | None = None) -> 
         repeat = max(1, min(5, int((2.0 if quick else 12.0) / base_s)))
     timing = measure.compare_timings(lambda: subject.sample(subject.model), {str(i): timed(i) for i in range(len(todo))},
                                      warmup=0, repeat=repeat)
-    counted, calls = _counted(subject.model)
+    counted, calls = count_calls(subject.model)
     subject.sample(counted)
     counts = {i: _cache_counts(v, calls["calls"]) for i, v in enumerate(todo)}   # of the last run
     # Weight bytes with no clone's object patches applied (sampling leaves the last one's in place).
@@ -409,22 +357,11 @@ def subjects(quick: bool) -> list[Subject]:
 
 def run(quick: bool, out: Path | None = None, subjects_: list[Subject] | None = None) -> list[dict]:
     """The records; with ``out``, also the plots and output pictures written there (PNG)."""
-    from lab.host import import_comfy
-    import_comfy()
-    import folder_paths
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # small models on a shared machine: more threads add contention noise
-    saved_output = folder_paths.get_output_directory()
     images: dict = {}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder_paths.set_output_directory(tmp)   # Cache Calibrate saves its profiles there
-            records = []
-            for subject in subjects_ if subjects_ is not None else subjects(quick):
-                records += bench_subject(subject, quick, images)
-    finally:
-        folder_paths.set_output_directory(saved_output)
-        torch.set_num_threads(threads)
+    with host.in_process():
+        records = []
+        for subject in subjects_ if subjects_ is not None else subjects(quick):
+            records += bench_subject(subject, quick, images)
     if out is not None:
         write_outputs(records, images, Path(out))
     return records

@@ -11,7 +11,7 @@
   8 activation outlier channels, output SQNR on held-out tokens.
 - ``svdquant layer``: one 3072x3072 layer (FLUX width; 4096 tokens, 512 in quick mode), rank 32: W4A4 with the branch fused
   against the same W4A4 GEMM without it, timed interleaved; ``overhead`` = time ratio - 1
-  (the issue's target: <= 0.15). Weight bytes against bf16 (SVDQuant's paper: ~3.5x for FLUX).
+  (target: <= 0.15). Weight bytes against bf16 (SVDQuant's paper: ~3.5x for FLUX).
 - ``svd method``: torch.svd_lowrank (rank + 16, 2 power iterations) against torch.linalg.svd on
   a smoothed 3072x3072 weight (512x512 in quick mode): time and the error of the rank-32
   approximation against the best.
@@ -30,8 +30,9 @@ from typing import Callable
 import torch
 
 from lab import fixtures, host
-from lab.quant_checks import plans_for
 from lab import measure
+from lab.quant_checks import plans_for
+from lab.sampling import ksampler
 from comfyui_accel import metrics
 
 # FLUX.1-dev's quantized linears (19 double blocks, 38 single blocks; modulation layers are
@@ -53,14 +54,8 @@ class Subject:
 
 def _sampler(positive, negative, latent, steps: int, cfg: float, seeds) -> Callable[[object], torch.Tensor]:
     def sample(model):
-        import comfy.sample
-        outs = []
-        for seed in seeds:
-            x = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-            with torch.no_grad():
-                outs.append(comfy.sample.sample(model, comfy.sample.prepare_noise(x, seed), steps, cfg, "euler",
-                                                "simple", positive, negative, x, seed=seed, disable_pbar=True))
-        return torch.cat(outs)
+        return torch.cat([ksampler(model, positive, negative, latent["samples"], steps, cfg, seed,
+                                   fix_empty_latent=True) for seed in seeds])
     return sample
 
 
@@ -79,11 +74,12 @@ def reference_subject(name: str, steps: int, seeds: int) -> Subject:
     training, not from a random init with planted outliers. Sampled as KSampler would (``steps``,
     cfg 4) on its first prompt, calibrated on its second; its trajectories branch easily, so the
     PSNR pools ``seeds`` seeds."""
-    from lab import reference as ref
-    neg, latent = ref.make_conditioning(name, ""), ref.empty_latent(name)
-    return Subject(f"{name} (trained), {steps} steps, {seeds} seeds", ref.load_reference(name),
-                   _sampler(ref.make_conditioning(name, 0), neg, latent, steps, 4.0, range(seeds)),
-                   dict(positive=ref.make_conditioning(name, 1), negative=neg, latent=latent, steps=4, seed=1, cfg=4.0))
+    from lab import reference
+    neg, latent = reference.make_conditioning(name, ""), reference.empty_latent(name)
+    return Subject(f"{name} (trained), {steps} steps, {seeds} seeds", reference.load_reference(name),
+                   _sampler(reference.make_conditioning(name, 0), neg, latent, steps, 4.0, range(seeds)),
+                   dict(positive=reference.make_conditioning(name, 1), negative=neg, latent=latent, steps=4, seed=1,
+                        cfg=4.0))
 
 
 # Quantization settings compared "at the same bits": (label, format, group size). Each is run
@@ -192,7 +188,7 @@ def layer_overhead(tokens: int, repeat: int) -> list[dict]:
         timing = measure.compare_timings(lambda: layers["w4a4 (same GEMM, no branch)"](xb),
                                          {"branch": lambda: layers["w4a4 + rank-32 branch"](xb),
                                           "bf16": lambda: torch.nn.functional.linear(xb, bf16_w)},
-                                         warmup=1, repeat=repeat)
+                                         warmup=1, repeat=repeat, autorange=True)
     ref = x @ w.t()
     plain_w4a4 = QuantWeight.quantize(w, Spec("w4a4", 64), torch.bfloat16)   # no smoothing, no branch
     base, with_branch = timing["baseline"], timing["variants"]["branch"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -56,16 +55,20 @@ def _faiss():
 
 
 def _median_interleaved(fns: dict, reps: int) -> dict:
-    """Median time of each function over ``reps`` interleaved rounds (a shared machine's load
-    moves between rounds; the median is robust to that), and its last result."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    """(median time over ``reps`` interleaved rounds, last result) of each function, against
+    the plain search (``measure.compare_timings``: a shared machine's load moves between rounds)."""
+    from lab import measure
     results = {}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), results[name]) for name in fns}
+
+    def keeping(name):
+        def call():
+            results[name] = fns[name]()
+        return call
+
+    calls = {name: keeping(name) for name in fns if name != "plain"}
+    timing = measure.compare_timings(keeping("plain"), calls, warmup=0, repeat=reps)
+    medians = {"plain": timing["baseline"]["median_s"], **{n: t["median_s"] for n, t in timing["variants"].items()}}
+    return {name: (medians[name], results[name]) for name in fns}
 
 
 def bench_search(quick: bool) -> list[dict]:
@@ -226,7 +229,7 @@ def bench_weights(quick: bool) -> list[dict]:
     records = []
     for name, group in WEIGHT_FORMATS:
         if quick and name == "vq3":
-            continue  # 4096-code k-means: minutes on a loaded 2-core machine
+            continue  # 4096-code k-means takes minutes on a CPU: too slow for the quick run
         fmt, spec = formats.get(name), Spec(name, group, False)
         for calibrated in (False, True) if name.startswith("vq") else (False,):
             start = time.perf_counter()

@@ -14,9 +14,9 @@ measure PSNR/SSIM on decoded frames. So the "VAE" here is linear and fixed:
    The gain is the same for every coefficient: the map stays orthonormal up to that one
    factor, so a squared error in the latent is the same squared error in pixels (times a
    constant) whichever coefficient it falls on, and the training loss weighs layout and
-   fine detail as pixels do. (Version 1 whitened each coefficient part-way towards unit
-   variance; that made the loss weigh the fine-detail coefficients 8-40x more than the layout,
-   relative to their share of the pixel error.)
+   fine detail as pixels do. (Whitening each coefficient towards unit variance instead would
+   make the loss weigh the fine-detail coefficients 8-40x more than the layout, relative to
+   their share of the pixel error.)
 4. a fixed 16x12 matrix with orthonormal columns spreads the 12 coefficients over 16
    latent channels: the first 12 columns of the 16x16 Sylvester-Hadamard matrix divided by
    4 (entries +-1/4, exact; every channel mixes all coefficients, as in a real VAE latent);

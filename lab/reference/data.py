@@ -30,8 +30,8 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 # What the video clips do. One direction, one latent token (4 pixels) per frame: the Wan
 # reference has only relative (rotary) positions, so motion is an attention offset it must learn,
-# and in its 20-minute budget it learnt one whole-token offset but never used the direction word
-# to choose between four (docs/reference_models.md, rounds 3-4).
+# and within its 20-minute training budget it learns one whole-token offset but not to pick one
+# of four by the direction word (docs/reference_models.md).
 VIDEO_DIRECTIONS = ("right",)
 VIDEO_STEP = 4.0
 TEXTURES = ("stripes", "checkerboard")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lab import fixtures
+from lab.sampling import ksampler
 from lab.reference import MODELS, decode, empty_latent, load_reference, make_conditioning, reference_spec, train
 
 log = logging.getLogger("comfyui_accel.reference.samples")
@@ -30,17 +31,10 @@ DATA_SEED = 2_000_003
 def sample(name: str, prompt, seeds, model=None, steps: int = STEPS, cfg: float = CFG,
            sampler: str = "euler", scheduler: str = "simple") -> torch.Tensor:
     """Pixels (len(seeds), 3, [T,] H, W) sampled with KSampler's settings, one seed per picture."""
-    import comfy.sample
     model = model or load_reference(name)
     positive, negative = make_conditioning(name, prompt), make_conditioning(name, "")
-    out = []
-    for seed in seeds:
-        latent = empty_latent(name)["samples"]
-        noise = comfy.sample.prepare_noise(latent, seed)
-        samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                                      disable_pbar=True, seed=seed)
-        out.append(decode(name, samples))
-    return torch.cat(out)
+    return torch.cat([decode(name, ksampler(model, positive, negative, empty_latent(name)["samples"], steps, cfg, seed,
+                                            sampler, scheduler)) for seed in seeds])
 
 
 def examples(name: str, caption: str, count: int) -> torch.Tensor:

@@ -106,7 +106,7 @@ def batch(name: str, seed: int, index: int, n: int):
 def _sdpa(func, *args, **kwargs):
     # ComfyUI's CPU default attention (sub-quadratic, chunked) is slow to train through;
     # PyTorch's SDPA computes the same attention and has a fused backward.
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
     return attention.attention_pytorch(*args, **kwargs)
 
 

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lab import reference as ref
+from lab import reference
 
 pytestmark = pytest.mark.e2e
 
 
 def test_reference_wan_samples_pictures_through_the_server(comfy_server):
-    ref.write_reference("ref_wan21", comfy_server.models_dir)
-    spec = ref.reference_spec("ref_wan21")
+    reference.write_reference("ref_wan21", comfy_server.models_dir)
+    spec = reference.reference_spec("ref_wan21")
     prompt = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": spec.filename, "weight_dtype": "default"}},
         "2": {"class_type": "AccelTestReferencePrompt",

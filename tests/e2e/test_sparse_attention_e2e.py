@@ -4,14 +4,14 @@ import json
 import pytest
 import requests
 
-from lab import fixtures as fx
+from lab import fixtures
 from lab.host import PromptError
 
 pytestmark = pytest.mark.e2e
 
 
 def workflow(filename, density, seed=0):
-    spec = fx.size_spec("wan21", "tiny")
+    spec = fixtures.size_spec("wan21", "tiny")
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": filename, "weight_dtype": "default"}},
         "2": {"class_type": "AccelSparseAttention", "inputs": {
@@ -34,7 +34,7 @@ def workflow(filename, density, seed=0):
 
 
 def test_workflow_runs_and_reports(comfy_server):
-    info = fx.write_fixture("wan21", "tiny", comfy_server.models_dir)
+    info = fixtures.write_fixture("wan21", "tiny", comfy_server.models_dir)
     entry = comfy_server.run(workflow(info.filename, 0.5))
     assert len(comfy_server.output_files(entry, "8")) == 2          # density and error heat maps
     text = entry["outputs"]["9"]["text"][0]
@@ -48,7 +48,7 @@ def test_workflow_runs_and_reports(comfy_server):
 
 
 def test_bad_density_is_refused_and_the_server_stays_up(comfy_server):
-    info = fx.write_fixture("wan21", "tiny", comfy_server.models_dir)
+    info = fixtures.write_fixture("wan21", "tiny", comfy_server.models_dir)
     with pytest.raises(PromptError, match="density"):
         comfy_server.run(workflow(info.filename, 1.5))
     assert requests.get(comfy_server.url + "/system_stats", timeout=10).ok

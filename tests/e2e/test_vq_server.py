@@ -15,12 +15,12 @@ pytestmark = pytest.mark.e2e
 def files(comfy_server):
     from lab import host
     host.import_comfy()  # the fixtures read ComfyUI's model classes for their shapes
-    from lab import vq_fixtures as fx
+    from lab import vq_fixtures
     vae_dir = comfy_server.models_dir / "vae"
     vae_dir.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(fx.taesd_state_dict(seed=0), str(vae_dir / "accel_vq_taesd.safetensors"))
-    safetensors.torch.save_file(fx.stage_a_state_dict(seed=0), str(vae_dir / "accel_vq_stage_a.safetensors"))
-    image = (fx.smooth_images(1, 64, 80, seed=2)[0].numpy() * 255).round().astype(np.uint8)
+    safetensors.torch.save_file(vq_fixtures.taesd_state_dict(seed=0), str(vae_dir / "accel_vq_taesd.safetensors"))
+    safetensors.torch.save_file(vq_fixtures.stage_a_state_dict(seed=0), str(vae_dir / "accel_vq_stage_a.safetensors"))
+    image = (vq_fixtures.smooth_images(1, 64, 80, seed=2)[0].numpy() * 255).round().astype(np.uint8)
     Image.fromarray(image).save(comfy_server.base / "input" / "accel_vq.png")
     return {"taesd": "accel_vq_taesd.safetensors", "stage_a": "accel_vq_stage_a.safetensors", "image": "accel_vq.png"}
 

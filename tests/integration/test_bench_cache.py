@@ -4,17 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lab.bench import bench_cache, bench_stack, run as bench_run
+from lab.bench import bench_cache, run as bench_run
 
 
 @pytest.fixture(scope="module")
-def cache_bench(comfy, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    subject = bench_stack.reference_subject("ref_flux", steps=20)
-    subject.timing_rounds = 1
-    before = subject.sample(subject.model)
-    records = bench_cache.run(quick=True, out=out, subjects_=[subject])
-    return subject, before, records, out
+def cache_bench(quick_bench):
+    return quick_bench(bench_cache, steps=20)
 
 
 def test_every_row_has_speed_bound_and_fidelity(cache_bench):

@@ -11,13 +11,8 @@ from lab.bench import bench_stack, run as bench_run
 
 
 @pytest.fixture(scope="module")
-def stack(comfy, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stack")
-    subject = bench_stack.reference_subject("ref_flux", steps=10)
-    subject.timing_rounds = 1
-    before = subject.sample(subject.model)
-    records = bench_stack.run(quick=True, out=out, subjects_=[subject])
-    return subject, before, records, out
+def stack(quick_bench):
+    return quick_bench(bench_stack, steps=10)
 
 
 def test_every_row_is_well_formed(stack):

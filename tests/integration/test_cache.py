@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from comfyui_accel.cache import adapters, engine, rules
+from lab import sampling
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +37,7 @@ def sample(m, family, steps=10, seed=0, cfg=3.0, sampler="euler", **kw):
     if family in BUILT:
         from lab import families
         return families.sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler)
-    from lab.sampling import sample as _sample
-    return _sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler, **kw)
+    return sampling.sample(m, family, steps=steps, seed=seed, cfg=cfg, sampler=sampler, **kw)
 
 
 def install(m, method: str, **kw):
@@ -145,7 +145,6 @@ def test_qwen_edit_signal_with_a_zero_timestep_reference(fx):
     # gets a timestep batch twice the image's and modulates the reference tokens with the second
     # half. The signal must still be what the block feeds its attention, cond and uncond batched.
     import inspect
-    import comfy.sample
     from lab import families
     m = fixture_model("qwen_image")
     block = m.get_model_object("diffusion_model").transformer_blocks[0]
@@ -160,8 +159,7 @@ def test_qwen_edit_signal_with_a_zero_timestep_reference(fx):
         cond[0][1]["reference_latents_method"] = "index_timestep_zero"
     x = families.latent("qwen_image")
     try:
-        comfy.sample.sample(rec, comfy.sample.prepare_noise(x, 0), 6, 3.0, "euler", "simple", pos, neg, x,
-                            seed=0, disable_pbar=True)
+        sampling.ksampler(rec, pos, neg, x, 6, 3.0)
     finally:
         handle.remove()
     assert len(seen) == 6 and seen[0].shape[0] == 2
@@ -465,7 +463,7 @@ def test_forecast_cache_follows_its_plan_on_every_family(fx, family):
 def test_forecast_cache_forecasts_each_stream_linearly_along_the_noise_position(fx):
     # Model output, no verification: on a forecast step each cond's prediction must be the line
     # through its own last two computed velocities, at this step's noise position.
-    import comfy.patcher_extension as pe
+    import comfy.patcher_extension
     spied = fixture_model("wan21").clone()
     seen = []
 
@@ -474,7 +472,8 @@ def test_forecast_cache_forecasts_each_stream_linearly_along_the_noise_position(
         seen.append((float(t.flatten()[0]), x.detach().clone(), out.detach().clone()))
         return out
 
-    spied.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.spy", spy)   # first: outside the cache's
+    # registered first: it runs outside the cache's wrapper
+    spied.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.spy", spy)
     m = forecast(spied, 2.5, target="output", verify=False)
     sample(m, "wan21", steps=10)
     assert len(seen) == 10
@@ -581,7 +580,7 @@ def test_lora_before_or_after_the_cache_gives_the_same_result(fx):
 def test_torch_compile_in_either_order(fx):
     # ComfyUI's TorchCompileModel mechanism (an APPLY_MODEL wrapper swapping in the compiled
     # diffusion model), with the "eager" backend so no C compiler is needed.
-    import comfy.patcher_extension as pe
+    import comfy.patcher_extension
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
     torch._dynamo.reset()
@@ -592,8 +591,8 @@ def test_torch_compile_in_either_order(fx):
     set_torch_compile_wrapper(compiled, backend="eager")
     cache_after = teacache(compiled, 0.4)              # compile node, then the cache node
     cache_first = teacache(m, 0.4)                     # the cache node, then compile (same compiled module)
-    cache_first.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, COMPILE_KEY,
-                                     compiled.get_wrappers(pe.WrappersMP.APPLY_MODEL, COMPILE_KEY)[0])
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    cache_first.add_wrapper_with_key(apply_model, COMPILE_KEY, compiled.get_wrappers(apply_model, COMPILE_KEY)[0])
     want = computed(report_of(plain))
     for cached in (cache_after, cache_first):
         out = sample(cached, "wan21")
@@ -661,12 +660,12 @@ def test_a_30_step_profile_holds_its_speedup_at_20_and_50_steps(fx, output_dir):
     # TeaCache with the threshold on auto sets it for each run's own schedule.
     from lab.bench import bench_stack
     from comfyui_accel.nodes.cache import AccelTeaCache
-    s30 = bench_stack.reference_subject("ref_wan21", 30)
+    s30 = sampling.reference_subject("ref_wan21", 30)
     profile = bench_stack.calibrate(s30, s30.model, 2.0)
     assert profile.steps == 30 and profile.signal_rates
 
     def bound(steps, threshold):
-        s = bench_stack.reference_subject("ref_wan21", steps)
+        s = sampling.reference_subject("ref_wan21", steps)
         cached = AccelTeaCache.execute(s30.model, threshold, 0.0, 1.0, "auto", "model device", "skip caching",
                                        profile=profile).args[0]
         s.sample(cached)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from comfyui_accel import families as family_names
-from lab import families, family_matrix
+from lab import families, family_matrix, host
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +45,10 @@ class Matrix:
 
 
 @pytest.fixture(scope="module")
-def matrix(comfy, tmp_path_factory):
-    import folder_paths
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: one thread, or two cores shared by others thrash
-    before = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path_factory.mktemp("matrix-output")))   # calibration profiles
+def matrix(comfy):
     collected = Matrix()
-    yield collected
-    folder_paths.set_output_directory(before)
-    torch.set_num_threads(threads)
+    with host.in_process():   # tiny models: one thread, or two cores shared by others thrash
+        yield collected
     families.build.cache_clear()
     if collected.complete():   # a partial run (-k) never overwrites the full one
         family_matrix.write(collected.run())
@@ -173,25 +167,23 @@ NON_DIFFUSION_BUILDS = {"SAM3": {"image_model": "SAM3"}, "SAM31": {"image_model"
 def test_nodes_refuse_models_that_are_not_diffusion_models(comfy, config):
     from comfyui_accel.nodes.attention import AccelSparseAttention
     from comfyui_accel.nodes.cache import AccelTaylorSeer, AccelTeaCache
-    from comfyui_accel.nodes.common import AccelInputError
+    from comfyui_accel.nodes.common import AccelInputError, node_name
     from comfyui_accel.nodes.quant import AccelQuantizeModel
     model = families.build_not_diffusion(config, NON_DIFFUSION_BUILDS[config])
     if model is None:
         pytest.skip(f"ComfyUI {families._version()} has no {config}")
     calls = {
-        "Quantize Model (AccelQuantizeModel)": lambda: AccelQuantizeModel.execute(
-            model, "int8", 64, "auto", 0.5, 8, 0, 5.0, "int8", 0.35, 0.0, ""),
-        "TeaCache (AccelTeaCache)": lambda: AccelTeaCache.execute(
-            model, -1.0, 0.0, 1.0, "auto", "model device", "skip caching"),
-        "TaylorSeer (AccelTaylorSeer)": lambda: AccelTaylorSeer.execute(
-            model, 3, 1, 1, 1.0, "auto", "model device", "skip caching"),
-        "Sparse Attention (AccelSparseAttention)": lambda: AccelSparseAttention.execute(model, **family_matrix.SPARSE),
+        AccelQuantizeModel: lambda: AccelQuantizeModel.execute(model, "int8", 64, "auto", 0.5, 8, 0, 5.0, "int8", 0.35,
+                                                               0.0, ""),
+        AccelTeaCache: lambda: AccelTeaCache.execute(model, -1.0, 0.0, 1.0, "auto", "model device", "skip caching"),
+        AccelTaylorSeer: lambda: AccelTaylorSeer.execute(model, 3, 1, 1, 1.0, "auto", "model device", "skip caching"),
+        AccelSparseAttention: lambda: AccelSparseAttention.execute(model, **family_matrix.SPARSE),
     }
-    for node, call in calls.items():
+    for cls, call in calls.items():
         with pytest.raises(AccelInputError) as e:
             call()
         message = str(e.value)
-        assert message.startswith(f"{node}: input 'model' is {family_names.a_model(model)}")
+        assert message.startswith(f"{node_name(cls)}: input 'model' is {family_names.a_model(model)}")
         assert family_names.NOT_DIFFUSION[config] in message and "not a diffusion model" in message
 
 

@@ -4,12 +4,13 @@ import hashlib
 import pytest
 import torch
 
-from lab import fixtures as fx
+from lab import fixtures
+from lab import sampling
 
 pytestmark = pytest.mark.integration
 
-FILE_FAMILIES = [name for name, spec in fx.FAMILIES.items() if spec.loadable]
-IN_PROCESS_FAMILIES = [name for name, spec in fx.FAMILIES.items() if not spec.loadable]
+FILE_FAMILIES = [name for name, spec in fixtures.FAMILIES.items() if spec.loadable]
+IN_PROCESS_FAMILIES = [name for name, spec in fixtures.FAMILIES.items() if not spec.loadable]
 
 
 def _sha(path):
@@ -24,8 +25,8 @@ def models_dir(tmp_path_factory, comfy):
 @pytest.mark.parametrize("family", FILE_FAMILIES)
 def test_file_loads_through_the_stock_loader(comfy, models_dir, family):
     import comfy.sd
-    spec = fx.FAMILIES[family]
-    info = fx.write_fixture(family, "tiny", models_dir)
+    spec = fixtures.FAMILIES[family]
+    info = fixtures.write_fixture(family, "tiny", models_dir)
     assert info.path == models_dir / "diffusion_models" / info.filename
     assert info.loader_node == "UNETLoader"
 
@@ -47,37 +48,34 @@ def test_in_process_families_are_what_stock_detection_builds_where_it_accepts_th
     # class refuses the shapes; sdxl: no config matches). Newer detection derives Flux's heads
     # from the width and accepts the tiny file; then it must build the very model we build.
     import comfy.sd
-    sd = fx.state_dict(family, "tiny")
+    sd = fixtures.state_dict(family, "tiny")
     try:
         model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
     except Exception:
         model = None
     if model is not None:
-        ours = fx.load_model(family, "tiny").model
+        ours = fixtures.load_model(family, "tiny").model
         assert type(model.model) is type(ours) and model.model.diffusion_model.params == ours.diffusion_model.params
         theirs = model.model.diffusion_model.state_dict()
         assert set(theirs) == set(sd) and all(torch.equal(theirs[k], sd[k]) for k in sd)
-    assert fx.write_fixture(family, "tiny", "/nonexistent").path is None
+    assert fixtures.write_fixture(family, "tiny", "/nonexistent").path is None
 
 
-@pytest.mark.parametrize("family", list(fx.FAMILIES))
+@pytest.mark.parametrize("family", list(fixtures.FAMILIES))
 def test_a_short_sampling_run_gives_a_finite_latent_of_the_right_shape(comfy, models_dir, family):
     import comfy.sample
     import comfy.sd
-    spec = fx.FAMILIES[family]
+    spec = fixtures.FAMILIES[family]
     if spec.loadable:
-        model = comfy.sd.load_diffusion_model(str(fx.write_fixture(family, "tiny", models_dir).path))
+        model = comfy.sd.load_diffusion_model(str(fixtures.write_fixture(family, "tiny", models_dir).path))
     else:
-        model = fx.load_model(family, "tiny")
+        model = fixtures.load_model(family, "tiny")
     assert type(model.model).__name__ == spec.model_class
-    info = fx.fixture_info(family, "tiny")
-    latent = fx.empty_latent(family, "tiny")["samples"]
+    info = fixtures.fixture_info(family, "tiny")
+    latent = fixtures.empty_latent(family, "tiny")["samples"]
     assert tuple(latent.shape) == info.latent_shape
-    noise = comfy.sample.prepare_noise(latent, 7)
-    positive = fx.make_conditioning(family, "tiny", seed=1)
-    negative = fx.make_conditioning(family, "tiny", seed=2)
-    out = comfy.sample.sample(model, noise, 3, 2.0, "euler", "simple", positive, negative, latent,
-                              disable_pbar=True, seed=7)
+    noise = comfy.sample.prepare_noise(latent, 7)   # what the run starts from
+    out = sampling.sample(model, family, steps=3, seed=7, cfg=2.0, latent=latent)
     assert tuple(out.shape) == info.latent_shape
     assert torch.isfinite(out).all()
     assert (out - noise).abs().mean() > 1e-2
@@ -86,8 +84,8 @@ def test_a_short_sampling_run_gives_a_finite_latent_of_the_right_shape(comfy, mo
 
 def test_in_process_load_matches_the_file(comfy, models_dir):
     import comfy.sd
-    from_file = comfy.sd.load_diffusion_model(str(fx.write_fixture("wan21", "tiny", models_dir).path))
-    built = fx.load_model("wan21", "tiny")
+    from_file = comfy.sd.load_diffusion_model(str(fixtures.write_fixture("wan21", "tiny", models_dir).path))
+    built = fixtures.load_model("wan21", "tiny")
     a, b = from_file.model.diffusion_model.state_dict(), built.model.diffusion_model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -95,35 +93,36 @@ def test_in_process_load_matches_the_file(comfy, models_dir):
 
 @pytest.mark.parametrize("family", FILE_FAMILIES)
 def test_same_seed_same_bytes_other_seed_other_weights(comfy, models_dir, tmp_path, family):
-    first = fx.write_fixture(family, "tiny", models_dir)
-    second = fx.write_fixture(family, "tiny", tmp_path)
+    first = fixtures.write_fixture(family, "tiny", models_dir)
+    second = fixtures.write_fixture(family, "tiny", tmp_path)
     assert _sha(first.path) == _sha(second.path)
-    assert fx.fixture_filename(family, "tiny", seed=1) != first.filename
+    assert fixtures.fixture_filename(family, "tiny", seed=1) != first.filename
     from safetensors.torch import load_file
-    a, b = load_file(str(first.path)), fx.state_dict(family, "tiny", seed=1)
+    a, b = load_file(str(first.path)), fixtures.state_dict(family, "tiny", seed=1)
     assert a.keys() == b.keys()
     assert not any(torch.equal(a[k], b[k]) for k in a if a[k].numel() > 16 and not k.endswith("pos_embed"))
 
 
 @pytest.mark.parametrize("family", IN_PROCESS_FAMILIES)
 def test_in_process_families_are_deterministic(comfy, family):
-    a, b, c = fx.state_dict(family, "tiny"), fx.state_dict(family, "tiny"), fx.state_dict(family, "tiny", seed=1)
+    a, b = fixtures.state_dict(family, "tiny"), fixtures.state_dict(family, "tiny")
+    c = fixtures.state_dict(family, "tiny", seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(torch.equal(a[k], c[k]) for k in a if a[k].numel() > 16)
 
 
 def test_an_identical_file_is_not_rewritten(comfy, tmp_path):
-    info = fx.write_fixture("wan21", "tiny", tmp_path)
+    info = fixtures.write_fixture("wan21", "tiny", tmp_path)
     before = info.path.stat().st_mtime_ns
-    again = fx.write_fixture("wan21", "tiny", tmp_path)
+    again = fixtures.write_fixture("wan21", "tiny", tmp_path)
     assert again.path.stat().st_mtime_ns == before
     assert again.params == info.params
 
 
 def test_outlier_fixture_loads_and_differs(comfy, tmp_path):
     import comfy.sd
-    plain = fx.write_fixture("wan21", "tiny", tmp_path)
-    spiky = fx.write_fixture("wan21", "tiny", tmp_path, outliers=True)
+    plain = fixtures.write_fixture("wan21", "tiny", tmp_path)
+    spiky = fixtures.write_fixture("wan21", "tiny", tmp_path, outliers=True)
     assert spiky.filename != plain.filename
     model = comfy.sd.load_diffusion_model(str(spiky.path))
     w = model.model.diffusion_model.blocks[0].ffn[2].weight
@@ -133,10 +132,10 @@ def test_outlier_fixture_loads_and_differs(comfy, tmp_path):
 
 
 def test_fixture_nodes_run_in_process(comfy):
-    from lab import fixture_nodes as fn
-    cond = fn.AccelTestConditioning.execute("flux", "tiny", 0, 2, 0).result[0]
+    from lab import fixture_nodes
+    cond = fixture_nodes.AccelTestConditioning.execute("flux", "tiny", 0, 2, 0).result[0]
     assert cond[0][0].shape == (2, 32, 4096) and cond[0][1]["pooled_output"].shape == (2, 768)
-    latent = fn.AccelTestEmptyLatent.execute("wan22_5b", 256, 256, 9, 1).result[0]
+    latent = fixture_nodes.AccelTestEmptyLatent.execute("wan22_5b", 256, 256, 9, 1).result[0]
     assert tuple(latent["samples"].shape) == (1, 48, 3, 16, 16)
-    model = fn.AccelTestFluxLoader.execute("flux", "tiny", 0, False).result[0]
+    model = fixture_nodes.AccelTestFluxLoader.execute("flux", "tiny", 0, False).result[0]
     assert type(model.model).__name__ == "Flux"

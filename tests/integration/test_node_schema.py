@@ -3,9 +3,9 @@ its users (description, a tooltip on every input)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
+from syrupy.extensions.json import JSONSnapshotExtension
 
 from lab import node_schema
 
@@ -19,15 +19,14 @@ def infos(comfy):
     return infos
 
 
-def test_node_schemas_match_the_snapshot(infos):
+def test_node_schemas_match_the_snapshot(infos, snapshot):
     current = node_schema.snapshot()
-    if os.environ.get(node_schema.UPDATE_ENV):
-        node_schema.write(current)
-    committed = json.loads(node_schema.SNAPSHOT_PATH.read_text()) if node_schema.SNAPSHOT_PATH.exists() else {}
-    changes = node_schema.differences(committed, current)
-    assert not changes, (
-        "node inputs/outputs differ from tests/node_schema_snapshot.json (saved workflows depend on them):\n  "
-        + "\n  ".join(changes) + f"\nIf the change is intended, update the snapshot: {node_schema.UPDATE_COMMAND}")
+    path = node_schema.SNAPSHOT_PATH
+    assert current == snapshot(extension_class=JSONSnapshotExtension), (
+        f"node names, inputs, outputs or tooltips differ from {path.relative_to(path.parents[4])} (saved workflows "
+        "depend on them):\n  "
+        + "\n  ".join(node_schema.differences(json.loads(path.read_text()) if path.exists() else {}, current))
+        + f"\nIf the change is intended, update the snapshot: {node_schema.UPDATE_COMMAND}")
 
 
 def test_snapshot_differences_name_what_changed():

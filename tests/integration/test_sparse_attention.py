@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from lab import fixtures as fx
+from lab import fixtures
+from lab import sampling
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +18,7 @@ def models(comfy):
 
     def get(family):
         if family not in cache:
-            cache[family] = fx.load_model(family, "tiny")
+            cache[family] = fixtures.load_model(family, "tiny")
         return cache[family]
     return get
 
@@ -28,13 +29,7 @@ def wan_dense(models):
 
 
 def sample(model, family, steps=1, seed=0, latent=None, cfg=2.0):
-    import comfy.sample
-    latent = latent if latent is not None else fx.empty_latent(family, "tiny")["samples"]
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    positive = fx.make_conditioning(family, "tiny", seed=1)
-    negative = fx.make_conditioning(family, "tiny", seed=2)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
-                               seed=seed, disable_pbar=True)
+    return sampling.sample(model, family, steps=steps, seed=seed, cfg=cfg, latent=latent)
 
 
 def patched(model, **config):
@@ -126,7 +121,7 @@ def text_rows_checker(family, text_tokens, grid_first):
 def test_text_tokens_attend_densely(models, family):
     grid_first = family == "hunyuan_video" and hunyuan_image_first(models(family))
     clone, patch = patched(models(family), policy="sliding_tile", density=0.25)
-    outer, checked = text_rows_checker(family, fx.size_spec(family, "tiny").context_tokens, grid_first)
+    outer, checked = text_rows_checker(family, fixtures.size_spec(family, "tiny").context_tokens, grid_first)
     options = clone.model_options["transformer_options"]
     options["optimized_attention_override"] = outer(options["optimized_attention_override"])
     sample(clone, family)
@@ -167,7 +162,7 @@ def test_retention_and_repeated_runs_do_not_leak_state(models):
 def test_unets_attend_over_the_latent_grid_at_each_level(comfy, family):
     # A UNet level attends over the latent grid at its own resolution: SD1.5's top level (the 8x8
     # latent itself), SDXL's second (its 16x16 latent halved; its top level has no attention).
-    model = fx.load_model(family, "tiny")
+    model = fixtures.load_model(family, "tiny")
     dense = sample(model, family)
     clone, patch = patched(model, density=1.0)
     out = sample(clone, family)

@@ -22,13 +22,6 @@ def test_bounds_come_from_the_runs_reports():
     assert abs(demo.bound_of({"80": cache, "82": sparse})[0] - 2.5 / kept) < 1e-9
 
 
-def test_speed_is_a_ratio_of_medians_with_the_per_round_range():
-    t = demo.speed([1.0, 1.2, 0.9], [0.5, 0.8, 0.3])
-    assert t["median_s"] == 0.5 and (t["min_s"], t["max_s"]) == (0.3, 0.8)
-    assert abs(t["speedup"] - 1.0 / 0.5) < 1e-9
-    assert abs(t["ratio_min"] - 1.5) < 1e-9 and abs(t["ratio_max"] - 3.0) < 1e-9
-
-
 def test_the_table_shows_the_spread_and_flags_a_speedup_above_its_bound():
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     rows = [{"variant": "baseline", "setup_s": 1.0, "runs": [1.0, 1.1, 0.9], "weight_bytes": 2 ** 20,

@@ -15,9 +15,9 @@ import torch
 from comfyui_accel import files, runs
 from comfyui_accel.attention.geometry import tensor_cache
 from comfyui_accel.quant import checkpoint, formats, policy
-from comfyui_accel.vq import codebook as cb
+from comfyui_accel.vq import codebook
 from comfyui_accel.vq import entropy
-from comfyui_accel.vq import tokens as tk
+from comfyui_accel.vq import tokens
 
 
 def old_quantize_frequencies(counts, total_bits=entropy.SCALE_BITS):
@@ -78,9 +78,9 @@ def test_the_stream_check_refuses_what_the_coder_never_writes():
 
 
 def token_file(tmp_path, meta_changes=None, tensors_changes=None, embed=True):
-    book = cb.Codebook(torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0)), channels=4)
+    book = codebook.Codebook(torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0)), channels=4)
     latent = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(1))
-    data, _ = tk.tokens_bytes(tk.encode_latent(book, latent, pixels=30 * 40), embed_codebook=embed)
+    data, _ = tokens.tokens_bytes(tokens.encode_latent(book, latent, pixels=30 * 40), embed_codebook=embed)
     tensors = safetensors.torch.load(data)
     path = tmp_path / "t.vqt"
     path.write_bytes(data)
@@ -112,8 +112,8 @@ def token_file(tmp_path, meta_changes=None, tensors_changes=None, embed=True):
 def test_damaged_headers_are_refused_before_decoding(tmp_path, meta, message):
     path, _ = token_file(tmp_path, meta)
     start = time.perf_counter()
-    with pytest.raises(tk.VQFileError, match=message):
-        tk.load_tokens(path)
+    with pytest.raises(tokens.VQFileError, match=message):
+        tokens.load_tokens(path)
     assert time.perf_counter() - start < 2.0
 
 
@@ -127,8 +127,8 @@ def test_damaged_headers_are_refused_before_decoding(tmp_path, meta, message):
 ])
 def test_damaged_tensors_are_clear_errors(tmp_path, tensors, message):
     path, _ = token_file(tmp_path, tensors_changes=tensors)
-    with pytest.raises(tk.VQFileError, match=message):
-        tk.load_tokens(path)
+    with pytest.raises(tokens.VQFileError, match=message):
+        tokens.load_tokens(path)
 
 
 def test_the_issues_hanging_file_ends_at_once(tmp_path):
@@ -137,22 +137,22 @@ def test_the_issues_hanging_file_ends_at_once(tmp_path):
     tensors = {"level0.words": torch.zeros(2, dtype=torch.int32),
                "level0.table": torch.from_numpy(np.frombuffer(bytearray(table), np.uint8))}
     digest = __import__("hashlib").sha256(np.zeros(2, np.int32).tobytes() + table).hexdigest()
-    meta = {"format": tk.TOKENS_FORMAT, "version": tk.VERSION, "latent_shape": "[1, 4, 2, 2]", "patch": "1",
+    meta = {"format": tokens.TOKENS_FORMAT, "version": tokens.VERSION, "latent_shape": "[1, 4, 2, 2]", "patch": "1",
             "levels": "1", "codebook_size": "16", "codebook_sha256": "0" * 64, "pixels": "1",
             "counts": "[500000000]", "lanes": "[1]", "payload_sha256": digest}
     path = tmp_path / "hang.vqt"
     path.write_bytes(safetensors.torch.save(tensors, metadata=meta))
     start = time.perf_counter()
-    with pytest.raises(tk.VQFileError, match="damaged"):
-        tk.load_tokens(path)
+    with pytest.raises(tokens.VQFileError, match="damaged"):
+        tokens.load_tokens(path)
     assert time.perf_counter() - start < 1.0
 
 
 def test_codebook_files_are_checked(tmp_path):
-    book = cb.Codebook(torch.randn(1, 8, 4), channels=4)
+    book = codebook.Codebook(torch.randn(1, 8, 4), channels=4)
     good = tmp_path / "good.safetensors"
-    good.write_bytes(tk.codebook_bytes(book))
-    assert tk.load_codebook(good).sha256() == book.sha256()
+    good.write_bytes(tokens.codebook_bytes(book))
+    assert tokens.load_codebook(good).sha256() == book.sha256()
     for meta, vectors, message in [({"channels": "x"}, None, "'channels'"), ({"patch": "0"}, None, "'patch'"),
                                    ({}, torch.randn(8, 4), "expected float32"), ({}, torch.randn(1, 8, 5), "4-channel"),
                                    ({}, torch.randn(1, 8, 4).bfloat16(), "hash")]:
@@ -163,8 +163,8 @@ def test_codebook_files_are_checked(tmp_path):
             tensors["codebook"] = vectors
         bad = tmp_path / "bad.safetensors"
         bad.write_bytes(safetensors.torch.save(tensors, metadata=m))
-        with pytest.raises(tk.VQFileError, match=message):
-            tk.load_codebook(bad)
+        with pytest.raises(tokens.VQFileError, match=message):
+            tokens.load_codebook(bad)
 
 
 def test_quantized_file_metadata_is_type_checked():

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from comfyui_accel.kernels import block_sparse_attention as bsa
+from comfyui_accel.kernels import block_sparse_attention
 from comfyui_accel.kernels import dispatch, int8_gemm, kmeans
 
 pytestmark = pytest.mark.skipif(not dispatch.triton_available(), reason="Triton does not import")
@@ -83,9 +83,9 @@ def test_attention_and_kmeans_fall_back_too(caplog):
     x, c = torch.randn(300, 8, generator=g), torch.randn(10, 8, generator=g)
     with dispatch.backend("checked"), caplog.at_level(logging.WARNING), \
             dispatch.fault("block_sparse_attention"), dispatch.fault("nearest_centroid", "mismatch"):
-        out = bsa.block_sparse_attention(q, k, v, idx, cnt, 16)
+        out = block_sparse_attention.block_sparse_attention(q, k, v, idx, cnt, 16)
         idx_out, d2 = kmeans.nearest_centroid(x, c)
-    assert torch.equal(out, bsa.block_sparse_attention_gather(q, k, v, idx, cnt, 16))
+    assert torch.equal(out, block_sparse_attention.block_sparse_attention_gather(q, k, v, idx, cnt, 16))
     ref_idx, ref_d2 = kmeans.nearest_centroid_reference(x, c)
     assert torch.equal(idx_out, ref_idx) and torch.equal(d2, ref_d2)
     assert len(warnings_about(caplog, "block_sparse_attention")) == 1

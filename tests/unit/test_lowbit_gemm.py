@@ -4,7 +4,7 @@ import torch
 
 from comfyui_accel.kernels import dispatch, lowbit
 from comfyui_accel.kernels.quant_primitives import quantize_per_token_int8
-from comfyui_accel.kernels import lowbit_gemm as lg
+from comfyui_accel.kernels import lowbit_gemm
 
 
 def packed_weight(code, n, k, g, block):
@@ -29,9 +29,9 @@ def test_lowbit_linear_triton_matches_reference(code, block, dtype):
     packed, scale, zero, gscale = packed_weight(code, n, k, g, block)
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
-    ref = lg.lowbit_linear_reference(x.float(), code, packed, scale, zero, gscale, block, bias.float())
+    ref = lowbit_gemm.lowbit_linear_reference(x.float(), code, packed, scale, zero, gscale, block, bias.float())
     with dispatch.backend("triton"):
-        out = lg.lowbit_linear(x, code, packed, scale, zero, gscale, block, bias)
+        out = lowbit_gemm.lowbit_linear(x, code, packed, scale, zero, gscale, block, bias)
     assert out.dtype == dtype and out.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert torch.allclose(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
@@ -41,11 +41,11 @@ def test_fp4_decoders_read_the_codes_as_defined():
     # one block per row, code 1 (0.5) everywhere: NVFP4 value = 0.5 * e4m3 scale * global
     packed = torch.full((2, 8), 0x11, dtype=torch.uint8)
     scale = torch.tensor([[2.0], [0.25]]).to(torch.float8_e4m3fn)
-    w = lg.dequant_fp4(packed, scale, 16, torch.tensor(3.0))
+    w = lowbit_gemm.dequant_fp4(packed, scale, 16, torch.tensor(3.0))
     assert torch.equal(w, torch.tensor([[3.0] * 16, [0.375] * 16]))
     e8m0 = torch.tensor([[128], [125]], dtype=torch.uint8)   # 2^1, 2^-2
     packed = torch.full((2, 16), 0x99, dtype=torch.uint8)    # code 9 = -0.5
-    assert torch.equal(lg.dequant_fp4(packed, e8m0, 32), torch.tensor([[-1.0] * 32, [-0.125] * 32]))
+    assert torch.equal(lowbit_gemm.dequant_fp4(packed, e8m0, 32), torch.tensor([[-1.0] * 32, [-0.125] * 32]))
 
 
 @pytest.mark.parametrize("block", [64, 128])
@@ -57,12 +57,12 @@ def test_w4a8_triton_is_exact(block):
     scale = torch.rand(n, generator=g) * 0.01
     xq, xs = quantize_per_token_int8(torch.randn(m, k, generator=g))
     bias = torch.randn(n, generator=g)
-    ref = lg.w4a8_gemm_reference(xq, xs, packed, group_scale, scale, block, bias)
+    ref = lowbit_gemm.w4a8_gemm_reference(xq, xs, packed, group_scale, scale, block, bias)
     with dispatch.backend("triton"):
-        out = lg.w4a8_gemm(xq, xs, packed, group_scale, scale, block, bias)
+        out = lowbit_gemm.w4a8_gemm(xq, xs, packed, group_scale, scale, block, bias)
     assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
     # the int8 weight is exact: compare with an int64 product
-    w8 = lg.w4a8_int8_weight(packed, group_scale, block)
+    w8 = lowbit_gemm.w4a8_int8_weight(packed, group_scale, block)
     assert w8.abs().max() <= 119
     exact = (xq.long() @ w8.long().t()).double() * xs.double().reshape(-1, 1) * scale.double() + bias.double()
     assert torch.allclose(ref.double(), exact, rtol=1e-5, atol=1e-5)
@@ -81,9 +81,9 @@ def test_w8a16_triton_matches_reference(wdtype, dtype):
         scale = torch.tensor(0.003)
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
-    ref = lg.w8a16_linear_reference(x.float(), weight, scale, bias.float())
+    ref = lowbit_gemm.w8a16_linear_reference(x.float(), weight, scale, bias.float())
     with dispatch.backend("triton"):
-        out = lg.w8a16_linear(x, weight, scale, bias)
+        out = lowbit_gemm.w8a16_linear(x, weight, scale, bias)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and torch.allclose(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
@@ -97,6 +97,6 @@ def test_w8a16_reference_fused_cpu_path_matches_dequantized_matmul():
     for rows in (2, 300):
         x = torch.randn(rows, 96, generator=g).bfloat16()
         ref = torch.nn.functional.linear(x.float(), weight.float() * scale[:, None], bias)
-        out = lg.w8a16_linear_reference(x, weight, scale, bias.bfloat16())
+        out = lowbit_gemm.w8a16_linear_reference(x, weight, scale, bias.bfloat16())
         assert out.dtype == torch.bfloat16
         assert (out.float() - ref).norm() / ref.norm() < 0.01

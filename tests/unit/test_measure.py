@@ -123,6 +123,31 @@ def test_compare_timings_ratio_of_a_function_twice_as_slow():
     assert sorted(calls[2:4]) == ["b", "s"]
 
 
+def test_compare_timings_with_the_benchmark_timer_keeps_the_rounds_interleaved():
+    calls = []
+    result = measure.compare_timings(
+        lambda: (calls.append("b"), time.sleep(0.002)),
+        {"slow": lambda: (calls.append("s"), time.sleep(0.004))},
+        warmup=0,
+        repeat=3,
+        autorange=True,
+    )
+    slow = result["variants"]["slow"]
+    assert slow["time_ratio"] == pytest.approx(2.0, rel=0.35)
+    assert len(result["baseline"]["runs"]) == len(slow["runs"]) == 3
+    assert 0.002 <= result["baseline"]["median_s"] < 0.004   # per call, not per block of calls
+    # Each round times many calls of one, then of the other, the order rotated: b..s..s..b..b..s
+    turns = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]
+    assert turns == ["b", "s", "b", "s"]
+
+
+def test_speed_is_a_ratio_of_medians_with_the_per_round_range():
+    t = measure.speed([1.0, 1.2, 0.9], [0.5, 0.8, 0.3])
+    assert t["median_s"] == 0.5 and (t["min_s"], t["max_s"]) == (0.3, 0.8)
+    assert abs(t["speedup"] - 1.0 / 0.5) < 1e-9
+    assert abs(t["ratio_min"] - 1.5) < 1e-9 and abs(t["ratio_max"] - 3.0) < 1e-9
+
+
 # ---------------------------------------------------------------- memory
 
 

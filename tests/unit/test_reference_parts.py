@@ -2,54 +2,54 @@
 import pytest
 import torch
 
-from lab import reference as ref
-from lab.reference import autoencoder as ae
+from lab import reference
+from lab.reference import autoencoder
 from lab.reference import data
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 3, 6, 16, 24), (1, 3, 1, 2, 2)])
 def test_patch_autoencoder_round_trips_random_pixels(shape):
     pixels = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape)))
-    latent = ae.to_model_space(pixels)
+    latent = autoencoder.to_model_space(pixels)
     assert latent.shape == (shape[0], 16, *shape[2:-2], shape[-2] // 2, shape[-1] // 2)
-    back = ae.from_model_space(latent)
+    back = autoencoder.from_model_space(latent)
     assert back.shape == pixels.shape
     assert (back - pixels).abs().max() < 1e-5
 
 
 def test_the_linear_maps_are_exact_inverses_built_from_orthonormal_parts():
-    h = ae.hadamard(16)
+    h = autoencoder.hadamard(16)
     assert torch.equal(h @ h.T, 16 * torch.eye(16, dtype=h.dtype))
-    spread = ae.spread()
+    spread = autoencoder.spread()
     assert torch.allclose(spread.T @ spread, torch.eye(12, dtype=spread.dtype), atol=1e-12)
-    cf = ae.colour_frequency()
+    cf = autoencoder.colour_frequency()
     assert torch.allclose(cf @ cf.T, torch.eye(12, dtype=cf.dtype), atol=1e-12)
-    forward, inverse = ae._maps(torch.device("cpu"))
+    forward, inverse = autoencoder._maps(torch.device("cpu"))
     assert torch.allclose(inverse @ forward, torch.eye(12), atol=1e-5)
     # One gain for every coefficient: a latent error costs the same in pixels whichever
     # coefficient (layout or fine detail) it falls on.
-    assert torch.allclose(forward.T @ forward, ae.LATENT_GAIN ** 2 * torch.eye(12), atol=1e-4)
+    assert torch.allclose(forward.T @ forward, autoencoder.LATENT_GAIN ** 2 * torch.eye(12), atol=1e-4)
     # A latent outside the encoder's range decodes to its projection: encode(decode(z)) is idempotent.
     z = torch.randn(2, 16, 4, 4)
-    once = ae.to_model_space(ae.from_model_space(z))
-    assert torch.allclose(ae.to_model_space(ae.from_model_space(once)), once, atol=1e-5)
+    once = autoencoder.to_model_space(autoencoder.from_model_space(z))
+    assert torch.allclose(autoencoder.to_model_space(autoencoder.from_model_space(once)), once, atol=1e-5)
 
 
 def test_patches_follow_pixel_unshuffle_order():
     x = torch.rand(2, 3, 8, 6)
-    assert torch.equal(ae._unshuffle(x), torch.nn.functional.pixel_unshuffle(x, 2))
+    assert torch.equal(autoencoder._unshuffle(x), torch.nn.functional.pixel_unshuffle(x, 2))
     video = torch.rand(1, 3, 4, 8, 6)
     per_frame = torch.stack([torch.nn.functional.pixel_unshuffle(video[:, :, t], 2) for t in range(4)], 2)
-    assert torch.equal(ae._unshuffle(video), per_frame)
+    assert torch.equal(autoencoder._unshuffle(video), per_frame)
     with pytest.raises(ValueError, match="multiples of 2"):
-        ae.to_model_space(torch.rand(1, 3, 7, 8))
+        autoencoder.to_model_space(torch.rand(1, 3, 7, 8))
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_training_data_has_about_unit_variance_latents(kind):
     # LATENT_GAIN is fixed; if the data drifts away from it, the latents stop being ~unit variance.
     pixels = data.image_batch(5, 0, 64)[0] if kind == "image" else data.video_batch(5, 0, 8)[0]
-    per_channel = ae.to_model_space(pixels).transpose(0, 1).flatten(1).std(dim=1)
+    per_channel = autoencoder.to_model_space(pixels).transpose(0, 1).flatten(1).std(dim=1)
     assert ((per_channel > 0.5) & (per_channel < 1.5)).all(), per_channel
 
 
@@ -84,24 +84,24 @@ def test_video_captions_tell_the_direction_the_shape_moves():
 
 
 def test_captions_embed_deterministically_and_empty_is_all_padding():
-    context, pooled = ref.embed_captions(["red circle", "red circle", ""])
-    assert context.shape == (3, ref.TEXT_TOKENS, 4096) and pooled.shape == (3, ref.POOLED_DIM)
+    context, pooled = reference.embed_captions(["red circle", "red circle", ""])
+    assert context.shape == (3, reference.TEXT_TOKENS, 4096) and pooled.shape == (3, reference.POOLED_DIM)
     assert torch.equal(context[0], context[1])
     assert not torch.equal(context[0], context[2])
     assert torch.equal(context[2][0], context[2][-1])          # "" is TEXT_TOKENS pad vectors
     assert torch.equal(context[0][2], context[2][0])           # words, then padding
     with pytest.raises(ValueError, match="purple"):
-        ref.embed_captions(["purple circle"])
+        reference.embed_captions(["purple circle"])
     with pytest.raises(ValueError, match="at most"):
-        ref.embed_captions([" ".join(["red"] * (ref.TEXT_TOKENS + 1))])
+        reference.embed_captions([" ".join(["red"] * (reference.TEXT_TOKENS + 1))])
 
 
 def test_prompts_are_captions_the_models_were_trained_on():
-    for name, spec in ref.MODELS.items():
+    for name, spec in reference.MODELS.items():
         for prompt in spec.prompts:
-            ref.embed_captions([prompt])   # raises on an unknown word
-        assert ref.caption(name, 0) == spec.prompts[0]
+            reference.embed_captions([prompt])   # raises on an unknown word
+        assert reference.caption(name, 0) == spec.prompts[0]
         with pytest.raises(ValueError):
-            ref.caption(name, len(spec.prompts))
-    assert ref.latent_shape("ref_wan21") == (1, 16, 4, 16, 16)
-    assert ref.latent_shape("ref_flux", batch=2) == (2, 16, 16, 16)
+            reference.caption(name, len(spec.prompts))
+    assert reference.latent_shape("ref_wan21") == (1, 16, 4, 16, 16)
+    assert reference.latent_shape("ref_flux", batch=2) == (2, 16, 16, 16)

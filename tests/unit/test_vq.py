@@ -9,7 +9,7 @@ import torch
 
 from comfyui_accel import files
 from comfyui_accel.metrics import psnr
-from comfyui_accel.vq import codebook as cb
+from comfyui_accel.vq import codebook
 from comfyui_accel.vq import entropy
 from comfyui_accel.vq import tokens as tk
 
@@ -27,9 +27,9 @@ def smooth_latent(shape, seed):
                                          ((2, 16, 3, 10, 6), 2), ((1, 4, 2, 5, 5), 1)])
 def test_latent_vectors_round_trip(shape, patch):
     lat = torch.randn(shape)
-    vectors, grid = cb.latent_to_vectors(lat, patch)
+    vectors, grid = codebook.latent_to_vectors(lat, patch)
     assert vectors.shape == (math.prod(grid.tokens_shape), shape[1] * patch * patch)
-    assert torch.equal(cb.vectors_to_latent(vectors, grid), lat)
+    assert torch.equal(codebook.vectors_to_latent(vectors, grid), lat)
     # A vector holds one patch's channels: check one element by hand.
     if len(shape) == 4:
         b, y, x, ch = 0, 0, 0, shape[1] - 1
@@ -38,8 +38,8 @@ def test_latent_vectors_round_trip(shape, patch):
 
 def test_residual_levels_and_patches_trade_bits_for_quality():
     lat = smooth_latent((2, 4, 24, 24), seed=0)
-    vectors, _ = cb.latent_to_vectors(lat, 1)
-    book = cb.fit(vectors, 32, channels=4, depth=3, iters=8, seed=0)
+    vectors, _ = codebook.latent_to_vectors(lat, 1)
+    book = codebook.fit(vectors, 32, channels=4, depth=3, iters=8, seed=0)
     assert book.vectors.shape == (3, 32, 4)
     assert book.usage.sum(1).tolist() == [vectors.shape[0]] * 3
     psnrs = []
@@ -48,28 +48,28 @@ def test_residual_levels_and_patches_trade_bits_for_quality():
         psnrs.append(psnr(lat, tk.decode_latent(tokens)))
     assert psnrs[0] > 10 and psnrs[1] > psnrs[0] + 1 and psnrs[2] > psnrs[1] + 1, psnrs
     # Same codebook size on 2x2 patches: 4x fewer bits, lower quality.
-    pv, _ = cb.latent_to_vectors(lat, 2)
-    patch_book = cb.fit(pv, 32, channels=4, patch=2, iters=8)
+    pv, _ = codebook.latent_to_vectors(lat, 2)
+    patch_book = codebook.fit(pv, 32, channels=4, patch=2, iters=8)
     patch_psnr = psnr(lat, tk.decode_latent(tk.encode_latent(patch_book, lat, pixels=1)))
     assert patch_psnr < psnrs[0]
 
 
 def test_encoding_picks_the_nearest_code():
     lat = smooth_latent((1, 4, 10, 10), seed=1)
-    vectors, _ = cb.latent_to_vectors(lat, 1)
-    book = cb.fit(vectors, 16, channels=4, iters=3)
-    idx = cb.encode(book, vectors, backend="kernel")[0]
+    vectors, _ = codebook.latent_to_vectors(lat, 1)
+    book = codebook.fit(vectors, 16, channels=4, iters=3)
+    idx = codebook.encode(book, vectors, backend="kernel")[0]
     d = torch.cdist(vectors.double(), book.vectors[0].double())
     assert torch.equal(idx, d.argmin(1))
     # faiss (when installed) agrees.
-    if cb._faiss() is not None:
-        assert (cb.encode(book, vectors, backend="faiss")[0] == idx).float().mean() >= 0.99
+    if codebook._faiss() is not None:
+        assert (codebook.encode(book, vectors, backend="faiss")[0] == idx).float().mean() >= 0.99
 
 
 def test_video_latents_encode_per_frame():
     lat = smooth_latent((1, 4, 3, 12, 12), seed=2)
-    vectors, _ = cb.latent_to_vectors(lat, 2)
-    book = cb.fit(vectors, 16, channels=4, patch=2, iters=5)
+    vectors, _ = codebook.latent_to_vectors(lat, 2)
+    book = codebook.fit(vectors, 16, channels=4, patch=2, iters=5)
     tokens = tk.encode_latent(book, lat, pixels=9 * 96 * 96)
     assert tokens.indices.shape == (1, 1, 3, 6, 6)
     rec = tk.decode_latent(tokens)
@@ -78,22 +78,22 @@ def test_video_latents_encode_per_frame():
 
 def test_shrink_gives_a_smaller_codebook_close_to_the_big_one():
     lat = smooth_latent((2, 4, 24, 24), seed=3)
-    vectors, _ = cb.latent_to_vectors(lat, 1)
-    big = cb.fit(vectors, 128, channels=4, iters=8)
-    small = cb.shrink(big, 16, iters=10)
-    direct = cb.fit(vectors, 16, channels=4, iters=10)
+    vectors, _ = codebook.latent_to_vectors(lat, 1)
+    big = codebook.fit(vectors, 128, channels=4, iters=8)
+    small = codebook.shrink(big, 16, iters=10)
+    direct = codebook.fit(vectors, 16, channels=4, iters=10)
     assert small.vectors.shape == (1, 16, 4) and small.channels == 4
     assert small.usage.sum().item() == pytest.approx(big.usage.sum().item())
     p_big, p_small, p_direct = (psnr(lat, tk.decode_latent(tk.encode_latent(b, lat, 1))) for b in (big, small, direct))
     assert p_small < p_big
     assert p_small > p_direct - 1.0  # nearly as good as fitting 16 codes on the latents themselves
     with pytest.raises(ValueError, match="between 2"):
-        cb.shrink(big, 129)
+        codebook.shrink(big, 129)
 
 
 def test_fit_refuses_more_codes_than_vectors():
     with pytest.raises(ValueError, match="number of vectors"):
-        cb.fit(torch.randn(10, 4), 11, channels=4)
+        codebook.fit(torch.randn(10, 4), 11, channels=4)
 
 
 # --- entropy coder ----------------------------------------------------------------------------
@@ -132,8 +132,8 @@ def test_rans_refuses_a_truncated_stream():
 @pytest.fixture(scope="module")
 def fitted():
     lat = smooth_latent((2, 4, 16, 16), seed=5)
-    vectors, _ = cb.latent_to_vectors(lat, 1)
-    return lat, cb.fit(vectors, 32, channels=4, depth=2, iters=5)
+    vectors, _ = codebook.latent_to_vectors(lat, 1)
+    return lat, codebook.fit(vectors, 32, channels=4, depth=2, iters=5)
 
 
 def test_token_file_round_trip_embedded_and_by_hash(tmp_path, fitted):
@@ -188,11 +188,11 @@ def test_other_codebook_and_channel_mismatch_are_refused(tmp_path, fitted):
     lat, book = fitted
     data, _ = tk.tokens_bytes(tk.encode_latent(book, lat, pixels=1), embed_codebook=False)
     path = files.write_new(tmp_path, "t", ".vqt", data)
-    vectors, _ = cb.latent_to_vectors(lat, 1)
-    other = cb.fit(vectors, 32, channels=4, depth=2, iters=5, seed=1)
+    vectors, _ = codebook.latent_to_vectors(lat, 1)
+    other = codebook.fit(vectors, 32, channels=4, depth=2, iters=5, seed=1)
     with pytest.raises(tk.VQFileError, match="another codebook"):
         tk.load_tokens(path, other)
-    wide = cb.Codebook(torch.randn(2, 32, 16), channels=16)
+    wide = codebook.Codebook(torch.randn(2, 32, 16), channels=16)
     with pytest.raises(tk.VQFileError, match="16-channel"):
         tk.load_tokens(path, wide)
     with pytest.raises(tk.VQFileError, match="16-channel"):
